@@ -1,0 +1,1 @@
+from .bundle import default_bundle_root

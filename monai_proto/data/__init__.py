@@ -1,0 +1,3 @@
+from .datalist import load_msd_datalist, split_datalist_deterministic
+from .demo import DEFAULT_ORGANS, demo_data_dir, label_ids_for, load_label_table
+from .transforms import CheckImageLabeld, LoadCheckedImaged, SelectLabels, SelectLabelsd

@@ -1,0 +1,1 @@
+from .schedules import RampHandler, ramp_value

@@ -1,0 +1,2 @@
+from .iapl import IAPLLoss
+from .prototype import PrototypeCompactnessLoss, PrototypeDiversityLoss, VoxelPrototypeContrastiveLoss

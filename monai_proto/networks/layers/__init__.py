@@ -1,0 +1,9 @@
+from .prototype import (
+    average_prototypes,
+    flatten_voxels,
+    masked_average_pooling,
+    multi_prototype_logits,
+    prototype_similarity,
+    sample_voxel_indices,
+    sinkhorn_knopp,
+)

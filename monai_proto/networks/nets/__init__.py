@@ -1,0 +1,1 @@
+from .iapl import IAPLNet, IAPLOutput

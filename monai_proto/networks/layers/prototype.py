@@ -1,0 +1,299 @@
+"""Functional prototype operations shared by every prototype-based method of this package.
+
+All operations are spatial-dimension generic: features are ``(B, C, *S)`` with ``S`` = ``(H, W)`` or
+``(H, W, D)``; nothing branches on the number of spatial dimensions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "average_prototypes",
+    "flatten_voxels",
+    "masked_average_pooling",
+    "multi_prototype_logits",
+    "prototype_similarity",
+    "sample_voxel_indices",
+    "sinkhorn_knopp",
+]
+
+
+def masked_average_pooling(
+    features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """
+    Masked (soft-weighted) average pooling, one vector per weight channel: ``sum_x w F / (sum_x w + eps)``.
+
+    This is the MAP of PANet (Wang et al., ICCV 2019) and SG-One (Zhang et al., 2020), generalised to soft
+    weights (e.g. class confidence maps) and to any number of spatial dimensions.
+
+    Args:
+        features: feature maps of shape ``(B, C, *S)``.
+        weights: non-negative hard or soft weights of shape ``(B, K, *S)``; they are NOT resized here,
+            so interpolate them to the feature resolution beforehand.
+        eps: added to the weight sum to avoid division by zero for empty masks (an empty mask gives a
+            zero vector).
+
+    Returns:
+        pooled prototypes of shape ``(B, K, C)``.
+
+    Raises:
+        ValueError: when the inputs have fewer than 3 dimensions or their batch or spatial shapes differ.
+    """
+    if features.ndim < 3 or weights.ndim != features.ndim:
+        raise ValueError(
+            f"features and weights must be (B, C, *S) and (B, K, *S), got {tuple(features.shape)} "
+            f"and {tuple(weights.shape)}."
+        )
+    if features.shape[0] != weights.shape[0] or features.shape[2:] != weights.shape[2:]:
+        raise ValueError(
+            "features and weights must share batch and spatial shapes, got features "
+            f"{tuple(features.shape)} and weights {tuple(weights.shape)}."
+        )
+    weights = weights.to(features.dtype)
+    flat_features = features.flatten(2)  # (B, C, N)
+    flat_weights = weights.flatten(2)  # (B, K, N)
+    weighted_sum = torch.einsum("bkn,bcn->bkc", flat_weights, flat_features)
+    return weighted_sum / (flat_weights.sum(dim=2).unsqueeze(-1) + eps)
+
+
+def average_prototypes(prototypes: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """
+    k-shot averaging: the mean of the per-shot prototypes over the shot dimension ``dim``.
+
+    Args:
+        prototypes: prototypes with a shot dimension, e.g. ``(shots, B, K, C)``.
+        dim: the shot dimension. Defaults to 0.
+
+    Returns:
+        the averaged prototypes, with ``dim`` removed.
+    """
+    return prototypes.mean(dim=dim)
+
+
+def prototype_similarity(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    normalize: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """
+    Similarity maps between every voxel feature and every prototype.
+
+    Args:
+        features: feature maps of shape ``(B, C, *S)``.
+        prototypes: prototypes shared by the batch ``(P, C)`` or per sample ``(B, P, C)``.
+        normalize: if True, cosine similarity (both sides L2-normalised along ``C``); otherwise the dot
+            product. Defaults to True.
+        eps: numerical floor of the L2 norm. Defaults to 1e-8.
+
+    Returns:
+        similarity maps of shape ``(B, P, *S)``.
+
+    Raises:
+        ValueError: when the shapes are not as above or the channel (or batch) sizes differ.
+    """
+    if features.ndim < 3:
+        raise ValueError(f"features must be (B, C, *S), got {tuple(features.shape)}.")
+    if prototypes.ndim not in (2, 3):
+        raise ValueError(
+            f"prototypes must be (P, C) or (B, P, C), got {tuple(prototypes.shape)}."
+        )
+    if prototypes.shape[-1] != features.shape[1]:
+        raise ValueError(
+            f"channel sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}."
+        )
+    if prototypes.ndim == 3 and prototypes.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"batch sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}."
+        )
+    prototypes = prototypes.to(features.dtype)
+    if normalize:
+        features = F.normalize(features, dim=1, eps=eps)
+        prototypes = F.normalize(prototypes, dim=-1, eps=eps)
+    flat = features.flatten(2)  # (B, C, N)
+    equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
+    sim = torch.einsum(equation, flat, prototypes)
+    return sim.reshape(sim.shape[0], sim.shape[1], *features.shape[2:])
+
+
+def multi_prototype_logits(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    tau: float = 0.1,
+    reduction: str = "max",
+) -> torch.Tensor:
+    """
+    Class logits from several prototypes per class.
+
+    With ``s_km(x)`` the cosine similarity of voxel ``x`` to prototype ``m`` of class ``k``:
+
+    - ``reduction="max"``: ``logit_k(x) = max_m s_km(x) / tau`` (nearest prototype, as in ProtoSeg,
+      Zhou et al., CVPR 2022);
+    - ``reduction="logsumexp"``: ``logit_k(x) = logsumexp_m(s_km(x) / tau)``, i.e. a smooth maximum
+      ``tau * logsumexp_m(s_km / tau)`` divided by ``tau``; it is at least the max logit and at most the max
+      logit plus ``log(M)``.
+
+    Args:
+        features: feature maps of shape ``(B, C, *S)``.
+        prototypes: ``(K, M, C)`` shared by the batch, or ``(B, K, M, C)`` per sample.
+        tau: temperature (> 0). Defaults to 0.1.
+        reduction: ``"max"`` or ``"logsumexp"`` over the ``M`` prototypes of a class. Defaults to ``"max"``.
+
+    Returns:
+        class logits of shape ``(B, K, *S)``.
+
+    Raises:
+        ValueError: when ``tau <= 0``, ``reduction`` is unknown or ``prototypes`` is not 3D or 4D.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}.")
+    if reduction not in ("max", "logsumexp"):
+        raise ValueError(f"reduction must be 'max' or 'logsumexp', got {reduction!r}.")
+    if prototypes.ndim not in (3, 4):
+        raise ValueError(
+            f"prototypes must be (K, M, C) or (B, K, M, C), got {tuple(prototypes.shape)}."
+        )
+    num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
+    flat_protos = prototypes.reshape(
+        *prototypes.shape[:-3], num_classes * num_protos, prototypes.shape[-1]
+    )
+    sim = prototype_similarity(features, flat_protos, normalize=True)  # (B, K*M, *S)
+    sim = sim.reshape(sim.shape[0], num_classes, num_protos, *sim.shape[2:]) / tau
+    if reduction == "max":
+        return sim.max(dim=2).values
+    return torch.logsumexp(sim, dim=2)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    scores: torch.Tensor, num_iters: int = 3, epsilon: float = 0.05
+) -> torch.Tensor:
+    """
+    Balanced soft assignment of ``N`` samples to ``M`` prototypes by Sinkhorn-Knopp iterations.
+
+    As in SwAV (Caron et al., NeurIPS 2020) and ProtoSeg (Zhou et al., "Rethinking Semantic Segmentation:
+    A Prototype View", CVPR 2022): ``Q = exp(scores / epsilon).T`` (``M x N``), then ``num_iters`` times
+    normalise each prototype row to mass ``1/M`` and each sample column to mass ``1/N``; the result is
+    rescaled so that each sample's assignment sums to 1. The prototypes thus receive (approximately)
+    equal total mass, which prevents all samples from collapsing onto one prototype. Computed without
+    gradient, in float32 (or float64 if given), with the maximum score subtracted for numerical stability.
+
+    Args:
+        scores: similarity scores of shape ``(N, M)``, e.g. cosine similarities.
+        num_iters: number of row/column normalisation rounds (>= 1). Defaults to 3.
+        epsilon: entropic regularisation (> 0); smaller values give harder assignments. Defaults to 0.05.
+
+    Returns:
+        soft assignments of shape ``(N, M)``, each row summing to 1.
+
+    Raises:
+        ValueError: when ``scores`` is not 2D, ``num_iters < 1`` or ``epsilon <= 0``.
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be (N, M), got {tuple(scores.shape)}.")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be at least 1, got {num_iters}.")
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}.")
+    num_samples, num_protos = scores.shape
+    if num_samples == 0:
+        return torch.zeros_like(scores)
+    work = scores if scores.dtype == torch.float64 else scores.float()
+    logits = work / epsilon
+    q = torch.exp(logits - logits.max()).t()  # (M, N)
+    q = q / q.sum()
+    for _ in range(num_iters):
+        q = (
+            q
+            / q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+            / num_protos
+        )
+        q = (
+            q
+            / q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+            / num_samples
+        )
+    return (q * num_samples).t().to(scores.dtype)
+
+
+def sample_voxel_indices(
+    labels: torch.Tensor,
+    max_voxels: int = 4096,
+    ignore_index: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """
+    Class-balanced random sample of voxel positions, for voxel-level losses on a voxel budget.
+
+    The budget is shared between the classes present (``ignore_index`` excluded), visiting them from the
+    rarest to the most frequent: each class gets ``remaining_budget // remaining_classes`` voxels, or all of
+    its voxels if it has fewer, and what a small class leaves unused is redistributed to the larger ones.
+    Within a class, voxels are drawn uniformly without replacement. If ``max_voxels`` is smaller than the
+    number of classes present, the rarest classes may get no voxel. The result is grouped by class
+    (ascending label), not sorted by position.
+
+    Args:
+        labels: label map ``(B, 1, *S)`` or ``(B, *S)`` with integer class values (floating values are
+            truncated to integers, as MONAI transforms often produce float label maps).
+        max_voxels: total budget (>= 1). Defaults to 4096.
+        ignore_index: label value never sampled. Defaults to None.
+        generator: optional CPU random generator for reproducibility.
+
+    Returns:
+        a 1D LongTensor of ``n <= max_voxels`` distinct flat indices into ``B * prod(S)``, i.e.
+        ``b * prod(S) + spatial_flat_index``, on the device of ``labels``; consistent with
+        :func:`flatten_voxels` (a size-1 channel dimension does not change flat indices).
+
+    Raises:
+        ValueError: when ``max_voxels < 1``.
+    """
+    if max_voxels < 1:
+        raise ValueError(f"max_voxels must be at least 1, got {max_voxels}.")
+    flat = labels.reshape(-1).long()
+    valid = (
+        torch.ones_like(flat, dtype=torch.bool)
+        if ignore_index is None
+        else flat != ignore_index
+    )
+    classes, counts = torch.unique(flat[valid], return_counts=True)
+    order = torch.argsort(counts, stable=True)
+    perm_device = generator.device if generator is not None else torch.device("cpu")
+    budget, chosen = max_voxels, {}
+    for rank, pos in enumerate(order.tolist()):
+        share = budget // (len(order) - rank)
+        positions = torch.nonzero(flat == classes[pos], as_tuple=False).squeeze(1)
+        take = min(share, positions.numel())
+        if take < positions.numel():
+            pick = torch.randperm(
+                positions.numel(), generator=generator, device=perm_device
+            )[:take]
+            positions = positions[pick.to(positions.device)]
+        chosen[pos] = positions
+        budget -= take
+    if not chosen:
+        return torch.zeros(0, dtype=torch.long, device=labels.device)
+    return torch.cat([chosen[pos] for pos in sorted(chosen)])
+
+
+def flatten_voxels(features: torch.Tensor) -> torch.Tensor:
+    """
+    Channel-last flatten of feature maps: ``(B, C, *S) -> (B * prod(S), C)``.
+
+    Row ``b * prod(S) + spatial_flat_index`` holds the feature vector of voxel ``spatial_flat_index`` of
+    sample ``b``, matching the indices of :func:`sample_voxel_indices`.
+
+    Args:
+        features: feature maps of shape ``(B, C, *S)``.
+
+    Returns:
+        a ``(B * prod(S), C)`` tensor.
+
+    Raises:
+        ValueError: when ``features`` has fewer than 3 dimensions.
+    """
+    if features.ndim < 3:
+        raise ValueError(f"features must be (B, C, *S), got {tuple(features.shape)}.")
+    return features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])

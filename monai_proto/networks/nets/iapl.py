@@ -1,0 +1,184 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""IAPL: self-supervised instance-adaptive prototype learning for fully supervised segmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.layers.factories import Act, Conv, Norm
+
+from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
+from monai_proto.networks.blocks.dynamic_head import DynamicPrototypeHead
+from monai_proto.networks.blocks.kmax_decoder import KMaXDecoder, KMaXPrediction
+from monai_proto.networks.layers.prototype import masked_average_pooling
+
+__all__ = ["IAPLOutput", "IAPLNet"]
+
+
+class IAPLOutput(NamedTuple):
+    """Training-path output of :class:`IAPLNet`.
+
+    Attributes:
+        logits: ``(B, out_channels, *S)`` main logits (one sigmoid channel per class, background included).
+        stage_predictions: the k-means decoder's prediction of every stage, coarse to fine (deep supervision).
+        instance_prototypes: ``(B, out_channels, prototype_dim)`` IPP of this input.
+        common_prototypes: ``(out_channels, prototype_dim)`` CPP shared by all inputs.
+        embeddings: ``(B, prototype_dim, *S_b)`` projected bottleneck features, for the optional
+            voxel-prototype contrastive term.
+    """
+
+    logits: torch.Tensor
+    stage_predictions: list[KMaXPrediction]
+    instance_prototypes: torch.Tensor
+    common_prototypes: torch.Tensor
+    embeddings: torch.Tensor
+
+
+class IAPLNet(nn.Module):
+    """Instance-adaptive prototype learning network (IAPL).
+
+    Liang, Zhou, Chen, Wang, Yao, "Advancing Medical Image Segmentation via Self-supervised
+    Instance-adaptive Prototype Learning", IJCAI 2024 (arXiv 2507.07602); reference code
+    banbooliang/SIPL-MIS. Components:
+
+    - a U-shaped backbone returning its bottleneck and decoder maps (:mod:`monai_proto.networks.blocks.backbones`);
+    - a hierarchical k-means transformer decoder over the coarsest decoder maps whose class-wise confidence
+      is refined by self-supervised foreground filtering (:class:`KMaXDecoder`);
+    - instance-specific prototypes (IPP): the confidence of class k re-weights the bottleneck features,
+      masked-average pooled into one vector per class and input;
+    - common prototypes (CPP): one learnable embedding per class (or fixed user-supplied embeddings, e.g.
+      text embeddings, projected by a learnable layer);
+    - a dynamic head: ``concat(IPP_k, CPP_k)`` generates the point-wise convolutions that map the
+      full-resolution decoder features to the logits of class k.
+
+    In ``eval()`` mode ``forward`` returns a plain logits tensor ``(B, out_channels, *S)``, so sliding-window
+    inference, TorchScript tracing and ONNX export work unchanged. In ``train()`` mode it returns an
+    :class:`IAPLOutput` for :class:`monai_proto.losses.IAPLLoss`.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: classes including background (channel 0); one sigmoid channel each.
+        backbone: ``"unet"`` (MONAI ``UNet``), ``"swinunetr"`` (MONAI ``SwinUNETR``) or a ``FeatureBackbone``.
+        backbone_kwargs: arguments of the backbone (e.g. ``{"channels": [16, 32, 64, 128, 256]}`` or
+            ``{"feature_size": 48}``).
+        decoder_stages: indices of the backbone decoder maps used by the k-means decoder, coarse to fine.
+            Defaults to the three coarsest maps (SwinUNETR: strides 16, 8, 4 as in the reference code).
+        num_queries: cluster centres of the k-means decoder (paper: 32).
+        blocks_per_stage: k-means blocks per stage (paper: 2).
+        query_dim: query dimension of the k-means decoder.
+        embedding_dim: voxel-embedding / kernel dimension of the k-means decoder.
+        num_heads: heads of the query self-attention.
+        filter_threshold: initial foreground-filtering threshold (ramped during training by a handler).
+        prototype_dim: dimension of IPP and CPP.
+        class_embeddings: optional fixed ``(out_channels, E)`` class embeddings for CPP.
+        head_channels: channels of the point-wise layer before the dynamic head (reference: 8).
+        head_hidden_channels: hidden channels of the dynamic layers (reference: ``(8, 8)``).
+        dropout: dropout in the k-means decoder.
+
+    Raises:
+        ValueError: for ``spatial_dims`` not in (2, 3), ``out_channels < 2`` or bad ``decoder_stages``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        backbone: str | FeatureBackbone = "unet",
+        backbone_kwargs: dict | None = None,
+        decoder_stages: Sequence[int] | None = None,
+        num_queries: int = 32,
+        blocks_per_stage: int = 2,
+        query_dim: int = 128,
+        embedding_dim: int = 64,
+        num_heads: int = 4,
+        filter_threshold: float = 0.1,
+        prototype_dim: int = 64,
+        class_embeddings: Sequence[Sequence[float]] | None = None,
+        head_channels: int = 8,
+        head_hidden_channels: Sequence[int] = (8, 8),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, but got {spatial_dims}.")
+        if out_channels < 2:
+            raise ValueError(f"out_channels must count background and at least one class, but got {out_channels}.")
+        self.spatial_dims = spatial_dims
+        self.out_channels = out_channels
+        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        num_maps = len(self.backbone.decoder_channels)
+        stages = tuple(range(min(3, num_maps - 1))) if decoder_stages is None else tuple(int(i) for i in decoder_stages)
+        if not stages or any(i < 0 or i >= num_maps for i in stages) or list(stages) != sorted(set(stages)):
+            raise ValueError(f"decoder_stages must be increasing indices in [0, {num_maps}), but got {stages}.")
+        self.decoder_stages = stages
+        self.decoder = KMaXDecoder(
+            spatial_dims,
+            [self.backbone.decoder_channels[i] for i in stages],
+            out_channels,
+            num_queries=num_queries,
+            blocks_per_stage=blocks_per_stage,
+            query_dim=query_dim,
+            embedding_dim=embedding_dim,
+            num_heads=num_heads,
+            ffn_dim=2 * query_dim,
+            dropout=dropout,
+            filter_threshold=filter_threshold,
+        )
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.instance_proj = conv(self.backbone.bottleneck_channels, prototype_dim, kernel_size=1)
+        if class_embeddings is None:
+            self.common_prototypes = nn.Parameter(torch.randn(out_channels, prototype_dim) * 0.02)
+            self.class_embedding_proj: nn.Module | None = None
+        else:
+            table = torch.as_tensor(class_embeddings, dtype=torch.float32)
+            if table.ndim != 2 or table.shape[0] != out_channels:
+                raise ValueError(f"class_embeddings must be ({out_channels}, E), but got {tuple(table.shape)}.")
+            self.register_buffer("class_embeddings", table)
+            self.class_embedding_proj = nn.Linear(table.shape[1], prototype_dim)
+        fine_channels = self.backbone.decoder_channels[-1]
+        self.head_input = nn.Sequential(
+            Norm[Norm.INSTANCE, spatial_dims](fine_channels, affine=True),
+            Act[Act.PRELU](),
+            conv(fine_channels, head_channels, kernel_size=1),
+        )
+        self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels)
+
+    def set_filter_threshold(self, value: float) -> None:
+        """Set the foreground-filtering threshold of the k-means decoder (used by the ramp handler)."""
+        self.decoder.filter_threshold.fill_(float(value))
+
+    def get_common_prototypes(self) -> torch.Tensor:
+        """``(out_channels, prototype_dim)`` common prototypes (CPP)."""
+        if self.class_embedding_proj is None:
+            return self.common_prototypes
+        return self.class_embedding_proj(self.class_embeddings)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | IAPLOutput:
+        """
+        Args:
+            x: ``(B, in_channels, *S)``, ``S`` divisible by ``backbone.size_divisible``.
+
+        Returns:
+            ``(B, out_channels, *S)`` logits in eval mode, :class:`IAPLOutput` in train mode.
+        """
+        features = self.backbone(x)
+        predictions = self.decoder([features.decoder[i] for i in self.decoder_stages])
+        # IPP (paper eq. 4): confidence of the finest stage re-weights the bottleneck features
+        confidence = predictions[-1].confidence
+        weights = F.interpolate(confidence, size=features.bottleneck.shape[2:], mode="area")
+        embeddings = self.instance_proj(features.bottleneck)
+        instance_prototypes = masked_average_pooling(embeddings, weights)  # (B, K, P)
+        common_prototypes = self.get_common_prototypes()
+        descriptors = torch.cat(
+            [instance_prototypes, common_prototypes.unsqueeze(0).expand_as(instance_prototypes)], dim=-1
+        )
+        logits = self.head(self.head_input(features.decoder[-1]), descriptors)
+        if not self.training:
+            return logits
+        return IAPLOutput(logits, predictions, instance_prototypes, common_prototypes, embeddings)

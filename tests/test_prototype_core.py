@@ -1,0 +1,395 @@
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_proto.losses.prototype import (
+    PrototypeCompactnessLoss,
+    PrototypeDiversityLoss,
+    VoxelPrototypeContrastiveLoss,
+)
+from monai_proto.networks.blocks.prototype_bank import PrototypeBank
+from monai_proto.networks.layers.prototype import (
+    average_prototypes,
+    flatten_voxels,
+    masked_average_pooling,
+    multi_prototype_logits,
+    prototype_similarity,
+    sample_voxel_indices,
+    sinkhorn_knopp,
+)
+
+# four voxels laid out as a 2D (2, 2) or a 3D (2, 1, 2) grid: the flat order is the same
+SPATIAL_4 = [(2, 2), (2, 1, 2)]
+SPATIAL_BIG = [(20, 25), (4, 5, 25)]
+
+
+def _grid(values: list[list[float]], spatial: tuple[int, ...]) -> torch.Tensor:
+    """(C, 4) channel values -> (1, C, *spatial)."""
+    return torch.tensor(values, dtype=torch.float32).reshape(1, len(values), *spatial)
+
+
+# ---------------------------------------------------------------- masked average pooling
+@pytest.mark.parametrize("spatial", SPATIAL_4)
+def test_map_hard_and_soft(spatial):
+    features = _grid([[1, 2, 3, 4], [10, 20, 30, 40]], spatial)
+    hard = _grid([[1, 0, 0, 1]], spatial)
+    soft = _grid([[0.5, 0.25, 0.25, 0.0]], spatial)
+    out = masked_average_pooling(features, torch.cat([hard, soft], dim=1), eps=0.0)
+    assert out.shape == (1, 2, 2)
+    torch.testing.assert_close(out[0, 0], torch.tensor([2.5, 25.0]))  # (1 + 4) / 2
+    torch.testing.assert_close(
+        out[0, 1], torch.tensor([1.75, 17.5])
+    )  # 0.5 * 1 + 0.25 * 2 + 0.25 * 3
+    empty = masked_average_pooling(features, torch.zeros_like(hard))
+    torch.testing.assert_close(empty, torch.zeros(1, 1, 2))
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_4)
+def test_map_gradient_zero_outside_mask(spatial):
+    features = _grid([[1, 2, 3, 4], [10, 20, 30, 40]], spatial).requires_grad_(True)
+    mask = _grid([[1, 0, 0, 1]], spatial)
+    masked_average_pooling(features, mask, eps=0.0).sum().backward()
+    expected = _grid([[0.5, 0, 0, 0.5], [0.5, 0, 0, 0.5]], spatial)
+    torch.testing.assert_close(features.grad, expected)
+
+
+def test_map_shape_mismatch_raises():
+    with pytest.raises(ValueError, match=r"\(1, 2, 4, 4\)"):
+        masked_average_pooling(torch.rand(1, 2, 4, 4), torch.rand(1, 1, 2, 2))
+    with pytest.raises(ValueError):
+        masked_average_pooling(torch.rand(2, 2, 4, 4), torch.rand(1, 1, 4, 4))
+    with pytest.raises(ValueError):
+        masked_average_pooling(torch.rand(1, 2, 4, 4, 4), torch.rand(1, 1, 4, 4))
+
+
+def test_average_prototypes():
+    shots = torch.tensor([[[1.0, 2.0]], [[3.0, 6.0]]])  # (shots=2, K=1, C=2)
+    torch.testing.assert_close(average_prototypes(shots), torch.tensor([[2.0, 4.0]]))
+
+
+# ---------------------------------------------------------------- similarity and logits
+@pytest.mark.parametrize("spatial", SPATIAL_4)
+def test_prototype_similarity(spatial):
+    features = _grid(
+        [[1, 0, 1, -3], [0, 2, 1, 0]], spatial
+    )  # voxels (1,0), (0,2), (1,1), (-3,0)
+    protos = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    r = 1 / math.sqrt(2)
+    cos = prototype_similarity(features, protos)
+    assert cos.shape == (1, 2, *spatial)
+    torch.testing.assert_close(cos, _grid([[1, 0, r, -1], [0, 1, r, 0]], spatial))
+    dot = prototype_similarity(features, protos, normalize=False)
+    torch.testing.assert_close(dot, _grid([[2, 0, 2, -6], [0, 2, 1, 0]], spatial))
+    batched = prototype_similarity(features, protos.unsqueeze(0))
+    torch.testing.assert_close(batched, cos)
+    with pytest.raises(ValueError):
+        prototype_similarity(features, torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_4)
+def test_multi_prototype_logits(spatial):
+    # class 0: prototypes (1,0), (0,1); class 1: (-1,0), (0,-1); every voxel is (1,0)
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [0.0, -1.0]]])
+    features = _grid([[1, 1, 1, 1], [0, 0, 0, 0]], spatial)
+    tau = 0.1
+    out_max = multi_prototype_logits(features, protos, tau=tau, reduction="max")
+    assert out_max.shape == (1, 2, *spatial)
+    torch.testing.assert_close(out_max.flatten(2)[0, :, 0], torch.tensor([10.0, 0.0]))
+    out_lse = multi_prototype_logits(features, protos, tau=tau, reduction="logsumexp")
+    expected = torch.tensor([math.log(math.exp(10) + 1), math.log(math.exp(-10) + 1)])
+    torch.testing.assert_close(out_lse.flatten(2)[0, :, 3], expected)
+    # per-sample prototypes give the same result
+    torch.testing.assert_close(
+        multi_prototype_logits(features, protos.unsqueeze(0), tau=tau), out_max
+    )
+    with pytest.raises(ValueError):
+        multi_prototype_logits(features, protos, reduction="mean")
+    with pytest.raises(ValueError):
+        multi_prototype_logits(features, protos, tau=0.0)
+
+
+# ---------------------------------------------------------------- Sinkhorn-Knopp
+def test_sinkhorn_balances_skewed_scores():
+    gen = torch.Generator().manual_seed(0)
+    n = 200
+    # every sample prefers prototype 0, with a varying margin
+    scores = torch.stack(
+        [0.8 + 0.2 * torch.rand(n, generator=gen), 0.3 * torch.rand(n, generator=gen)],
+        dim=1,
+    )
+    assert (scores.argmax(1) == 0).all()
+    q = sinkhorn_knopp(scores, num_iters=3, epsilon=0.05)
+    assert q.shape == (n, 2)
+    torch.testing.assert_close(q.sum(1), torch.ones(n))
+    torch.testing.assert_close(q.sum(0), torch.full((2,), n / 2.0), rtol=0.05, atol=0.0)
+    counts = torch.bincount(q.argmax(1), minlength=2)
+    assert counts.min() >= 0.35 * n
+    # huge scores do not overflow
+    assert torch.isfinite(sinkhorn_knopp(scores * 1e3)).all()
+    with pytest.raises(ValueError):
+        sinkhorn_knopp(scores, epsilon=0.0)
+
+
+# ---------------------------------------------------------------- voxel sampling
+@pytest.mark.parametrize("spatial", SPATIAL_BIG)
+def test_sample_voxel_indices_balance_and_ignore(spatial):
+    labels = torch.zeros(2, 1, *spatial, dtype=torch.long)  # 1000 voxels
+    flat = labels.view(-1)
+    flat[[3, 50, 120, 499, 500, 640, 700, 801, 950, 999]] = (
+        1  # 10 foreground, both samples
+    )
+    flat[[10, 11, 12]] = 255
+    gen = torch.Generator().manual_seed(0)
+    idx = sample_voxel_indices(labels, max_voxels=100, ignore_index=255, generator=gen)
+    assert (
+        idx.dtype == torch.long and idx.numel() == 100
+    )  # 10 fg + 90 bg (leftover redistributed)
+    assert idx.unique().numel() == idx.numel()
+    assert (flat[idx] == 1).sum() == 10
+    assert not (flat[idx] == 255).any()
+    # ignore_index of a class: only the other classes are sampled; without ignore_index 255 is a class
+    only_fg = sample_voxel_indices(labels, max_voxels=100, ignore_index=0)
+    assert set(flat[only_fg].tolist()) == {1, 255} and only_fg.numel() == 13
+    with_ignore_class = sample_voxel_indices(labels.squeeze(1), max_voxels=30)
+    assert torch.bincount(flat[with_ignore_class].clamp_max(2)).tolist() == [17, 10, 3]
+    # reproducible with a seeded generator
+    again = sample_voxel_indices(labels, 100, 255, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)
+    with pytest.raises(ValueError):
+        sample_voxel_indices(labels, max_voxels=0)
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_BIG)
+def test_flat_indices_consistent_with_flatten_voxels(spatial):
+    batch, num_spatial = 2, math.prod(spatial)
+    labels = torch.randint(0, 3, (batch, 1, *spatial))
+    batch_index = (
+        torch.arange(batch).view(batch, 1, *([1] * len(spatial))).expand_as(labels)
+    )
+    spatial_index = torch.arange(num_spatial).view(1, 1, *spatial).expand_as(labels)
+    features = torch.cat(
+        [labels, batch_index, spatial_index], dim=1
+    ).float()  # (B, 3, *S)
+    rows = flatten_voxels(features)
+    assert rows.shape == (batch * num_spatial, 3)
+    idx = sample_voxel_indices(labels, max_voxels=64)
+    picked = rows[idx]
+    torch.testing.assert_close(picked[:, 0], labels.view(-1)[idx].float())
+    torch.testing.assert_close(picked[:, 1] * num_spatial + picked[:, 2], idx.float())
+
+
+# ---------------------------------------------------------------- prototype bank
+def test_bank_validation():
+    with pytest.raises(ValueError, match="num_prototypes"):
+        PrototypeBank(2, 0, 8)
+    with pytest.raises(ValueError, match="1.5"):
+        PrototypeBank(2, 2, 8, momentum=1.5)
+    with pytest.raises(ValueError):
+        PrototypeBank(2, 2, 8, sinkhorn_epsilon=0.0)
+
+
+def test_bank_init_buffers_only():
+    bank = PrototypeBank(3, 4, 8)
+    assert len(list(bank.parameters())) == 0
+    assert bank.prototypes.shape == (3, 4, 8) and not bank.initialized.any()
+    torch.testing.assert_close(bank.prototypes.norm(dim=-1), torch.ones(3, 4))
+
+
+def test_bank_first_update_sets_directly_and_keeps_others():
+    bank = PrototypeBank(2, 2, 3, momentum=0.9)
+    before = bank.prototypes.clone()
+    emb = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [5.0, 5.0, 5.0], [1.0, 1.0, 1.0]]
+    )
+    labels = torch.tensor([0, 0, -1, 7])  # the last two are ignored
+    bank.update(emb, labels, torch.tensor([1, 1, 0, 0]))
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(bank.prototypes[0, 1], torch.tensor([r, r, 0.0]))
+    torch.testing.assert_close(bank.prototypes[0, 0], before[0, 0])
+    torch.testing.assert_close(bank.prototypes[1], before[1])
+    assert bank.initialized.tolist() == [True, False]
+
+
+def test_bank_ema_update_exact():
+    bank = PrototypeBank(2, 2, 3, momentum=0.9)
+    bank.prototypes[0, 0] = torch.tensor([1.0, 0.0, 0.0])
+    bank.initialized[0] = True
+    before = bank.prototypes.clone()
+    bank.update(torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([0]), torch.tensor([0]))
+    expected = F.normalize(
+        torch.tensor([0.9, 0.1, 0.0]), dim=0
+    )  # 0.9 * p + 0.1 * mean, renormalised
+    torch.testing.assert_close(bank.prototypes[0, 0], expected)
+    torch.testing.assert_close(bank.prototypes[0, 1], before[0, 1])
+    torch.testing.assert_close(bank.prototypes[1], before[1])
+
+
+def test_bank_state_dict_round_trip():
+    bank = PrototypeBank(2, 3, 4)
+    bank.update(
+        torch.randn(5, 4), torch.tensor([1, 1, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1])
+    )
+    buffer = io.BytesIO()
+    torch.save(bank.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    other = PrototypeBank(2, 3, 4)
+    other.load_state_dict(state)
+    assert torch.equal(other.prototypes, bank.prototypes)
+    assert other.initialized.tolist() == [False, True]
+
+
+def test_bank_kmeans_separates_clusters():
+    gen = torch.Generator().manual_seed(0)
+    cluster_a = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(30, 3, generator=gen)
+    cluster_b = torch.tensor([-1.0, 0.0, 0.0]) + 0.05 * torch.randn(
+        30, 3, generator=gen
+    )
+    bank = PrototypeBank(2, 2, 3)
+    before_class1 = bank.prototypes[1].clone()
+    bank.initialize_kmeans(
+        torch.cat([cluster_a, cluster_b]),
+        torch.zeros(60, dtype=torch.long),
+        generator=gen,
+    )
+    assert bank.initialized.tolist() == [True, False]
+    assert bank.diversity()[0] < -0.95
+    assert min(bank.prototypes[0, :, 0].tolist()) < -0.95
+    assert max(bank.prototypes[0, :, 0].tolist()) > 0.95
+    torch.testing.assert_close(bank.prototypes[1], before_class1)
+    # fewer voxels than prototypes: the voxel is repeated, the class collapses
+    single = PrototypeBank(1, 3, 3)
+    single.initialize_kmeans(torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([0]))
+    torch.testing.assert_close(
+        single.prototypes[0], torch.tensor([[0.0, 0.0, 1.0]]).expand(3, 3)
+    )
+
+
+def test_bank_diversity():
+    bank = PrototypeBank(2, 3, 4)
+    bank.prototypes.copy_(F.normalize(torch.ones(2, 3, 4), dim=-1))
+    torch.testing.assert_close(bank.diversity(), torch.ones(2))
+    bank.prototypes[1] = torch.eye(4)[:3]
+    torch.testing.assert_close(bank.diversity(), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(PrototypeBank(2, 1, 4).diversity(), torch.zeros(2))
+
+
+def test_bank_assign_sinkhorn_vs_nearest():
+    angles = torch.linspace(
+        0.0, math.radians(40), 50
+    )  # all nearer to prototype 0 = (1, 0)
+    emb = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.zeros(50, dtype=torch.long)
+    labels[-1] = 9  # out of range: assignment 0
+    for use_sinkhorn in (False, True):
+        bank = PrototypeBank(2, 2, 2, use_sinkhorn=use_sinkhorn)
+        bank.prototypes[0] = torch.eye(2)
+        out = bank.assign(emb, labels)
+        assert out.dtype == torch.long and out.shape == (50,) and out[-1] == 0
+        counts = torch.bincount(out[:-1], minlength=2)
+        if use_sinkhorn:
+            assert counts.min() >= 15  # balanced
+            # the voxels nearest prototype 1 are the ones moved to it
+            assert out[:-1][counts[0] :].eq(1).all()
+        else:
+            assert counts.tolist() == [49, 0]
+
+
+@pytest.mark.parametrize("spatial", [(4, 5), (4, 5, 3)])
+def test_bank_logits(spatial):
+    bank = PrototypeBank(3, 2, 8)
+    features = torch.randn(2, 8, *spatial)
+    out = bank.logits(features, tau=0.5, reduction="logsumexp")
+    assert out.shape == (2, 3, *spatial)
+    torch.testing.assert_close(
+        out, multi_prototype_logits(features, bank.prototypes, 0.5, "logsumexp")
+    )
+
+
+# ---------------------------------------------------------------- losses
+def test_contrastive_loss_value_and_ordering():
+    protos = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # K=2, M=1
+    loss = VoxelPrototypeContrastiveLoss(temperature=0.1)
+    at_positive = loss(
+        torch.tensor([[2.0, 0.0]]), protos, torch.tensor([0]), torch.tensor([0])
+    )
+    torch.testing.assert_close(at_positive, torch.tensor(math.log(1 + math.exp(-10))))
+    at_negative = loss(
+        torch.tensor([[0.0, 1.0]]), protos, torch.tensor([0]), torch.tensor([0])
+    )
+    torch.testing.assert_close(at_negative, torch.tensor(math.log(1 + math.exp(10))))
+    assert at_positive < at_negative
+    per_voxel = VoxelPrototypeContrastiveLoss(reduction="none")(
+        torch.randn(5, 2),
+        protos,
+        torch.tensor([0, 1, 0, 1, 0]),
+        torch.zeros(5, dtype=torch.long),
+    )
+    assert per_voxel.shape == (5,)
+    with pytest.raises(ValueError):
+        VoxelPrototypeContrastiveLoss(temperature=0.0)
+    with pytest.raises(ValueError):
+        VoxelPrototypeContrastiveLoss(reduction="avg")
+
+
+def test_contrastive_loss_gradients():
+    bank = PrototypeBank(2, 3, 4)
+    emb = torch.randn(6, 4, requires_grad=True)
+    labels, assignments = (
+        torch.tensor([0, 1, 0, 1, 0, 1]),
+        torch.tensor([0, 1, 2, 0, 1, 2]),
+    )
+    loss_fn = VoxelPrototypeContrastiveLoss()
+    loss_fn(emb, bank.prototypes, labels, assignments).backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert not bank.prototypes.requires_grad and bank.prototypes.grad is None
+    learnable = nn.Parameter(torch.randn(2, 3, 4))
+    loss_fn(emb, learnable, labels, assignments).backward()
+    assert learnable.grad is not None and learnable.grad.abs().sum() > 0
+
+
+def test_compactness_loss():
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # K=1, M=2
+    labels, assignments = torch.tensor([0, 0]), torch.tensor([0, 1])
+    loss = PrototypeCompactnessLoss()
+    torch.testing.assert_close(
+        loss(torch.tensor([[3.0, 0.0], [0.0, 0.5]]), protos, labels, assignments),
+        torch.tensor(0.0),
+    )
+    emb = torch.tensor(
+        [[0.0, 1.0], [-1.0, 0.0]], requires_grad=True
+    )  # cos 0 -> 1, cos 0 -> 1
+    total = PrototypeCompactnessLoss(reduction="sum")(emb, protos, labels, assignments)
+    torch.testing.assert_close(total, torch.tensor(2.0))
+    total.backward()
+    assert emb.grad.abs().sum() > 0
+    opposite = PrototypeCompactnessLoss(reduction="none")(
+        -protos[0], protos, labels, assignments
+    )
+    torch.testing.assert_close(opposite, torch.tensor([4.0, 4.0]))
+
+
+def test_diversity_loss():
+    equal = F.normalize(torch.ones(2, 3, 4), dim=-1)
+    torch.testing.assert_close(PrototypeDiversityLoss()(equal), torch.tensor(1.0))
+    torch.testing.assert_close(
+        PrototypeDiversityLoss(margin=0.5)(equal), torch.tensor(0.5)
+    )
+    spread = torch.stack(
+        [
+            torch.eye(4)[:3],
+            torch.cat([torch.eye(4)[:1], -torch.eye(4)[:1], torch.eye(4)[1:2]]),
+        ]
+    )
+    torch.testing.assert_close(
+        PrototypeDiversityLoss(reduction="none")(spread), torch.zeros(2)
+    )
+    torch.testing.assert_close(
+        PrototypeDiversityLoss()(torch.randn(3, 1, 4)), torch.tensor(0.0)
+    )
