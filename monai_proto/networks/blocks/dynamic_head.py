@@ -16,8 +16,8 @@ class DynamicPrototypeHead(nn.Module):
 
     A controller maps the descriptor of class k (IAPL: ``concat(IPP_k, CPP_k)``) to the weights and biases of
     a small stack of 1x1(x1) convolutions ``feature_channels -> hidden -> ... -> 1``, which is applied to the
-    full-resolution features to give the logit map of class k. Classes are processed one after the other so
-    that the peak memory stays at one class's hidden maps.
+    full-resolution features to give the logit map of class k. All classes are computed by batched matrix
+    products with fused bias (``baddbmm``), which keeps the head to a few passes over the volume.
 
     Args:
         descriptor_dim: length of the per-class descriptor.
@@ -36,7 +36,7 @@ class DynamicPrototypeHead(nn.Module):
                 f"feature_channels={feature_channels}, hidden_channels={tuple(hidden_channels)}."
             )
         dims = [feature_channels, *[int(h) for h in hidden_channels], 1]
-        self.layer_shapes = [(dims[i + 1], dims[i]) for i in range(len(dims) - 1)]
+        self.layer_shapes = tuple((dims[i + 1], dims[i]) for i in range(len(dims) - 1))
         num_params = sum(o * i + o for o, i in self.layer_shapes)
         self.controller = nn.Linear(descriptor_dim, num_params)
 
@@ -52,18 +52,20 @@ class DynamicPrototypeHead(nn.Module):
         params = self.controller(descriptors)  # (B, K, P)
         batch, num_classes = params.shape[:2]
         spatial = features.shape[2:]
-        flat = features.flatten(2)  # (B, C, X)
-        outputs = []
-        for k in range(num_classes):
-            x = flat
-            offset = 0
-            for layer, (out_c, in_c) in enumerate(self.layer_shapes):
-                weight = params[:, k, offset : offset + out_c * in_c].reshape(batch, out_c, in_c)
-                offset += out_c * in_c
-                bias = params[:, k, offset : offset + out_c].unsqueeze(-1)
-                offset += out_c
-                x = torch.bmm(weight, x) + bias
-                if layer < len(self.layer_shapes) - 1:
-                    x = torch.relu(x)
-            outputs.append(x)
-        return torch.cat(outputs, dim=1).reshape(batch, num_classes, *spatial)
+        x = features.flatten(2)  # (B, C, X)
+        offset = 0
+        for layer, (out_c, in_c) in enumerate(self.layer_shapes):
+            weight = params[..., offset : offset + out_c * in_c].reshape(batch, num_classes, out_c, in_c)
+            offset += out_c * in_c
+            bias = params[..., offset : offset + out_c].reshape(batch, num_classes * out_c, 1)
+            offset += out_c
+            if layer == 0:  # all classes read the same features: one (B, K*out, C) x (B, C, X) product
+                x = torch.baddbmm(bias, weight.reshape(batch, num_classes * out_c, in_c), x)
+            else:  # class k's layer reads class k's hidden maps only: batch the classes
+                hidden = x.reshape(batch * num_classes, in_c, -1)
+                x = torch.baddbmm(
+                    bias.reshape(batch * num_classes, out_c, 1), weight.reshape(batch * num_classes, out_c, in_c), hidden
+                ).reshape(batch, num_classes * out_c, -1)
+            if layer < len(self.layer_shapes) - 1:
+                x = torch.relu_(x)
+        return x.reshape(batch, num_classes, *spatial)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.factories import Act, Conv, Norm, Pool
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
 from monai_proto.networks.blocks.dynamic_head import DynamicPrototypeHead
@@ -17,6 +17,20 @@ from monai_proto.networks.blocks.kmax_decoder import KMaXDecoder, KMaXPrediction
 from monai_proto.networks.layers.prototype import masked_average_pooling
 
 __all__ = ["IAPLOutput", "IAPLNet"]
+
+
+def _area_downsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="area")``, as an average pooling when every input size is a multiple of ``size``.
+
+    Both give the same values for integer factors; the pooling form also exports to ONNX, where
+    ``adaptive_avg_pool3d`` (what ``mode="area"`` lowers to) has no translation in the dynamo-based exporter.
+    """
+    in_size = tuple(int(i) for i in x.shape[2:])
+    out_size = tuple(int(o) for o in size)
+    if all(o > 0 and i % o == 0 for i, o in zip(in_size, out_size)):
+        kernel = [i // o for i, o in zip(in_size, out_size)]
+        return Pool[Pool.AVG, len(kernel)](kernel_size=kernel, stride=kernel)(x)
+    return F.interpolate(x, size=out_size, mode="area")
 
 
 class IAPLOutput(NamedTuple):
@@ -142,10 +156,12 @@ class IAPLNet(nn.Module):
             self.register_buffer("class_embeddings", table)
             self.class_embedding_proj = nn.Linear(table.shape[1], prototype_dim)
         fine_channels = self.backbone.decoder_channels[-1]
+        # reference: GroupNorm -> ReLU -> 1x1 conv; the conv comes first here so that the full-resolution
+        # normalisation runs on head_channels (8) instead of the backbone's channels
         self.head_input = nn.Sequential(
-            Norm[Norm.INSTANCE, spatial_dims](fine_channels, affine=True),
-            Act[Act.PRELU](),
             conv(fine_channels, head_channels, kernel_size=1),
+            Norm[Norm.INSTANCE, spatial_dims](head_channels, affine=True),
+            Act[Act.PRELU](),
         )
         self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels)
 
@@ -171,7 +187,7 @@ class IAPLNet(nn.Module):
         predictions = self.decoder([features.decoder[i] for i in self.decoder_stages])
         # IPP (paper eq. 4): confidence of the finest stage re-weights the bottleneck features
         confidence = predictions[-1].confidence
-        weights = F.interpolate(confidence, size=features.bottleneck.shape[2:], mode="area")
+        weights = _area_downsample(confidence, features.bottleneck.shape[2:])
         embeddings = self.instance_proj(features.bottleneck)
         instance_prototypes = masked_average_pooling(embeddings, weights)  # (B, K, P)
         common_prototypes = self.get_common_prototypes()

@@ -1,0 +1,108 @@
+# Copyright (c) monai-proto developers
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Shared fixtures: running bundle commands in a subprocess and building tiny MSD-style data sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "bundles" / "iapl_segmentation" / "configs"
+
+#: affine of the synthetic volumes: 3 mm isotropic, RAS, so Spacingd (3 mm) keeps their shape
+SYNTH_AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
+SYNTH_SHAPE = (48, 48, 48)
+
+
+@dataclass
+class BundleResult:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + "\n" + self.stderr
+
+    def describe(self, tail: int = 6000) -> str:
+        return f"command: {' '.join(self.args)}\nexit code: {self.returncode}\n--- output (tail) ---\n{self.output[-tail:]}"
+
+
+def run_bundle_command(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 400) -> BundleResult:
+    """Run ``python <args>`` (e.g. ``-m monai.bundle run ...``) in ``cwd`` and capture its output."""
+    cmd = [sys.executable, *map(str, args)]
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+    return BundleResult(cmd, proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def run_bundle() -> Callable[..., BundleResult]:
+    """``run_bundle(args, cwd)``: run ``python <args>`` in a subprocess, returning a :class:`BundleResult`."""
+    return run_bundle_command
+
+
+def _synthetic_pair(seed: int, shape: Sequence[int] = SYNTH_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like image and a TotalSegmentator-style label (1 = spleen, 5 = liver, 2 = an unselected class)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0.0, 30.0, shape).astype(np.float32)
+    label = np.zeros(shape, np.uint8)
+    label[6:18, 6:18, 6:18] = 1
+    label[24:42, 22:44, 18:40] = 5
+    label[30:34, 2:6, 2:6] = 2
+    image[label == 1] += 120.0
+    image[label == 5] += 70.0
+    return image, label
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray = SYNTH_AFFINE) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+def write_msd_dataset(
+    root: str | os.PathLike,
+    training: list[dict],
+    validation: list[dict] | None = None,
+    test: list[dict] | None = None,
+    labels: dict[str, str] | None = None,
+) -> Path:
+    """Write ``<root>/dataset.json`` (paths relative to ``root``); sections that are None are left out."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    content: dict = {
+        "name": "synthetic",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": labels or {"0": "background", "1": "spleen", "5": "liver"},
+        "numTraining": len(training),
+        "training": training,
+    }
+    if validation is not None:
+        content["validation"] = validation
+    if test is not None:
+        content["test"] = test
+    (root / "dataset.json").write_text(json.dumps(content, indent=2), encoding="utf-8")
+    return root
+
