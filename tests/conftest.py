@@ -52,7 +52,7 @@ def run_bundle_command(args: Sequence[str], cwd: str | os.PathLike, timeout: flo
     cmd = [sys.executable, *map(str, args)]
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, check=False, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
     return BundleResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -28,14 +28,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    CONFIG_DIR,
+    SYNTH_AFFINE,
+    _synthetic_pair,
+    save_nifti,
+    write_msd_dataset,
+)
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage
 
 import monai_proto  # noqa: F401 - registers IAPLNet & co. with MONAI's component locator
 from monai_proto.data import demo_data_dir, label_ids_for, load_msd_datalist
 from monai_proto.networks import IAPLNet
-
-from conftest import CONFIG_DIR, SYNTH_AFFINE, _synthetic_pair, save_nifti, write_msd_dataset
 
 pytestmark = pytest.mark.slow
 
