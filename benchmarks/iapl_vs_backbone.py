@@ -313,15 +313,25 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed inference passes")
     ap.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary folder)")
+    ap.add_argument(
+        "--reuse", action="store_true", help="re-evaluate the checkpoints already in --workdir (training figures kept)"
+    )
     args = ap.parse_args()
     args.threads = torch.get_num_threads()
     workdir = args.workdir or tempfile.mkdtemp(prefix="iapl_bench_")
     roots = {m: os.path.join(workdir, m) for m in ("iapl", "backbone")}
     results: dict = {}
-    for model in ("iapl", "backbone"):
-        print(f"== training {model} for {args.iterations} iterations", flush=True)
-        results[model] = train(model, args, roots[model])
-        print(f"   {results[model]['seconds_per_iteration']:.2f} s/iteration", flush=True)
+    saved = os.path.join(workdir, "training.json")
+    if args.reuse:
+        with open(saved) as f:
+            results = json.load(f)
+    else:
+        for model in ("iapl", "backbone"):
+            print(f"== training {model} for {args.iterations} iterations", flush=True)
+            results[model] = train(model, args, roots[model])
+            print(f"   {results[model]['seconds_per_iteration']:.2f} s/iteration", flush=True)
+        with open(saved, "w") as f:
+            json.dump(results, f)
     for model in ("iapl", "backbone"):
         print(f"== evaluating {model}", flush=True)
         results[model].update(evaluate(model, args, roots[model]))

@@ -261,6 +261,8 @@ def test_multi_gpu_training_ddp_gloo(tmp_path, run_bundle):
     assert_ok(result)
     assert checkpoint_files(bundle_root) == CKPT_FILES  # one set of files, saved by rank 0
     assert result.output.count("Train completed, saved final checkpoint") == 1, result.describe()
+    # TensorBoard writers only on rank 0: one event file for training, one for validation
+    assert len(list((bundle_root / "logs").glob("events.out.tfevents.*"))) == 2
     for name in sorted(CKPT_FILES):
         assert_loads_strict(model_state(bundle_root / "models" / name), TRAIN)
 
