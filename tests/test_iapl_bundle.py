@@ -165,6 +165,17 @@ def test_training_plain_run(synthetic_dataset, tmp_path, run_bundle):
     )
 
 
+def test_training_tracking_mlflow(synthetic_dataset, tmp_path, run_bundle):
+    """``--tracking mlflow`` (MONAI's experiment tracking) records the run under ``<bundle>/eval/mlruns``."""
+    pytest.importorskip("mlflow")
+    bundle_root = tmp_path / "bundle"
+    args = [*bundle_args("training", TRAIN), *FAST_TRAIN, *SYNTH_ORGANS, "--dataset_dir", synthetic_dataset]
+    result = run_bundle([*args, "--tracking", "mlflow", "--bundle_root", bundle_root], cwd=tmp_path)
+    assert_ok(result)
+    assert (bundle_root / "eval" / "mlruns.db").is_file() or (bundle_root / "eval" / "mlruns").is_dir()
+    assert list((bundle_root / "eval").glob("config_*.json")), "the executed config is saved for the run"
+
+
 def test_dataset_dir_without_validation_section(synthetic_dataset):
     train = load_msd_datalist(str(synthetic_dataset), "training")
     val = load_msd_datalist(str(synthetic_dataset), "validation")
