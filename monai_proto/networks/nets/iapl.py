@@ -80,8 +80,10 @@ class IAPLNet(nn.Module):
         backbone: ``"unet"`` (MONAI ``UNet``), ``"swinunetr"`` (MONAI ``SwinUNETR``) or a ``FeatureBackbone``.
         backbone_kwargs: arguments of the backbone (e.g. ``{"channels": [16, 32, 64, 128, 256]}`` or
             ``{"feature_size": 48}``).
-        decoder_stages: indices of the backbone decoder maps used by the k-means decoder, coarse to fine.
-            Defaults to the three coarsest maps (SwinUNETR: strides 16, 8, 4 as in the reference code).
+        decoder_stages: indices into ``[bottleneck, *decoder maps]`` (coarse to fine) of the maps the k-means
+            decoder runs on. Default: the maps at strides 16, 8 and 4, as in the reference code (SwinUNETR:
+            ``dec3, dec2, dec1``; UNet: bottom map and the first two decoder maps), or the coarsest available
+            maps at strides 4 to 16 for shallower backbones.
         num_queries: cluster centres of the k-means decoder (paper: 32).
         blocks_per_stage: k-means blocks per stage (paper: 2).
         query_dim: query dimension of the k-means decoder.
@@ -126,14 +128,20 @@ class IAPLNet(nn.Module):
         self.spatial_dims = spatial_dims
         self.out_channels = out_channels
         self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
-        num_maps = len(self.backbone.decoder_channels)
-        stages = tuple(range(min(3, num_maps - 1))) if decoder_stages is None else tuple(int(i) for i in decoder_stages)
+        map_channels = (self.backbone.bottleneck_channels, *self.backbone.decoder_channels)
+        map_strides = (self.backbone.bottleneck_stride, *self.backbone.decoder_strides)
+        num_maps = len(map_channels)
+        if decoder_stages is None:
+            candidates = [i for i, s in enumerate(map_strides) if 4 <= s <= 16]
+            stages = tuple(candidates[-3:]) if candidates else (0,)
+        else:
+            stages = tuple(int(i) for i in decoder_stages)
         if not stages or any(i < 0 or i >= num_maps for i in stages) or list(stages) != sorted(set(stages)):
             raise ValueError(f"decoder_stages must be increasing indices in [0, {num_maps}), but got {stages}.")
         self.decoder_stages = stages
         self.decoder = KMaXDecoder(
             spatial_dims,
-            [self.backbone.decoder_channels[i] for i in stages],
+            [map_channels[i] for i in stages],
             out_channels,
             num_queries=num_queries,
             blocks_per_stage=blocks_per_stage,
@@ -184,7 +192,8 @@ class IAPLNet(nn.Module):
             ``(B, out_channels, *S)`` logits in eval mode, :class:`IAPLOutput` in train mode.
         """
         features = self.backbone(x)
-        predictions = self.decoder([features.decoder[i] for i in self.decoder_stages])
+        maps = [features.bottleneck, *features.decoder]
+        predictions = self.decoder([maps[i] for i in self.decoder_stages])
         # IPP (paper eq. 4): confidence of the finest stage re-weights the bottleneck features
         confidence = predictions[-1].confidence
         weights = _area_downsample(confidence, features.bottleneck.shape[2:])
