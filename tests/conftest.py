@@ -44,7 +44,8 @@ class BundleResult:
         return self.stdout + "\n" + self.stderr
 
     def describe(self, tail: int = 6000) -> str:
-        return f"command: {' '.join(self.args)}\nexit code: {self.returncode}\n--- output (tail) ---\n{self.output[-tail:]}"
+        output = self.output[-tail:]
+        return f"command: {' '.join(self.args)}\nexit code: {self.returncode}\n--- output (tail) ---\n{output}"
 
 
 def run_bundle_command(args: Sequence[str], cwd: str | os.PathLike, timeout: float = 400) -> BundleResult:

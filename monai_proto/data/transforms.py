@@ -174,7 +174,9 @@ class CheckImageLabeld(MapTransform):
         allow_missing_keys: bool = True,
     ) -> None:
         super().__init__([image_key, label_key], allow_missing_keys)
-        if in_channels is not None and (isinstance(in_channels, bool) or int(in_channels) != in_channels or in_channels < 1):
+        if in_channels is not None and (
+            isinstance(in_channels, bool) or int(in_channels) != in_channels or in_channels < 1
+        ):
             raise ValueError(f"in_channels must be a positive integer or None, but got {in_channels!r}.")
         if affine_tolerance < 0:
             raise ValueError(f"affine_tolerance must be >= 0, but got {affine_tolerance}.")

@@ -64,7 +64,9 @@ class DynamicPrototypeHead(nn.Module):
             else:  # class k's layer reads class k's hidden maps only: batch the classes
                 hidden = x.reshape(batch * num_classes, in_c, -1)
                 x = torch.baddbmm(
-                    bias.reshape(batch * num_classes, out_c, 1), weight.reshape(batch * num_classes, out_c, in_c), hidden
+                    bias.reshape(batch * num_classes, out_c, 1),
+                    weight.reshape(batch * num_classes, out_c, in_c),
+                    hidden,
                 ).reshape(batch, num_classes * out_c, -1)
             if layer < len(self.layer_shapes) - 1:
                 x = torch.relu_(x)

@@ -18,7 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 
-__all__ = ["KMaXPrediction", "KMaXPredictor", "KMaXTransformerBlock", "KMaXDecoder", "semantic_confidence", "foreground_cluster_mask"]
+__all__ = [
+    "KMaXPrediction",
+    "KMaXPredictor",
+    "KMaXTransformerBlock",
+    "KMaXDecoder",
+    "semantic_confidence",
+    "foreground_cluster_mask",
+]
 
 
 class KMaXPrediction(NamedTuple):
