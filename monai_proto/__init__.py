@@ -10,7 +10,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import apps, data, handlers, losses, networks
+from . import apps, data, engines, handlers, inferers, losses, networks
+from .engines import *  # noqa: F401,F403
 from .handlers import *  # noqa: F401,F403
+from .inferers import *  # noqa: F401,F403
 from .losses import *  # noqa: F401,F403
 from .networks import *  # noqa: F401,F403

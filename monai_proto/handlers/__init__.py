@@ -1,1 +1,2 @@
 from .schedules import RampHandler, ramp_value
+from .prototype import PrototypeBankHandler

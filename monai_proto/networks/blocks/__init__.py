@@ -2,3 +2,4 @@ from .backbones import BackboneFeatures, FeatureBackbone, SwinUNETRFeatureBackbo
 from .dynamic_head import DynamicPrototypeHead
 from .kmax_decoder import KMaXDecoder, KMaXPrediction, KMaXPredictor, KMaXTransformerBlock, semantic_confidence
 from .prototype_bank import PrototypeBank
+from .prototype_interaction import PrototypeInteractionBlock

@@ -7,3 +7,4 @@ from .prototype import (
     sample_voxel_indices,
     sinkhorn_knopp,
 )
+from .peak import activation_strength, peak_average_pooling, peak_mask

@@ -1,0 +1,199 @@
+# Copyright (c) monai-proto developers. Licensed under the Apache License, Version 2.0.
+"""
+Support-conditioned sliding-window inference for few-shot segmentation.
+
+The support prototypes are computed once, from features of the whole support volume(s) extracted by
+sliding windows; the query volume is then segmented window by window with those prototypes fixed. As
+specified for IPLSL (Chen Jie, Du Xiuquan et al., Artificial Intelligence in Medicine 2025,
+doi 10.1016/j.artmed.2025.103183) and usable with any network following the interface of
+:class:`~monai_proto.networks.nets.panet.PrototypeFewShotNet` (``extract_features``,
+``prototypes_from_features``, ``segment``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.transforms import SpatialPad
+
+from monai_proto.networks.layers.prototype import average_prototypes
+
+__all__ = ["FixedPrototypeSegmenter", "SupportConditionedInferer"]
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The module behind ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
+    return network.module if hasattr(network, "module") and not hasattr(network, "segment") else network
+
+
+class FixedPrototypeSegmenter(nn.Module):
+    """
+    ``forward(query) -> logits`` with prototypes fixed: a plain network for ``SlidingWindowInferer``,
+    MONAI Label or export.
+
+    Args:
+        network: a few-shot network with ``segment(query, prototypes)``.
+        prototypes: ``(1, L, K, C)`` support prototypes (registered as a buffer).
+
+    Shapes: ``(B, in_channels, *S) -> (B, K, *S)``.
+    """
+
+    def __init__(self, network: nn.Module, prototypes: torch.Tensor) -> None:
+        super().__init__()
+        self.network = _unwrap(network)
+        self.register_buffer("prototypes", prototypes.detach())
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        return self.network.segment(query, self.prototypes.expand(query.shape[0], *self.prototypes.shape[1:]))
+
+
+class SupportConditionedInferer(Inferer):
+    """
+    Sliding-window inference conditioned on a support set, prototypes computed once.
+
+    1. For each support volume (k volumes for k-shot): optionally crop to the bounding box of its labelled
+       foreground plus ``support_margin`` voxels (the background prototype then describes the structure's
+       surroundings, as the training patches do, and memory stays bounded), extract the features of the
+       whole (cropped) volume by sliding windows (``network.extract_features``), and pool the prototypes
+       (``network.prototypes_from_features``).
+    2. Average the prototypes of the k shots.
+    3. Segment the query by sliding windows with :class:`FixedPrototypeSegmenter`.
+
+    The support comes either with each call (``support_image``/``support_label`` keyword arguments, as from
+    :class:`~monai_proto.engines.episodic.EpisodePrepareBatch`) or once at construction (``support``: an
+    iterable of preprocessed items ``{"image": (C, *S), "label": (1, *S)}``, e.g. a MONAI ``Dataset``); in the
+    latter case the prototypes are computed at the first call, with the network as it is then (weights
+    loaded), and cached until :meth:`reset`.
+
+    Args:
+        roi_size: window size of both passes.
+        sw_batch_size: windows per forward pass. Defaults to 1.
+        overlap: window overlap. Defaults to 0.25.
+        mode: window blending, ``"constant"`` or ``"gaussian"``. Defaults to ``"gaussian"``.
+        support_margin: margin (voxels) of the support crop around the foreground; None for no crop.
+            Defaults to 16.
+        support: fixed support set (see above). Defaults to None.
+        image_key / label_key: keys of the ``support`` items. Defaults to ``"image"``, ``"label"``.
+        sw_device / device: as in ``SlidingWindowInferer``. Defaults to None.
+
+    Raises:
+        ValueError: when ``support_margin`` is negative; at call time, when no support is given or a support
+            label has no foreground.
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int,
+        sw_batch_size: int = 1,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        support_margin: int | None = 16,
+        support: Iterable[Mapping[str, torch.Tensor]] | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if support_margin is not None and support_margin < 0:
+            raise ValueError(f"support_margin must be >= 0 or None, but got {support_margin}.")
+        self.roi_size = roi_size
+        self.support_margin = support_margin
+        self.support = support
+        self.image_key, self.label_key = image_key, label_key
+        self.window = SlidingWindowInferer(
+            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sw_device=sw_device,
+            device=device,
+        )  # fmt: skip
+        self._prototypes: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the cached prototypes of the fixed support set."""
+        self._prototypes = None
+
+    def _crop_support(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        foreground = torch.nonzero(label[0, 0] > 0)
+        if foreground.numel() == 0:
+            raise ValueError("the support label has no foreground voxel of the episode's class.")
+        if self.support_margin is None:
+            return image, label
+        low = (foreground.min(0).values - self.support_margin).clamp_min(0)
+        high = foreground.max(0).values + self.support_margin + 1
+        region = (slice(None), slice(None), *[slice(int(a), int(b)) for a, b in zip(low, high)])
+        return image[region], label[region]
+
+    @torch.no_grad()
+    def compute_prototypes(
+        self,
+        network: nn.Module,
+        support_image: torch.Tensor | Sequence[torch.Tensor],
+        support_label: torch.Tensor | Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """
+        Support prototypes ``(B, L, K, C)`` from whole support volumes, k-shot averaged.
+
+        Args:
+            network: the few-shot network (in ``eval()`` mode).
+            support_image: ``(B, C, *S)`` or a sequence of k volumes (each ``(B, C, *S_i)`` or ``(C, *S_i)``).
+            support_label: ``(B, 1, *S)`` binary / class-index labels, or a sequence of k.
+        """
+        net = _unwrap(network)
+        if isinstance(support_image, torch.Tensor):
+            support_image, support_label = [support_image], [support_label]  # type: ignore[list-item]
+        if len(support_image) != len(support_label) or not support_image:
+            raise ValueError(
+                "support images and labels must be non-empty and paired, got "
+                f"{len(support_image)} and {len(support_label)}."
+            )
+        shots = []
+        for image, label in zip(support_image, support_label):
+            image, label = torch.as_tensor(image), torch.as_tensor(label)
+            if image.ndim == net.spatial_dims + 1:
+                image, label = image[None], label[None]
+            image, label = self._crop_support(image, label.round().long())
+            pad = SpatialPad(self.window.roi_size)  # windows never exceed the volume
+            image, label = pad(image[0])[None], pad(label[0])[None]
+            features = self.window(image, net.extract_features)
+            shots.append(net.prototypes_from_features(features, label.to(features.device)))
+        return average_prototypes(torch.stack(shots), dim=0)
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        support_image: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        support_label: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        prototypes: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs: query volume(s) ``(B, C, *S)``.
+            network: the few-shot network.
+            support_image / support_label: the support of this call (see :meth:`compute_prototypes`).
+            prototypes: precomputed prototypes ``(1, L, K, C)``, instead of a support.
+
+        Returns:
+            logits ``(B, K, *S)``.
+        """
+        if prototypes is None and support_image is not None:
+            if support_label is None:
+                raise ValueError("support_image was given without support_label.")
+            prototypes = self.compute_prototypes(network, support_image, support_label)
+        if prototypes is None:
+            if self.support is None:
+                raise ValueError("no support: pass support_image/support_label, prototypes, or construct with support.")
+            if self._prototypes is None:
+                items = list(self.support)
+                self._prototypes = self.compute_prototypes(
+                    network, [i[self.image_key] for i in items], [i[self.label_key] for i in items]
+                )
+            prototypes = self._prototypes
+        if prototypes.shape[0] > 1:
+            prototypes = prototypes.mean(dim=0, keepdim=True)  # one support set for the whole query batch
+        segmenter = FixedPrototypeSegmenter(network, prototypes.to(inputs.device))
+        return self.window(inputs, segmenter, **kwargs)

@@ -1,0 +1,154 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Losses of IPLSL (Chen Jie, Du Xiuquan et al., Artificial Intelligence in Medicine 2025,
+doi 10.1016/j.artmed.2025.103183) and of its PANet-style baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["IPLSLLoss", "prototype_consistency_loss", "prototype_separation_loss"]
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == LossReduction.MEAN.value:
+        return values.mean()
+    if reduction == LossReduction.SUM.value:
+        return values.sum()
+    return values
+
+
+def prototype_consistency_loss(
+    support_prototypes: torch.Tensor, query_prototypes: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """
+    Intra-class consistency: ``1 - cos(p^s_k, p^q_k)`` between same-class support and query prototypes.
+
+    Args:
+        support_prototypes: ``(..., K, C)``.
+        query_prototypes: same shape.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per ``(..., K)`` values). Defaults to ``"mean"``.
+
+    Returns:
+        the reduced loss, in ``[0, 2]`` per pair.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    if support_prototypes.shape != query_prototypes.shape:
+        raise ValueError(
+            f"prototype shapes differ: {tuple(support_prototypes.shape)} and {tuple(query_prototypes.shape)}."
+        )
+    values = 1.0 - F.cosine_similarity(support_prototypes, query_prototypes, dim=-1, eps=1e-8)
+    return _reduce(values, reduction)
+
+
+def prototype_separation_loss(prototypes: torch.Tensor, margin: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """
+    Inter-class separation: ``max(0, cos(p_i, p_j) - margin)`` for every pair of different classes ``i < j``.
+
+    Args:
+        prototypes: ``(..., K, C)`` with ``K >= 2``.
+        margin: cosine similarity tolerated between classes, in ``[-1, 1]``. Defaults to 0.0 (orthogonal or
+            farther apart costs nothing).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per ``(..., pairs)`` values). Defaults to ``"mean"``.
+
+    Raises:
+        ValueError: when ``K < 2`` or ``margin`` is outside ``[-1, 1]``.
+    """
+    if prototypes.ndim < 2 or prototypes.shape[-2] < 2:
+        raise ValueError(f"prototypes must be (..., K, C) with K >= 2, but got {tuple(prototypes.shape)}.")
+    if not -1.0 <= margin <= 1.0:
+        raise ValueError(f"margin must be in [-1, 1], but got {margin}.")
+    normed = F.normalize(prototypes, dim=-1, eps=1e-8)
+    cosine = normed @ normed.transpose(-1, -2)  # (..., K, K)
+    i, j = torch.triu_indices(cosine.shape[-1], cosine.shape[-1], offset=1, device=cosine.device)
+    values = torch.relu(cosine[..., i, j] - margin)
+    return _reduce(values, reduction)
+
+
+class IPLSLLoss(_Loss):
+    """
+    Composite loss of an episode, for :class:`~monai_proto.networks.nets.iplsl.IPLSLNet` and (with the fields
+    it leaves None) :class:`~monai_proto.networks.nets.panet.PANetFewShot`.
+
+    ``L = DiceCE(final) + w_i * DiceCE(initial) + w_r * DiceCE(refined) + w_s * DiceCE(self-learning)
+    + w_c * consistency + w_m * separation + w_a * CE(alignment on the support)``, each term only when the
+    network output holds its inputs. The consistency term pulls the interacted support and query prototypes
+    of the same class together; the separation term pushes the prototypes of different classes apart (both
+    sets, every level) beyond ``margin``; the alignment term is PANet's reverse query -> support prediction.
+
+    Args:
+        initial_weight: weight of the initial prediction's DiceCE. Defaults to 0.5.
+        refined_weight: weight of the interacted prediction's DiceCE. Defaults to 0.5.
+        self_weight: weight of the self-learning prediction's DiceCE. Defaults to 0.5.
+        consistency_weight: weight of the prototype consistency loss. Defaults to 0.1.
+        separation_weight: weight of the prototype separation loss. Defaults to 0.1.
+        margin: separation margin (cosine). Defaults to 0.0.
+        align_weight: weight of the alignment loss (PANet uses 1.0). Defaults to 1.0.
+        reduction: ``"mean"`` or ``"sum"`` of the prototype terms. Defaults to ``"mean"``.
+
+    Call: ``loss(output, query_label)`` with ``output`` a ``FewShotOutput`` and ``query_label`` ``(B, 1, *S)``
+    class indices; the support label travels in ``output.support_label``. Returns a scalar.
+
+    Raises:
+        ValueError: for a negative weight or an unsupported ``reduction``.
+    """
+
+    def __init__(
+        self,
+        initial_weight: float = 0.5,
+        refined_weight: float = 0.5,
+        self_weight: float = 0.5,
+        consistency_weight: float = 0.1,
+        separation_weight: float = 0.1,
+        margin: float = 0.0,
+        align_weight: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        if self.reduction == LossReduction.NONE.value:
+            raise ValueError(f"reduction must be 'mean' or 'sum' for a composite loss, but got {reduction!r}.")
+        weights = {
+            "initial_weight": initial_weight,
+            "refined_weight": refined_weight,
+            "self_weight": self_weight,
+            "consistency_weight": consistency_weight,
+            "separation_weight": separation_weight,
+            "align_weight": align_weight,
+        }
+        for name, value in weights.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, but got {value}.")
+        self.weights = weights
+        self.margin = float(margin)
+        self.segmentation = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def components(self, output, query_label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every unweighted term that the output allows, by name (for logging)."""
+        terms: dict[str, torch.Tensor] = {"final": self.segmentation(output.logits, query_label)}
+        for name in ("initial", "refined", "self"):
+            logits = getattr(output, f"{name}_logits")
+            if logits is not None:
+                terms[name] = self.segmentation(logits, query_label)
+        if output.support_prototypes is not None and output.query_prototypes is not None:
+            terms["consistency"] = prototype_consistency_loss(
+                output.support_prototypes, output.query_prototypes, self.reduction
+            )
+            terms["separation"] = 0.5 * (
+                prototype_separation_loss(output.support_prototypes, self.margin, self.reduction)
+                + prototype_separation_loss(output.query_prototypes, self.margin, self.reduction)
+            )
+        if output.align_logits is not None and output.support_label is not None:
+            terms["align"] = F.cross_entropy(output.align_logits, output.support_label[:, 0].long())
+        return terms
+
+    def forward(self, output, query_label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        terms = self.components(output, query_label)
+        total = terms.pop("final")
+        for name, value in terms.items():
+            total = total + self.weights[f"{name}_weight"] * value
+        return total

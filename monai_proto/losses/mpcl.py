@@ -1,0 +1,254 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""MPCL losses: the supervised part with prototypical space optimisation (PSO) and the unsupervised part
+with dual-branch knowledge alignment (DKA) on top of the mean-teacher consistency."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
+
+from monai_proto.losses.prototype import (
+    PrototypeCompactnessLoss,
+    PrototypeDiversityLoss,
+    VoxelPrototypeContrastiveLoss,
+)
+from monai_proto.networks.layers.intensity import intensity_bin_assignment
+from monai_proto.networks.layers.prototype import flatten_voxels, masked_average_pooling, sample_voxel_indices
+
+__all__ = ["MPCLSupervisedLoss", "MPCLUnsupervisedLoss", "intensity_bin_prototypes"]
+
+
+def _logits(output: object) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
+
+
+def _check_weights(**weights: float) -> None:
+    for name, value in weights.items():
+        if value < 0:
+            raise ValueError(f"{name} must be non-negative, got {value}.")
+
+
+def intensity_bin_prototypes(
+    embeddings: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, num_classes: int, num_bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Differentiable per-batch prototypes of every (class, intensity bin): the masked average pooling of the
+    sampled voxel embeddings falling into each slot.
+
+    Args:
+        embeddings: ``(N, C)`` voxel embeddings.
+        labels: ``(N,)`` classes in ``[0, K)``.
+        bins: ``(N,)`` intensity bins in ``[0, M)``.
+        num_classes: ``K``.
+        num_bins: ``M``.
+
+    Returns:
+        ``(prototypes (K, M, C), filled (K, M) bool)``; an empty slot holds a zero vector.
+    """
+    slots = labels.long() * num_bins + bins.long()
+    weights = F.one_hot(slots, num_classes * num_bins).t().unsqueeze(0)  # (1, K*M, N)
+    pooled = masked_average_pooling(embeddings.t().unsqueeze(0), weights)  # (1, K*M, C)
+    filled = torch.bincount(slots, minlength=num_classes * num_bins) > 0
+    return pooled[0].view(num_classes, num_bins, -1), filled.view(num_classes, num_bins)
+
+
+class MPCLSupervisedLoss(_Loss):
+    """
+    Supervised loss of MPCL on labelled data: Dice + cross-entropy on the segmentation logits, plus the
+    prototypical space optimisation (PSO) on a class-balanced voxel sample of the prototype embeddings.
+
+    "Embracing Intra-Class Heterogeneity for Semi-Supervised Medical Image Segmentation: From Diversity to
+    Precision" (2026), defaults calibrated on MPER (ICASSP 2025). With ``y`` a voxel's class and ``m`` its
+    intensity bin inside that class (IHPG, per-class quantiles of the image intensity):
+
+    - contrastive: InfoNCE over all bank prototypes with ``p[y, m]`` (the intensity-matched prototype) as the
+      positive (:class:`~monai_proto.losses.prototype.VoxelPrototypeContrastiveLoss`);
+    - compactness: ``(1 - cos(e, p[y, m]))^2`` (:class:`~monai_proto.losses.prototype.PrototypeCompactnessLoss`);
+    - separation: the batch's class prototypes (mean of a class's bin prototypes) pushed apart across classes,
+      ``relu(cos - separation_margin)`` over pairs of classes present;
+    - diversity: the batch's bin prototypes of one class kept apart, ``relu(cos - diversity_margin)`` over
+      pairs of bins (:class:`~monai_proto.losses.prototype.PrototypeDiversityLoss`); the bank prototypes are
+      EMA buffers without gradient, so both terms act on the differentiable batch prototypes, which are the
+      very means the bank is updated with;
+    - prototype branch: cross-entropy of the prototype-branch logits against the labels.
+
+    Voxel terms use only classes whose bank prototypes are initialised (``output.prototypes_initialized``).
+    When the network output is a plain tensor (or every prototype weight is 0) the loss is Dice + CE alone.
+
+    Args:
+        contrastive_weight: weight of the contrastive term. Defaults to 0.02.
+        compactness_weight: weight of the compactness term. Defaults to 0.02.
+        separation_weight: weight of the separation term. Defaults to 0.02.
+        diversity_weight: weight of the diversity term. Defaults to 0.02.
+        prototype_ce_weight: weight of the prototype-branch cross-entropy. Defaults to 0.1.
+        temperature: InfoNCE temperature. Defaults to 0.1.
+        separation_margin: cosine below which class pairs are not penalised. Defaults to 0.0.
+        diversity_margin: cosine below which bin pairs are not penalised. Defaults to 0.5.
+        max_voxels: voxel sample size of the PSO terms. Defaults to 4096.
+        dice_ce_kwargs: arguments of :class:`monai.losses.DiceCELoss` (defaults: one-hot targets, softmax).
+
+    Raises:
+        ValueError: when a weight is negative or ``max_voxels < 1``.
+    """
+
+    def __init__(
+        self,
+        contrastive_weight: float = 0.02,
+        compactness_weight: float = 0.02,
+        separation_weight: float = 0.02,
+        diversity_weight: float = 0.02,
+        prototype_ce_weight: float = 0.1,
+        temperature: float = 0.1,
+        separation_margin: float = 0.0,
+        diversity_margin: float = 0.5,
+        max_voxels: int = 4096,
+        dice_ce_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(reduction=LossReduction.MEAN.value)
+        _check_weights(
+            contrastive_weight=contrastive_weight,
+            compactness_weight=compactness_weight,
+            separation_weight=separation_weight,
+            diversity_weight=diversity_weight,
+            prototype_ce_weight=prototype_ce_weight,
+        )
+        if max_voxels < 1:
+            raise ValueError(f"max_voxels must be at least 1, got {max_voxels}.")
+        self.weights = {
+            "contrastive": contrastive_weight,
+            "compactness": compactness_weight,
+            "separation": separation_weight,
+            "diversity": diversity_weight,
+            "prototype_ce": prototype_ce_weight,
+        }
+        self.max_voxels = max_voxels
+        self.dice_ce = DiceCELoss(**({"to_onehot_y": True, "softmax": True} | (dice_ce_kwargs or {})))
+        self.contrastive = VoxelPrototypeContrastiveLoss(temperature=temperature)
+        self.compactness = PrototypeCompactnessLoss()
+        self.separation = PrototypeDiversityLoss(margin=separation_margin)
+        self.diversity = PrototypeDiversityLoss(margin=diversity_margin)
+        #: detached values of the last call's terms, for logging only
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, output: object, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            output: an :class:`~monai_proto.networks.nets.mpcl.MPCLOutput` (or plain logits ``(B, K, *S)``).
+            target: labels ``(B, 1, *S)`` in ``[0, K)``.
+        """
+        logits = _logits(output)
+        segmentation = self.dice_ce(logits, target)
+        terms = {"segmentation": segmentation}
+        if not isinstance(output, torch.Tensor) and any(w > 0 for w in self.weights.values()):
+            terms.update(self._prototype_terms(output, target))
+        total = segmentation + sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return total
+
+    def _prototype_terms(self, output, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        prototypes = output.prototypes.detach()
+        num_classes, num_bins = prototypes.shape[:2]
+        labels = target.reshape(-1).long()
+        initialized = output.prototypes_initialized
+        usable = initialized[labels.clamp(0, num_classes - 1)] & (labels >= 0) & (labels < num_classes)
+        if not bool(usable.any()):
+            return {}
+        bins = intensity_bin_assignment(output.intensities.reshape(-1), labels, num_classes, num_bins)
+        sample_labels = torch.where(usable, labels, torch.full_like(labels, -1))
+        index = sample_voxel_indices(sample_labels, self.max_voxels, ignore_index=-1)
+        embeddings = flatten_voxels(output.embeddings)[index]
+        voxel_labels, voxel_bins = labels[index], bins[index]
+        batch_prototypes, filled = intensity_bin_prototypes(embeddings, voxel_labels, voxel_bins, num_classes, num_bins)
+        present = filled.any(dim=1)
+        class_prototypes = batch_prototypes.sum(dim=1) / filled.sum(dim=1, keepdim=True).clamp_min(1)
+        all_bins = filled.all(dim=1)
+        zero = embeddings.sum() * 0.0
+        return {
+            "contrastive": self.contrastive(embeddings, prototypes, voxel_labels, voxel_bins),
+            "compactness": self.compactness(embeddings, prototypes, voxel_labels, voxel_bins),
+            "separation": self.separation(class_prototypes[present].unsqueeze(0)) if present.sum() > 1 else zero,
+            "diversity": self.diversity(batch_prototypes[all_bins]) if all_bins.any() else zero,
+            "prototype_ce": F.cross_entropy(output.prototype_logits, target[:, 0].long(), reduction="none")
+            .flatten()[usable]
+            .mean(),
+        }
+
+
+class MPCLUnsupervisedLoss(_Loss):
+    """
+    Unsupervised loss of MPCL on unlabelled data, weighted by a ramped ``weight`` (see :meth:`set_weight`):
+
+    ``weight * (consistency_weight * MSE(softmax(student seg), softmax(teacher seg)) + dka_weight * DKA)``.
+
+    The first term is the mean-teacher consistency (Tarvainen & Valpola, NeurIPS 2017). DKA, the dual-branch
+    knowledge alignment of "Embracing Intra-Class Heterogeneity for Semi-Supervised Medical Image
+    Segmentation" (2026), is cross-branch: the teacher's segmentation branch supervises the student's
+    prototype branch and the teacher's prototype branch supervises the student's segmentation branch, each by
+    cross-entropy with the teacher's argmax, weighted per voxel by the teacher's confidence ``c`` where
+    ``c >= confidence_threshold`` (0 elsewhere), averaged over voxels and over the two directions. With
+    ``dka_weight=0`` this is the plain mean-teacher loss, the baseline of MPCL.
+
+    Args:
+        consistency_weight: weight of the mean-teacher consistency. Defaults to 1.0.
+        dka_weight: weight of DKA. Defaults to 1.0.
+        confidence_threshold: teacher confidence below which a voxel is ignored by DKA. Defaults to 0.9.
+        weight: initial overall weight, ramped during training by ``RampHandler(setter="set_weight")``.
+            Defaults to 1.0.
+
+    Raises:
+        ValueError: when a weight is negative or ``confidence_threshold`` is outside ``[0, 1]``.
+    """
+
+    def __init__(
+        self,
+        consistency_weight: float = 1.0,
+        dka_weight: float = 1.0,
+        confidence_threshold: float = 0.9,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__(reduction=LossReduction.MEAN.value)
+        _check_weights(consistency_weight=consistency_weight, dka_weight=dka_weight, weight=weight)
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+        self.consistency_weight = consistency_weight
+        self.dka_weight = dka_weight
+        self.confidence_threshold = confidence_threshold
+        self.weight = weight
+        self.last_terms: dict[str, float] = {}
+
+    def set_weight(self, value: float) -> None:
+        """Set the overall weight (the ramp-up target of :class:`~monai_proto.handlers.schedules.RampHandler`)."""
+        self.weight = float(value)
+
+    def _aligned(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, usable: torch.Tensor | None):
+        confidence, pseudo = torch.softmax(teacher_logits.detach().float(), dim=1).max(dim=1)
+        weights = confidence * (confidence >= self.confidence_threshold)
+        if usable is not None:
+            weights = weights * usable[pseudo]
+        return (F.cross_entropy(student_logits, pseudo, reduction="none") * weights).mean()
+
+    def forward(self, student_output: object, teacher_output: object) -> torch.Tensor:
+        """
+        Args:
+            student_output: the student's :class:`~monai_proto.networks.nets.mpcl.MPCLOutput` (or logits).
+            teacher_output: the teacher's output on the same unlabelled images, computed without gradient.
+        """
+        student_logits, teacher_logits = _logits(student_output), _logits(teacher_output).detach()
+        consistency = F.mse_loss(torch.softmax(student_logits, dim=1), torch.softmax(teacher_logits, dim=1))
+        terms = {"consistency": consistency}
+        total = self.consistency_weight * consistency
+        structured = not isinstance(student_output, torch.Tensor) and not isinstance(teacher_output, torch.Tensor)
+        if self.dka_weight > 0 and structured:
+            usable = teacher_output.prototypes_initialized.to(student_logits.dtype)  # type: ignore[attr-defined]
+            if bool(usable.any()):
+                dka = 0.5 * (
+                    self._aligned(student_output.prototype_logits, teacher_logits, usable)  # type: ignore[attr-defined]
+                    + self._aligned(student_logits, teacher_output.prototype_logits, usable)  # type: ignore[attr-defined]
+                )
+                terms["dka"] = dka
+                total = total + self.dka_weight * dka
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return self.weight * total

@@ -1,0 +1,123 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Peak-prototype pooling: the average of the most strongly activated voxels inside a mask.
+
+Generic and spatial-dimension agnostic, so any prototype method can use it; IPLSL (Chen, Du et al.,
+"Interactive prototype learning and self-learning for few-shot medical image segmentation", Artificial
+Intelligence in Medicine 2025, doi 10.1016/j.artmed.2025.103183) uses it for its high-level "peak
+prototypes": the mean of the top fraction of a class's voxels ranked by activation strength.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .prototype import masked_average_pooling
+
+__all__ = ["activation_strength", "peak_average_pooling", "peak_mask"]
+
+
+def activation_strength(features: torch.Tensor) -> torch.Tensor:
+    """
+    Default activation strength of every voxel: the L2 norm of its feature vector.
+
+    Args:
+        features: feature maps ``(B, C, *S)``.
+
+    Returns:
+        strength maps ``(B, 1, *S)``.
+    """
+    return torch.linalg.vector_norm(features, dim=1, keepdim=True)
+
+
+def peak_mask(
+    weights: torch.Tensor, strength: torch.Tensor, fraction: float = 0.1, min_voxels: int = 1
+) -> torch.Tensor:
+    """
+    Binary mask of the peak voxels of every weight channel: among the voxels with ``weights > 0``,
+    the ``ceil(fraction * n)`` ones (at least ``min_voxels``, at most ``n``) of highest ``strength``.
+
+    Ties at the selection threshold are all kept, so a channel may select slightly more voxels than
+    ``ceil(fraction * n)`` when strengths repeat.
+
+    Args:
+        weights: hard or soft masks ``(B, K, *S)``; a voxel belongs to channel ``k`` when its weight is positive.
+        strength: activation strength ``(B, 1, *S)`` (shared by the channels) or ``(B, K, *S)``.
+        fraction: kept fraction of each channel's voxels, in ``(0, 1]``. Defaults to 0.1.
+        min_voxels: smallest number of kept voxels of a non-empty channel (>= 1). Defaults to 1.
+
+    Returns:
+        a ``(B, K, *S)`` mask of the weights' dtype (0 or 1); empty channels stay empty.
+
+    Raises:
+        ValueError: when ``fraction`` is not in ``(0, 1]``, ``min_voxels < 1`` or the shapes do not match.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], but got {fraction}.")
+    if min_voxels < 1:
+        raise ValueError(f"min_voxels must be at least 1, but got {min_voxels}.")
+    if weights.ndim < 3 or strength.ndim != weights.ndim:
+        raise ValueError(
+            f"weights and strength must be (B, K, *S) and (B, 1 or K, *S), got {tuple(weights.shape)} "
+            f"and {tuple(strength.shape)}."
+        )
+    if strength.shape[0] != weights.shape[0] or strength.shape[2:] != weights.shape[2:]:
+        raise ValueError(
+            f"weights {tuple(weights.shape)} and strength {tuple(strength.shape)} differ in batch or spatial shape."
+        )
+    if strength.shape[1] not in (1, weights.shape[1]):
+        raise ValueError(f"strength must have 1 or {weights.shape[1]} channels, but got {strength.shape[1]}.")
+    inside = weights.flatten(2) > 0  # (B, K, N)
+    flat_strength = strength.flatten(2).to(torch.float32).expand_as(inside)
+    ranked = torch.where(inside, flat_strength, torch.full_like(flat_strength, -math.inf))
+    counts = inside.sum(dim=2)  # (B, K)
+    keep = torch.clamp(torch.ceil(counts.to(torch.float64) * fraction).long(), min=min_voxels)
+    keep = torch.minimum(keep, counts).clamp_min(1)  # index of the threshold must exist
+    sorted_strength = torch.sort(ranked, dim=2, descending=True).values
+    threshold = sorted_strength.gather(2, (keep - 1).unsqueeze(-1))  # (B, K, 1)
+    selected = inside & (ranked >= threshold)
+    return selected.reshape(weights.shape).to(weights.dtype)
+
+
+def peak_average_pooling(
+    features: torch.Tensor,
+    weights: torch.Tensor,
+    fraction: float = 0.1,
+    strength: torch.Tensor | None = None,
+    min_voxels: int = 1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """
+    Peak prototypes: masked average pooling restricted to the most strongly activated voxels of each mask.
+
+    For every sample ``b`` and mask channel ``k``, the voxels with ``weights[b, k] > 0`` are ranked by
+    ``strength`` (default: the feature L2 norm, :func:`activation_strength`), the top ``fraction`` are kept
+    (:func:`peak_mask`) and their features are averaged with the original weights
+    (:func:`~monai_proto.networks.layers.prototype.masked_average_pooling`). With ``fraction=1`` this is plain
+    masked average pooling. An empty channel gives a zero vector. The selection is not differentiable, the
+    average is.
+
+    Args:
+        features: feature maps ``(B, C, *S)``.
+        weights: hard or soft masks ``(B, K, *S)`` at the feature resolution.
+        fraction: kept fraction of each channel's voxels, in ``(0, 1]``. Defaults to 0.1 (IPLSL).
+        strength: activation strength ``(B, 1, *S)`` or ``(B, K, *S)``; the feature norm when None.
+        min_voxels: smallest number of kept voxels of a non-empty channel. Defaults to 1.
+        eps: added to the weight sum, as in masked average pooling. Defaults to 1e-5.
+
+    Returns:
+        peak prototypes ``(B, K, C)``.
+
+    Raises:
+        ValueError: for an invalid ``fraction`` or ``min_voxels`` or mismatching shapes.
+    """
+    if features.ndim < 3 or weights.ndim != features.ndim:
+        raise ValueError(
+            f"features and weights must be (B, C, *S) and (B, K, *S), got {tuple(features.shape)} "
+            f"and {tuple(weights.shape)}."
+        )
+    if strength is None:
+        strength = activation_strength(features.detach())
+    selection = peak_mask(weights, strength.detach(), fraction=fraction, min_voxels=min_voxels)
+    return masked_average_pooling(features, weights * selection, eps=eps)

@@ -1,0 +1,205 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""MPCL: multiple prototype contrastive learning for semi-supervised segmentation (network part)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Conv
+
+from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
+from monai_proto.networks.blocks.prototype_bank import PrototypeBank
+from monai_proto.networks.layers.intensity import intensity_bin_assignment
+from monai_proto.networks.layers.prototype import flatten_voxels, multi_prototype_logits
+
+__all__ = ["MPCLOutput", "MPCLNet"]
+
+
+class MPCLOutput(NamedTuple):
+    """Training-path output of :class:`MPCLNet`.
+
+    Attributes:
+        logits: ``(B, out_channels, *S)`` segmentation-branch logits (softmax over channels).
+        embeddings: ``(B, embedding_dim, *S)`` L2-normalised prototype-branch voxel embeddings.
+        prototype_logits: ``(B, out_channels, *S)`` prototype-branch class logits
+            ``max_m cos(E, p_km) / tau`` against the prototype bank (softmax over channels).
+        prototypes: ``(out_channels, num_prototypes, embedding_dim)`` the bank's prototypes (a buffer: no grad).
+        prototypes_initialized: ``(out_channels,)`` bool, which classes of the bank hold real prototypes yet.
+        intensities: ``(B, 1, *S)`` the first input channel, which IHPG bins by; carried with the embeddings
+            so that the losses keep MONAI's ``loss(output, target)`` form.
+    """
+
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+    prototype_logits: torch.Tensor
+    prototypes: torch.Tensor
+    prototypes_initialized: torch.Tensor
+    intensities: torch.Tensor
+
+
+class MPCLNet(nn.Module):
+    """Two-branch network of MPCL: a segmentation head and a prototype head on one encoder-decoder.
+
+    "Embracing Intra-Class Heterogeneity for Semi-Supervised Medical Image Segmentation: From Diversity to
+    Precision" (2026); defaults calibrated on MPER (ICASSP 2025). The shared backbone (any
+    :class:`~monai_proto.networks.blocks.backbones.FeatureBackbone`) gives the full-resolution decoder map;
+    a 1x1 convolution predicts segmentation logits from it and a small projection (conv-norm-act, 1x1 conv)
+    predicts L2-normalised voxel embeddings. A :class:`~monai_proto.networks.blocks.prototype_bank.PrototypeBank`
+    holds ``num_prototypes`` intensity-aligned prototypes per class (IHPG): prototype ``m`` of class ``k`` is
+    the EMA of the embeddings of the ``m``-th intensity bin of class ``k`` (see :meth:`update_prototypes`).
+
+    In ``eval()`` mode :meth:`forward` returns the segmentation logits ``(B, out_channels, *S)`` only, so
+    sliding-window inference, TorchScript tracing and ONNX export work as for any MONAI network; no label or
+    prototype enters that path. In ``train()`` mode it returns an :class:`MPCLOutput`.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 2 or 3.
+        in_channels: number of input channels (IHPG bins by the first one).
+        out_channels: number of classes ``K``, background included.
+        backbone: ``"unet"``, ``"swinunetr"`` or a ``FeatureBackbone`` instance. Defaults to ``"unet"``.
+        backbone_kwargs: further arguments of the backbone (e.g. ``feature_channels``, ``channels``).
+        embedding_dim: channels of the voxel embeddings ``C_e``. Defaults to 32.
+        num_prototypes: prototypes (intensity bins) per class ``M``. Defaults to 3.
+        prototype_momentum: EMA momentum of the bank. Defaults to 0.999.
+        tau: temperature of the prototype-branch logits. Defaults to 0.1.
+
+    Raises:
+        ValueError: when an argument is out of range (``out_channels < 2``, ``embedding_dim < 1``,
+            ``num_prototypes < 1``, ``tau <= 0``).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        backbone: str | FeatureBackbone = "unet",
+        backbone_kwargs: dict | None = None,
+        embedding_dim: int = 32,
+        num_prototypes: int = 3,
+        prototype_momentum: float = 0.999,
+        tau: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if out_channels < 2:
+            raise ValueError(f"out_channels must be at least 2 (background + one class), got {out_channels}.")
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim}.")
+        if num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be at least 1, got {num_prototypes}.")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.embedding_dim = embedding_dim
+        self.num_prototypes = num_prototypes
+        self.tau = tau
+        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        features = self.backbone.decoder_channels[-1]
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.segmentation_head = conv(features, out_channels, kernel_size=1)
+        self.prototype_head = nn.Sequential(
+            Convolution(spatial_dims, features, features, kernel_size=3, norm="instance", act="prelu"),
+            conv(features, embedding_dim, kernel_size=1),
+        )
+        self.bank = PrototypeBank(
+            out_channels, num_prototypes, embedding_dim, momentum=prototype_momentum, use_sinkhorn=False
+        )
+
+    def prototype_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Prototype-branch class logits ``(B, K, *S)`` of embeddings ``(B, C_e, *S)``: ``max_m cos / tau``."""
+        return multi_prototype_logits(embeddings, self.bank.prototypes, tau=self.tau, reduction="max")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | MPCLOutput:
+        """
+        Args:
+            x: images ``(B, in_channels, *S)``, ``S`` divisible by the backbone's ``size_divisible``.
+
+        Returns:
+            ``(B, out_channels, *S)`` segmentation logits in eval mode, an :class:`MPCLOutput` in train mode.
+        """
+        decoded = self.backbone(x).decoder[-1]
+        logits = self.segmentation_head(decoded)
+        if not self.training:
+            return logits
+        embeddings = F.normalize(self.prototype_head(decoded), dim=1)
+        return MPCLOutput(
+            logits=logits,
+            embeddings=embeddings,
+            prototype_logits=self.prototype_logits(embeddings),
+            prototypes=self.bank.prototypes,
+            prototypes_initialized=self.bank.initialized,
+            intensities=x[:, :1],
+        )
+
+    def _voxels(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, intensities: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # plain tensors: a MetaTensor operand would turn the bank's buffers into MetaTensors, which
+        # checkpoints then cannot load with torch.load(weights_only=True)
+        embeddings, labels, intensities = (
+            t.detach().as_subclass(torch.Tensor) for t in (embeddings, labels, intensities)
+        )
+        flat_embeddings = flatten_voxels(embeddings)
+        flat_labels = labels.reshape(-1).long()
+        flat_intensities = intensities.reshape(-1)
+        if not flat_embeddings.shape[0] == flat_labels.shape[0] == flat_intensities.shape[0]:
+            raise ValueError(
+                f"embeddings {tuple(embeddings.shape)}, labels {tuple(labels.shape)} and intensities "
+                f"{tuple(intensities.shape)} must have the same batch and spatial shape."
+            )
+        return flat_embeddings, flat_labels, flat_intensities
+
+    @torch.no_grad()
+    def initialize_prototypes(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        intensities: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """
+        k-means initialisation of the bank on labelled voxel features (IHPG), with the ``M`` centres of every
+        class then ordered by the mean intensity of their voxels, so that prototype ``m`` matches intensity
+        bin ``m`` from the start. Classes absent from ``labels`` are left unchanged.
+
+        Args:
+            embeddings: ``(B, C_e, *S)`` voxel embeddings.
+            labels: ``(B, 1, *S)`` or ``(B, *S)`` class labels in ``[0, K)``; other values are ignored.
+            intensities: ``(B, 1, *S)`` image intensities.
+            generator: optional random generator of the k-means seeds.
+        """
+        flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
+        self.bank.initialize_kmeans(flat_embeddings, flat_labels, generator=generator)
+        normalized = F.normalize(flat_embeddings.to(self.bank.prototypes.dtype), dim=-1)
+        valid = (flat_labels >= 0) & (flat_labels < self.out_channels)
+        for k in torch.unique(flat_labels[valid]).tolist():
+            mask = flat_labels == k
+            nearest = (normalized[mask] @ self.bank.prototypes[k].t()).argmax(dim=1)
+            counts = torch.bincount(nearest, minlength=self.num_prototypes)
+            sums = torch.zeros(self.num_prototypes, dtype=torch.float32, device=nearest.device)
+            sums.index_add_(0, nearest, flat_intensities[mask].float())
+            mean_intensity = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("inf")))
+            self.bank.prototypes[k] = self.bank.prototypes[k][torch.argsort(mean_intensity, stable=True)]
+
+    @torch.no_grad()
+    def update_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor, intensities: torch.Tensor) -> None:
+        """
+        IHPG update: the voxels of each class are split into ``M`` intensity bins by per-class quantiles
+        (:func:`~monai_proto.networks.layers.intensity.intensity_bin_assignment`) and the mean embedding of bin
+        ``m`` updates prototype ``m`` of the class by EMA (:meth:`PrototypeBank.update`). No gradient.
+
+        Args:
+            embeddings: ``(B, C_e, *S)`` voxel embeddings.
+            labels: ``(B, 1, *S)`` or ``(B, *S)`` labels or confident pseudo-labels; values outside ``[0, K)``
+                (e.g. ``-1`` for unconfident voxels) are ignored.
+            intensities: ``(B, 1, *S)`` image intensities.
+        """
+        flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
+        bins = intensity_bin_assignment(flat_intensities, flat_labels, self.out_channels, self.num_prototypes)
+        self.bank.update(flat_embeddings, flat_labels, bins)

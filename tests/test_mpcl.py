@@ -1,0 +1,280 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Unit tests of MPCL: IHPG binning and prototype assignment, the network, losses, EMA teacher, ramp-up,
+labelled/unlabelled splits (no hidden label leaks) and the prototype-collapse guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_msd_dataset
+from ignite.engine import Events
+from torch.utils.data import DataLoader
+
+from monai_proto.data.semisupervised import LabelSlabCropd, load_semisupervised_datalists, split_labeled_unlabeled
+from monai_proto.engines.mean_teacher import MeanTeacherTrainer, ema_update
+from monai_proto.handlers.prototype import PrototypeBankHandler
+from monai_proto.handlers.schedules import RampHandler, ramp_value
+from monai_proto.losses.mpcl import MPCLSupervisedLoss, MPCLUnsupervisedLoss
+from monai_proto.networks.layers.intensity import intensity_bin_assignment
+from monai_proto.networks.nets.mpcl import MPCLNet, MPCLOutput
+
+TINY_BACKBONE = {"feature_channels": 8, "channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
+
+
+def tiny_net(spatial_dims: int = 2, out_channels: int = 3, **kwargs) -> MPCLNet:
+    return MPCLNet(spatial_dims, 1, out_channels, backbone_kwargs=TINY_BACKBONE, embedding_dim=8, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ IHPG
+def test_intensity_bins_hand_made():
+    intensities = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 100, 200, 300, 5.0])
+    labels = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 7])
+    bins = intensity_bin_assignment(intensities, labels, num_classes=3, num_bins=3)
+    # per-class quantiles: class 1 in thirds, class 2 one voxel per bin, label 7 out of range
+    assert bins.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 0, 1, 2, -1]
+    # bins follow intensity order, not position
+    perm = torch.randperm(intensities.numel())
+    assert torch.equal(intensity_bin_assignment(intensities[perm], labels[perm], 3, 3), bins[perm])
+    assert intensity_bin_assignment(intensities, labels, 3, 1).tolist() == [0] * 12 + [-1]
+    for bad in ({"num_classes": 0, "num_bins": 3}, {"num_classes": 3, "num_bins": 0}):
+        with pytest.raises(ValueError):
+            intensity_bin_assignment(intensities, labels, **bad)
+    with pytest.raises(ValueError, match="equal length"):
+        intensity_bin_assignment(intensities, labels[:-1], 3, 3)
+
+
+def _three_mode_case(spatial: tuple[int, ...] = (12, 12)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class 1 has three intensity modes (0.2 / 0.5 / 0.8), each with its own embedding direction."""
+    labels = torch.zeros(1, 1, *spatial, dtype=torch.long)
+    intensities = torch.zeros(1, 1, *spatial)
+    embeddings = torch.zeros(1, 4, *spatial)
+    embeddings[:, 3] = 1.0  # background direction
+    third = spatial[0] // 3
+    for m, value in enumerate((0.2, 0.5, 0.8)):
+        rows = slice(m * third, (m + 1) * third)
+        labels[:, :, rows, : spatial[1] // 2] = 1
+        intensities[:, :, rows, : spatial[1] // 2] = value
+        embeddings[:, :, rows, : spatial[1] // 2] = 0.0
+        embeddings[:, m, rows, : spatial[1] // 2] = 1.0
+    return embeddings, labels, intensities
+
+
+def test_prototype_assignment_follows_intensity():
+    net = MPCLNet(2, 1, 2, backbone_kwargs=TINY_BACKBONE, embedding_dim=4, num_prototypes=3, prototype_momentum=0.5)
+    embeddings, labels, intensities = _three_mode_case()
+    net.initialize_prototypes(embeddings, labels, intensities, generator=torch.Generator().manual_seed(0))
+    # k-means finds the three modes; their order follows the mean intensity: prototype m <-> bin m
+    assert torch.allclose(net.bank.prototypes[1], torch.eye(4)[:3], atol=1e-5)
+    # EMA updates keep prototype m on the embeddings of bin m, even from a permuted bank
+    net.bank.prototypes[1] = net.bank.prototypes[1][[2, 0, 1]]
+    for _ in range(8):
+        net.update_prototypes(embeddings, labels, intensities)
+    assert torch.allclose(net.bank.prototypes[1], torch.eye(4)[:3], atol=1e-2)
+    assert net.bank.diversity()[1] < 0.01
+    # the prototype branch predicts class 1 on the class voxels
+    logits = net.prototype_logits(F.normalize(embeddings, dim=1))
+    assert torch.equal(logits.argmax(1, keepdim=True), labels)
+
+
+# --------------------------------------------------------------------------------------------- network
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 16, 16)), (3, (1, 1, 16, 16, 16))])
+def test_network_shapes(spatial_dims, shape):
+    net = tiny_net(spatial_dims, out_channels=4)
+    out = net(torch.rand(shape))
+    assert isinstance(out, MPCLOutput)
+    assert out.logits.shape == out.prototype_logits.shape == (shape[0], 4, *shape[2:])
+    assert out.embeddings.shape == (shape[0], 8, *shape[2:])
+    assert torch.allclose(out.embeddings.norm(dim=1), torch.ones(1))
+    assert out.prototypes.shape == (4, 3, 8) and not out.prototypes.requires_grad
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.rand(shape))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (shape[0], 4, *shape[2:])
+    traced = torch.jit.trace(net, torch.rand(shape))
+    assert torch.allclose(traced(torch.ones(shape)), net(torch.ones(shape)), atol=1e-5)
+    assert set(net.state_dict()) >= {"bank.prototypes", "bank.initialized"}
+
+
+@pytest.mark.parametrize("kwargs", [{"out_channels": 1}, {"embedding_dim": 0}, {"num_prototypes": 0}, {"tau": 0.0}])
+def test_network_rejects_bad_arguments(kwargs):
+    args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3} | kwargs
+    with pytest.raises(ValueError, match=str(list(kwargs.values())[0])):
+        MPCLNet(**args)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_losses_switch_off_to_baselines():
+    torch.manual_seed(0)
+    net = tiny_net()
+    x, y = torch.rand(2, 1, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
+    out = net(x)
+    net.initialize_prototypes(out.embeddings, y, out.intensities)
+    out = net(x)
+    full = MPCLSupervisedLoss()(out, y)
+    plain = MPCLSupervisedLoss(0, 0, 0, 0, 0)(out, y)
+    assert torch.isclose(plain, MPCLSupervisedLoss()(out.logits, y))  # tensor output: Dice + CE only
+    assert full > plain
+    loss = MPCLSupervisedLoss()
+    loss(out, y).backward()
+    assert set(loss.last_terms) == {
+        "segmentation",
+        "contrastive",
+        "compactness",
+        "separation",
+        "diversity",
+        "prototype_ce",
+    }
+    assert net.prototype_head[1].weight.grad is not None
+    teacher = net(x + 0.01)
+    mean_teacher = MPCLUnsupervisedLoss(dka_weight=0.0)
+    mpcl = MPCLUnsupervisedLoss(confidence_threshold=0.0)
+    expected = F.mse_loss(out.logits.softmax(1), teacher.logits.softmax(1))
+    assert torch.isclose(mean_teacher(out, teacher), expected)
+    assert mpcl(out, teacher) > mean_teacher(out, teacher) and "dka" in mpcl.last_terms
+    mpcl.set_weight(0.0)
+    assert mpcl(out, teacher) == 0
+    with pytest.raises(ValueError, match="-1"):
+        MPCLSupervisedLoss(contrastive_weight=-1)
+    with pytest.raises(ValueError, match="1.5"):
+        MPCLUnsupervisedLoss(confidence_threshold=1.5)
+
+
+# ------------------------------------------------------------------------------------ EMA and ramp-up
+def test_ema_update():
+    student, teacher = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        student.weight.fill_(2.0)
+        teacher.weight.fill_(1.0)
+        student.running_mean.fill_(5.0)
+    ema_update(teacher, student, 0.9)
+    assert torch.allclose(teacher.weight, torch.full((3,), 1.1))
+    assert torch.equal(teacher.running_mean, student.running_mean)  # buffers are copied
+    with pytest.raises(ValueError, match="1.5"):
+        ema_update(teacher, student, 1.5)
+
+
+def _trainer(net, unsup=None, handlers=(), iterations=3, ema_decay=0.99, images=None):
+    torch.manual_seed(0)
+    images = torch.rand(2, 1, 16, 16) if images is None else images
+    labels = (images * 3).long().clamp(0, 2)
+    labeled = [{"image": images[i], "label": labels[i]} for i in range(images.shape[0])]
+    unlabeled = [{"image": torch.rand(1, *images.shape[2:])} for _ in range(3)]
+    return MeanTeacherTrainer(
+        "cpu",
+        max_epochs=iterations,
+        train_data_loader=DataLoader(labeled, batch_size=2),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-2),
+        loss_function=MPCLSupervisedLoss(),
+        unlabeled_data_loader=DataLoader(unlabeled, batch_size=2),
+        unsupervised_loss_function=unsup,
+        ema_decay=ema_decay,
+        train_handlers=list(handlers),
+    )
+
+
+def test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps():
+    net = tiny_net()
+    unsup = MPCLUnsupervisedLoss(weight=0.0)
+    ramp = RampHandler("set_weight", 0.0, 0.1, 4, "sigmoid", per_iteration=True, network=unsup, name="w")
+    trainer = _trainer(net, unsup, [ramp, PrototypeBankHandler()], iterations=3, ema_decay=0.5)
+    teacher = trainer.teacher_network
+    assert teacher is not net and not any(p.requires_grad for p in teacher.parameters())
+    before = {k: v.clone() for k, v in teacher.named_parameters()}
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.metrics["w"]))
+    trainer.run()
+    # per-iteration sigmoid ramp exp(-5 (1 - t)^2) * 0.1
+    assert seen == pytest.approx([0.1 * math.exp(-5 * (1 - t / 4) ** 2) for t in range(3)])
+    assert seen == pytest.approx([ramp_value(t, 4, 0.0, 0.1, "sigmoid") for t in range(3)])
+    name = "segmentation_head.weight"
+    assert not torch.equal(before[name], dict(teacher.named_parameters())[name])
+    assert not torch.equal(dict(net.named_parameters())[name], dict(teacher.named_parameters())[name])
+    assert {"unlabeled_pred", "teacher_pred", "loss_terms"} <= set(trainer.state.output)
+    # one manual EMA step reproduces the rule t <- d t + (1 - d) s
+    t0, s0 = dict(teacher.named_parameters())[name].clone(), dict(net.named_parameters())[name].clone()
+    ema_update(teacher, net, 0.5)
+    assert torch.allclose(dict(teacher.named_parameters())[name], 0.5 * t0 + 0.5 * s0)
+
+
+def test_supervised_only_mode_skips_unlabeled_loader():
+    trainer = _trainer(tiny_net(), unsup=None, iterations=1)
+    trainer.unlabeled_data_loader = None  # never read
+    trainer.run()
+    assert "unlabeled_pred" not in trainer.state.output
+    with pytest.raises(ValueError, match="unlabeled_data_loader"):
+        MeanTeacherTrainer("cpu", 1, [], tiny_net(), None, None, unsupervised_loss_function=MPCLUnsupervisedLoss())
+
+
+# ---------------------------------------------------------------------------- prototype-collapse guard
+def test_prototype_diversity_stays_below_bound():
+    """A class made of three intensity modes with different textures needs several prototypes; after
+    training, the logged mean pairwise cosine of its prototypes stays below the bound."""
+    torch.manual_seed(0)
+    images = torch.zeros(2, 1, 24, 24)
+    images[:, :, 2:22, 2:8] = 0.2
+    images[:, :, 2:22, 9:15] = 0.5
+    images[:, :, 2:22, 16:22] = 0.9
+    images[:, :, :, ::2] *= 0.7  # a texture on top of the intensity
+    net = tiny_net(out_channels=2, prototype_momentum=0.5)
+    labels_fn = MPCLSupervisedLoss(diversity_weight=1.0)
+    trainer = _trainer(net, MPCLUnsupervisedLoss(), [PrototypeBankHandler()], iterations=20, images=images)
+    trainer.loss_function = labels_fn
+    labeled = [{"image": images[i], "label": (images[i] > 0).long()} for i in range(2)]
+    trainer.set_data(DataLoader(labeled, batch_size=2))
+    trainer.run()
+    diversity = trainer.state.metrics["prototype_diversity"]
+    assert diversity < 0.9, diversity
+    assert torch.isclose(torch.tensor(diversity), net.bank.diversity()[1])
+
+
+# ------------------------------------------------------------------------------------ data / no leaks
+def test_split_labeled_unlabeled_hides_labels():
+    items = [{"image": f"img{i}", "label": f"lab{i}"} for i in range(10)]
+    labeled, unlabeled = split_labeled_unlabeled(items, labeled_ratio=0.2, seed=3)
+    assert (labeled, unlabeled) == split_labeled_unlabeled(items, labeled_ratio=0.2, seed=3)
+    assert len(labeled) == 2 and len(unlabeled) == 8
+    assert all("label" not in d for d in unlabeled)
+    assert {d["image"] for d in labeled}.isdisjoint(d["image"] for d in unlabeled)
+    assert {d["image"] for d in labeled} | {d["image"] for d in unlabeled} == {d["image"] for d in items}
+    assert all("label" in d for d in items)  # the input is not modified
+    assert len(split_labeled_unlabeled(items, labeled_count=3)[0]) == 3
+    for bad in ({}, {"labeled_ratio": 0.5, "labeled_count": 2}, {"labeled_ratio": 0.0}, {"labeled_count": 11}):
+        with pytest.raises(ValueError):
+            split_labeled_unlabeled(items, **bad)
+
+
+def test_datalists_from_sections(tmp_path):
+    root = write_msd_dataset(
+        tmp_path, training=[{"image": "a.nii.gz", "label": "a_seg.nii.gz"}], validation=[{"image": "v.nii.gz"}]
+    )
+    labeled, unlabeled = load_semisupervised_datalists(str(root), check_files=False)
+    assert len(labeled) == 1 and "label" in labeled[0] and unlabeled == [{"image": labeled[0]["image"]}]
+    import json
+
+    content = json.loads((root / "dataset.json").read_text())
+    content["labeled"] = [{"image": "a.nii.gz", "label": "a_seg.nii.gz"}]
+    content["unlabeled"] = [{"image": "b.nii.gz", "label": "b_seg.nii.gz"}, {"image": "c.nii.gz"}]
+    (root / "dataset.json").write_text(json.dumps(content))
+    labeled, unlabeled = load_semisupervised_datalists(str(root), check_files=False)
+    assert [d["image"].endswith("a.nii.gz") for d in labeled] == [True]
+    assert len(unlabeled) == 2 and all(set(d) == {"image"} for d in unlabeled)
+    with pytest.raises(ValueError, match="0.5"):
+        load_semisupervised_datalists(str(root), labeled_ratio=0.5, check_files=False)
+
+
+def test_label_slab_crop_keeps_only_the_slab():
+    label = torch.zeros(1, 8, 8, 40)
+    label[0, 2:5, 2:5, 20:30] = 1
+    image = torch.arange(8 * 8 * 40, dtype=torch.float32).reshape(1, 8, 8, 40)
+    out = LabelSlabCropd(["image", "label"], fraction=0.25, position="foreground")({"image": image, "label": label})
+    assert out["label"].shape == out["image"].shape == (1, 8, 8, 10)
+    assert torch.equal(out["image"], image[..., 20:30]) and torch.equal(out["label"], label[..., 20:30])
+    start = LabelSlabCropd(["image", "label"], fraction=0.25, position=0.0)({"image": image, "label": label})
+    assert torch.equal(start["image"], image[..., :10])
+    assert LabelSlabCropd(["image", "label"], fraction=None)({"image": image, "label": label})["label"] is label
+    with pytest.raises(ValueError, match="1.5"):
+        LabelSlabCropd("label", fraction=1.5)
