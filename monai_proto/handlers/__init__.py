@@ -1,2 +1,2 @@
-from .schedules import RampHandler, ramp_value
 from .prototype import PrototypeBankHandler
+from .schedules import RampHandler, ramp_value

@@ -1,3 +1,4 @@
+from .peak import activation_strength, peak_average_pooling, peak_mask
 from .prototype import (
     average_prototypes,
     flatten_voxels,
@@ -7,4 +8,3 @@ from .prototype import (
     sample_voxel_indices,
     sinkhorn_knopp,
 )
-from .peak import activation_strength, peak_average_pooling, peak_mask

@@ -1,4 +1,4 @@
 from .iapl import IAPLNet, IAPLOutput
-from .mpcl import MPCLNet, MPCLOutput
 from .iplsl import IPLSLNet
+from .mpcl import MPCLNet, MPCLOutput
 from .panet import FewShotOutput, PANetFewShot, PrototypeFewShotNet
