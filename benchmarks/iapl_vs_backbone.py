@@ -133,7 +133,57 @@ def _measure_worker(model: str, args_dict: dict, root: str, image_file: str, que
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    queue.put({"inference_seconds": float(np.median(times)), "peak_memory_mb": float(peak)})
+    result = {"inference_seconds": float(np.median(times)), "peak_memory_mb": float(peak)}
+    windows = torch.randn(4, image.shape[1], *parser["patch_size"], device=image.device)
+    if model == "iapl":
+        result["profile"] = profile_iapl(network, windows)
+    else:
+        with torch.no_grad():
+            network(windows)
+            start = time.perf_counter()
+            for _ in range(3):
+                network(windows)
+            result["window_seconds"] = (time.perf_counter() - start) / 3
+    queue.put(result)
+
+
+def profile_iapl(network, windows: torch.Tensor, repeats: int = 3) -> dict:
+    """Seconds per batch of windows spent in each part of IAPLNet (where the time goes)."""
+    from monai_proto.networks.layers import masked_average_pooling
+    from monai_proto.networks.nets.iapl import _area_downsample
+
+    def timed(fn):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn()
+        return (time.perf_counter() - start) / repeats, out
+
+    with torch.no_grad():
+        t_all, _ = timed(lambda: network(windows))
+        t_backbone, feats = timed(lambda: network.backbone(windows))
+        maps = [feats.bottleneck, *feats.decoder]
+        t_decoder, preds = timed(lambda: network.decoder([maps[i] for i in network.decoder_stages]))
+
+        def ipp():
+            weights = _area_downsample(preds[-1].confidence, feats.bottleneck.shape[2:])
+            return masked_average_pooling(network.instance_proj(feats.bottleneck), weights)
+
+        t_ipp, instance = timed(ipp)
+        common = network.get_common_prototypes()
+        descriptors = torch.cat([instance, common.unsqueeze(0).expand_as(instance)], dim=-1)
+        t_input, head_in = timed(lambda: network.head_input(feats.decoder[-1]))
+        t_head, _ = timed(lambda: network.head(head_in, descriptors))
+    return {
+        "windows": list(windows.shape),
+        "total": t_all,
+        "backbone (MONAI UNet layers, feature_channels at full res)": t_backbone,
+        "k-means decoder (3 stages x 2 blocks)": t_decoder,
+        "IPP pooling": t_ipp,
+        "head input (conv, norm, act at full res)": t_input,
+        "dynamic head (per-class point-wise layers at full res)": t_head,
+    }
+
 
 
 def evaluate(model: str, args: argparse.Namespace, root: str) -> dict:
@@ -260,6 +310,15 @@ def write_report(results: dict, args: argparse.Namespace, organs: list[str], roo
         f"{iapl['peak_memory_mb']:.0f} | {base['peak_memory_mb']:.0f} | {memory_ratio:.2f}x (target <= 1.3x) |",
         f"| parameters | {iapl['parameters'] / 1e6:.2f} M | {base['parameters'] / 1e6:.2f} M | "
         f"{iapl['parameters'] / base['parameters']:.2f}x |",
+        "",
+        "### Where IAPL's inference time goes",
+        "",
+        f"One batch of {iapl['profile']['windows']} windows, seconds (same run; the backbone-alone network: "
+        f"{base.get('window_seconds', float('nan')):.3f} s):",
+        "",
+        "| part | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v:.3f} |" for k, v in iapl["profile"].items() if k != "windows"],
         "",
         "![IAPL vs backbone](benchmark_iapl.png)",
         "",

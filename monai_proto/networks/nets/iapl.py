@@ -92,7 +92,9 @@ class IAPLNet(nn.Module):
         filter_threshold: initial foreground-filtering threshold (ramped during training by a handler).
         prototype_dim: dimension of IPP and CPP.
         class_embeddings: optional fixed ``(out_channels, E)`` class embeddings for CPP.
-        head_channels: channels of the point-wise layer before the dynamic head (reference: 8).
+        head_channels: channels of a point-wise convolution before the dynamic head (reference: 48 -> 8);
+            ``None`` (default) feeds the normalised backbone features directly, the dynamic head's first layer
+            being a point-wise convolution itself.
         head_hidden_channels: hidden channels of the dynamic layers (reference: ``(8, 8)``).
         dropout: dropout in the k-means decoder.
 
@@ -116,7 +118,7 @@ class IAPLNet(nn.Module):
         filter_threshold: float = 0.1,
         prototype_dim: int = 64,
         class_embeddings: Sequence[Sequence[float]] | None = None,
-        head_channels: int = 8,
+        head_channels: int | None = None,
         head_hidden_channels: Sequence[int] = (8, 8),
         dropout: float = 0.0,
     ) -> None:
@@ -164,13 +166,12 @@ class IAPLNet(nn.Module):
             self.register_buffer("class_embeddings", table)
             self.class_embedding_proj = nn.Linear(table.shape[1], prototype_dim)
         fine_channels = self.backbone.decoder_channels[-1]
-        # reference: GroupNorm -> ReLU -> 1x1 conv; the conv comes first here so that the full-resolution
-        # normalisation runs on head_channels (8) instead of the backbone's channels
-        self.head_input = nn.Sequential(
-            conv(fine_channels, head_channels, kernel_size=1),
-            Norm[Norm.INSTANCE, spatial_dims](head_channels, affine=True),
-            Act[Act.PRELU](),
-        )
+        # reference: GroupNorm -> ReLU -> 1x1 conv on the full-resolution map
+        layers: list[nn.Module] = [Norm[Norm.INSTANCE, spatial_dims](fine_channels, affine=True), Act[Act.PRELU]()]
+        if head_channels is not None:
+            layers.append(conv(fine_channels, head_channels, kernel_size=1))
+        self.head_input = nn.Sequential(*layers)
+        head_channels = fine_channels if head_channels is None else head_channels
         self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels)
 
     def set_filter_threshold(self, value: float) -> None:
