@@ -171,7 +171,7 @@ def profile_iapl(network, windows: torch.Tensor, repeats: int = 3) -> dict:
 
         t_ipp, instance = timed(ipp)
         common = network.get_common_prototypes()
-        descriptors = torch.cat([instance, common.unsqueeze(0).expand_as(instance)], dim=-1)
+        descriptors = network.descriptor_norm(torch.cat([instance, common.unsqueeze(0).expand_as(instance)], dim=-1))
         t_input, head_in = timed(lambda: network.head_input(feats.decoder[-1]))
         t_head, _ = timed(lambda: network.head(head_in, descriptors))
     return {

@@ -172,6 +172,9 @@ class IAPLNet(nn.Module):
             layers.append(conv(fine_channels, head_channels, kernel_size=1))
         self.head_input = nn.Sequential(*layers)
         head_channels = fine_channels if head_channels is None else head_channels
+        # the descriptors set the scale of generated weights: normalise them so that a growing feature scale
+        # cannot blow up the dynamic head (observed: late divergence to all-background without it)
+        self.descriptor_norm = nn.LayerNorm(2 * prototype_dim)
         self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels)
 
     def set_filter_threshold(self, value: float) -> None:
@@ -201,8 +204,8 @@ class IAPLNet(nn.Module):
         embeddings = self.instance_proj(features.bottleneck)
         instance_prototypes = masked_average_pooling(embeddings, weights)  # (B, K, P)
         common_prototypes = self.get_common_prototypes()
-        descriptors = torch.cat(
-            [instance_prototypes, common_prototypes.unsqueeze(0).expand_as(instance_prototypes)], dim=-1
+        descriptors = self.descriptor_norm(
+            torch.cat([instance_prototypes, common_prototypes.unsqueeze(0).expand_as(instance_prototypes)], dim=-1)
         )
         logits = self.head(self.head_input(features.decoder[-1]), descriptors)
         if not self.training:
