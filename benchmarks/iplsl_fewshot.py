@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -126,14 +125,44 @@ def evaluate(net: torch.nn.Module, volumes: dict, patch: int, directions: list[s
     return scores, predictions
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _RSSPeak:
+    """Polls the current resident set size in a thread: the peak during a block, whatever happened before it
+    (``ru_maxrss`` is a high-water mark of the whole process and misses growth below earlier peaks)."""
+
+    def __enter__(self) -> _RSSPeak:
+        import threading
+
+        self.base = self.peak = _rss_mib()
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_mib())
+                self._stop.wait(0.002)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
 def measure(name: str, patch: int) -> None:
     """Run in a fresh subprocess: inference time and resident-memory growth on scan B (query)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     volumes = load_volumes()
     net = build(name).eval()
     query = volumes["B"]["image"][None]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with torch.no_grad():
+    rss = _RSSPeak()
+    with rss, torch.no_grad():
         start = time.perf_counter()
         if name == "IAPLNet":
             SlidingWindowInferer([patch] * 3, sw_batch_size=2, overlap=0.25, mode="gaussian")(query, net)
@@ -145,10 +174,9 @@ def measure(name: str, patch: int) -> None:
             proto_time = time.perf_counter() - start
             inferer(query, net, prototypes=prototypes)
         total = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in net.parameters())
     print(json.dumps({"network": name, "seconds": total, "prototype_seconds": proto_time,
-                      "peak_rss_growth_mib": (peak - base) / 1024.0, "parameters": params}))  # fmt: skip
+                      "peak_rss_growth_mib": rss.peak - rss.base, "parameters": params}))  # fmt: skip
 
 
 def overlay_plot(volumes: dict, predictions: dict, path: str) -> None:
