@@ -13,6 +13,8 @@ from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
+from monai_proto.networks.utils import unwrap_network
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -27,10 +29,6 @@ TEACHER_PRED = "teacher_pred"
 SUPERVISED_LOSS = "supervised_loss"
 UNSUPERVISED_LOSS = "unsupervised_loss"
 LOSS_TERMS = "loss_terms"
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return getattr(network, "module", network)  # DistributedDataParallel / DataParallel
 
 
 @torch.no_grad()
@@ -50,7 +48,7 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {decay}.")
-    student = _unwrap(student)
+    student = unwrap_network(student)
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
     for t, s in zip(teacher.buffers(), student.buffers()):
@@ -138,7 +136,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
             **kwargs,
         )
         if teacher_network is None:
-            teacher_network = copy.deepcopy(_unwrap(network))
+            teacher_network = copy.deepcopy(unwrap_network(network))
         for p in teacher_network.parameters():
             p.requires_grad_(False)
         self.teacher_network = teacher_network

@@ -10,6 +10,8 @@ import torch
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
+from monai_proto.networks.utils import unwrap_network
+
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -68,7 +70,7 @@ class PrototypeBankHandler:
 
     def _network(self, engine: Engine) -> torch.nn.Module:
         network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
-        network = getattr(network, "module", network)
+        network = unwrap_network(network)
         if not hasattr(network, "update_prototypes") or not hasattr(network, "bank"):
             raise AttributeError(f"{type(network).__name__} has no prototype bank for PrototypeBankHandler.")
         return network

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import min_version, optional_import
 
+from monai_proto.networks.utils import unwrap_network
+
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -86,7 +88,7 @@ class RampHandler:
 
     def __call__(self, engine: Engine) -> None:
         network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
-        network = getattr(network, "module", network)  # DistributedDataParallel / DataParallel
+        network = unwrap_network(network)
         step = (engine.state.iteration if self.per_iteration else engine.state.epoch) - 1
         value = ramp_value(step, self.length, self.start, self.end, self.shape)
         if not hasattr(network, self.setter):
