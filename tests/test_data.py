@@ -263,7 +263,10 @@ def test_load_msd_datalist_embedded():
     test = load_msd_datalist(DEMO, "test")
     assert [os.path.relpath(d["image"], DEMO) for d in train] == ["imagesTr/scanA_ct.nii.gz"]
     assert [os.path.relpath(d["label"], DEMO) for d in train] == ["labelsTr/scanA_seg.nii.gz"]
-    assert val == test and os.path.relpath(val[0]["image"], DEMO) == "imagesTs/scanB_ct_dicom"
+    # protocol split: scan A trains outside its held-out slab and validates inside it; scan B is the test scan
+    assert os.path.relpath(test[0]["image"], DEMO) == "imagesTs/scanB_ct_dicom" and "holdout" not in test[0]
+    assert val[0]["image"] == train[0]["image"] and val[0]["holdout"] == train[0]["holdout"]
+    assert train[0]["holdout"]["slices"] == [90, 102] and train[0]["holdout"]["axis"] == 2
     with open(os.path.join(DEMO, "dataset.json")) as f:
         meta = json.load(f)
     assert meta["numTraining"] == 1 and meta["modality"] == {"0": "CT"} and meta["labels"]["1"] == "spleen"

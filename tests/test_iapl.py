@@ -189,3 +189,115 @@ def test_default_bundle_root_from_command_line(tmp_path):
     argv = ["x", f"--config_file=['{cfg}', '{cfg.parent / 'multi_gpu_train.json'}']"]
     assert default_bundle_root(argv=argv) == str(tmp_path / "mybundle")
     assert default_bundle_root(fallback=str(tmp_path), argv=["x"]) == str(tmp_path)
+
+
+# ---------------------------------------------------------------- components: each test fails without its component
+# (checked by removing each one: `python tests/mutants.py iapl`, see docs/testing.md)
+
+
+def _mean_pairwise_correlation(logits: torch.Tensor) -> float:
+    maps = logits.detach().flatten(2)[0]  # (K, X)
+    corr = torch.corrcoef(maps)
+    k = corr.shape[0]
+    return float(corr[~torch.eye(k, dtype=torch.bool)].mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fresh_network_has_uncorrelated_class_maps(seed):
+    """At initialisation the decoder's confidence is flat and the K instance prototypes are identical: only the
+    common prototypes tell the classes apart. With CPP at 0.02 scale under one shared LayerNorm the 7 maps of the
+    bundle network correlated at 0.975; the bound is far below that (measured here: 0.1-0.3)."""
+    torch.manual_seed(seed)
+    net = small_net(3, 1, 5).eval()
+    with torch.no_grad():
+        logits = net(torch.rand(1, 1, 32, 32, 32))
+    assert _mean_pairwise_correlation(logits) < 0.5
+
+
+def test_dynamic_head_gives_each_class_its_own_map():
+    """Class k's logits come from class k's descriptor alone (the prototypes generate the head's weights)."""
+    torch.manual_seed(0)
+    net = small_net(3, 1, 4).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+        net.common_prototypes[2] += 3.0 * torch.randn_like(net.common_prototypes[2])
+        after = net(x)
+    changed = (after - before).abs().flatten(2).amax(-1)[0]  # per class
+    assert changed[2] > 1e-3
+    assert torch.all(changed[[0, 1, 3]] < 1e-6)
+
+
+def test_instance_prototypes_are_input_specific_and_reach_the_logits():
+    torch.manual_seed(0)
+    net = small_net(3, 1, 3).train()
+    x1, x2 = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32) * 3
+    out1, out2 = net(x1), net(x2)
+    assert not torch.allclose(out1.instance_prototypes, out2.instance_prototypes, atol=1e-4)
+    net.eval()
+    with torch.no_grad():
+        reference = net(x1)
+        handle = net.instance_norm.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        without_ipp = net(x1)
+        handle.remove()
+    assert (reference - without_ipp).abs().max() > 1e-3
+
+
+def test_instance_prototypes_pool_by_confidence():
+    """IPP of class k is the confidence-weighted mean of the embeddings (hand case: one-hot confidence)."""
+    net = small_net(3, 1, 2)
+    emb = torch.arange(2 * 4 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4, 4)
+    conf = torch.zeros(1, 2, 4, 4, 4)
+    conf[:, 1, :2] = 1.0  # class 1 on the first half
+    conf[:, 0, 2:] = 1.0
+    ipp = net.instance_prototypes(emb, conf)
+    torch.testing.assert_close(ipp[0, 1], emb[0, :, :2].flatten(1).mean(1))
+    torch.testing.assert_close(ipp[0, 0], emb[0, :, 2:].flatten(1).mean(1))
+
+
+def test_foreground_filtering_changes_the_decoder():
+    """With threshold 1 every cluster not purely one foreground class is dropped from the k-means update."""
+    torch.manual_seed(0)
+    net = small_net(3, 1, 3).eval()
+    x = torch.rand(1, 1, 32, 32, 32)
+    outputs = []
+    with torch.no_grad():
+        for threshold in (0.0, 1.0):
+            net.set_filter_threshold(threshold)
+            outputs.append(net(x))
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4
+
+
+def test_deep_supervision_trains_the_middle_and_finest_stages():
+    torch.manual_seed(0)
+    net = small_net(3, 1, 3)
+    x = torch.randn(1, 1, 32, 32, 32)
+    y = torch.randint(0, 3, (1, 1, 32, 32, 32))
+    grads = {}
+    for aux_weight in (0.05, 0.0):
+        net.zero_grad()
+        IAPLLoss(aux_weight=aux_weight)(net(x), y).backward()
+        grads[aux_weight] = [
+            None if p.class_head.weight.grad is None else float(p.class_head.weight.grad.abs().sum())
+            for p in net.decoder.predictors
+        ]
+    # the stages' class heads are trained by deep supervision only (their confidence is otherwise used under no_grad
+    # or, for the finest stage, through IPP)
+    assert grads[0.05][-2] > 0 and grads[0.05][-1] > 0
+    assert not grads[0.0][-2]
+
+
+def test_losses_ignore_held_out_labels():
+    """Voxels labelled 255 (the A-slab, thin-slab padding) give no gradient to any IAPL term."""
+    torch.manual_seed(0)
+    net = small_net(3, 1, 3)
+    out = net(torch.randn(1, 1, 32, 32, 32))
+    y = torch.randint(0, 3, (1, 1, 32, 32, 32))
+    y[..., 16:] = 255
+    # the middle stage (stride 8: depth 4, ignored from index 2) is read by its deep-supervision term only; the
+    # finest stage also pools IPP over every voxel, which is the network's own computation, not a label
+    stage = out.stage_predictions[-2].confidence
+    loss = IAPLLoss(contrastive_weight=0.1)(out, y)
+    g_logits, g_stage = torch.autograd.grad(loss, [out.logits, stage])
+    assert g_logits[..., 16:].abs().max() == 0 and g_logits[..., :16].abs().max() > 0
+    assert g_stage[..., 2:].abs().max() == 0 and g_stage[..., :2].abs().max() > 0

@@ -150,6 +150,28 @@ def test_training_checkpoints(trained, tmp_path):
     assert_loads_strict(model_state(trained / "models" / "model_final.pt"), INFER)
 
 
+def test_train_run_writes_checkpoints_and_ramps(trained):
+    """The filter-threshold ramp (RampHandler, per iteration over the warm-up) reaches the saved network."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    end = parser.get_parsed_content("filter_threshold_end")
+    for name in ("model_final.pt", "model.pt"):
+        state = model_state(trained / "models" / name)
+        assert float(state["decoder.filter_threshold"]) == pytest.approx(end)
+    assert end != parser.get_parsed_content("filter_threshold_start")
+
+
+def test_model_pt_when_validation_misses_the_last_epoch(synthetic_dataset, tmp_path, run_bundle):
+    """models/model.pt is the best on validation; a run whose epochs are not a multiple of val_interval is
+    validated once more at the end, so model.pt always exists (MONAI Label and inference load it)."""
+    bundle_root = tmp_path / "bundle"
+    args = [*bundle_args("training", TRAIN), *FAST_TRAIN, *SYNTH_ORGANS, "--dataset_dir", synthetic_dataset]
+    result = run_bundle([*args, "--val_interval", "5", "--bundle_root", bundle_root], cwd=tmp_path)
+    assert_ok(result)
+    assert result.output.count("val_mean_dice") >= 1, result.describe()
+    assert checkpoint_files(bundle_root) == CKPT_FILES
+
+
 def test_training_plain_run(synthetic_dataset, tmp_path, run_bundle):
     """``run`` without a workflow id runs the ``run`` section (training)."""
     bundle_root = tmp_path / "bundle"

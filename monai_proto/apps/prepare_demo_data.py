@@ -77,6 +77,11 @@ SCANS = {
     "scanA": {"image": "imagesTr/scanA_ct.nii.gz", "label": "labelsTr/scanA_seg.nii.gz"},
     "scanB": {"image": "imagesTs/scanB_ct_dicom", "label": "labelsTs/scanB_seg.nii.gz"},
 }
+#: The benchmark protocol's held-out slab of scan A: slices [90, 102) of its RAS-oriented 3 mm grid (pancreas
+#: level; every default organ crosses it). It is stored in ``dataset.json`` as a world-coordinate range, so it
+#: holds on any resampled grid.
+A_SLAB_SLICES = (90, 102)
+
 # folders and files this tool owns in the output folder (cleared by --overwrite)
 _OUTPUT_ENTRIES = (
     "imagesTr",
@@ -260,6 +265,17 @@ def _notice_text(sdist_name: str, members: dict[str, str], copied_dicom: Sequenc
     return "\n".join(lines)
 
 
+def slab_region(image_path: str, start: int, stop: int, axis: int = 2) -> dict:
+    """The world-coordinate region (RAS mm along ``axis``) covered by voxel slices ``[start, stop)`` of the
+    RAS-oriented image, half a voxel beyond the outer slice centres: the ``holdout`` entry of a data item."""
+    image = nib.as_closest_canonical(nib.load(image_path))
+    row = image.affine[axis]
+    step = float(np.linalg.norm(image.affine[:3, axis]))
+    centre = [float(row[axis] * k + row[3]) for k in (start, stop - 1)]
+    lo, hi = min(centre) - step / 2, max(centre) + step / 2
+    return {"axis": axis, "range_mm": [round(lo, 3), round(hi, 3)], "slices": [start, stop]}
+
+
 def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite: bool = False) -> dict:
     """
     Build the demo data set from the TotalSegmentator source distribution.
@@ -335,14 +351,17 @@ def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite:
     }
     _write_json(os.path.join(output_dir, "labels.json"), labels_json)
 
-    validation = [dict(SCANS["scanB"])]
+    # scan A trains outside its held-out slab and is validated inside it; scan B is the unseen test scan
+    holdout = slab_region(os.path.join(output_dir, SCANS["scanA"]["image"]), *A_SLAB_SLICES)
+    scan_a = dict(SCANS["scanA"], holdout=holdout)
     dataset_json = {
         "name": "TotalSegmentatorDemo",
         "description": (
             f"Two CT scans from the {PACKAGE_NAME} {PACKAGE_VERSION} source distribution "
             "(tests/reference_files): scanA abdomen-pelvis, non-contrast, 3 mm NIfTI; scanB upper-abdomen "
             "slab, contrast-enhanced, 20 DICOM slices. Labels are TotalSegmentator's automatic "
-            "predictions ('total' class map), not manual annotations."
+            "predictions ('total' class map), not manual annotations. Scan A trains outside its 'holdout' slab "
+            "(slices 90-101 of its RAS grid) and is validated inside it; scan B is the test scan."
         ),
         "reference": REFERENCE,
         "licence": "Apache-2.0 (see LICENSE.TotalSegmentator and NOTICE)",
@@ -352,9 +371,9 @@ def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite:
         "labels": label_table,
         "numTraining": 1,
         "numTest": 1,
-        "training": [dict(SCANS["scanA"])],
-        "validation": validation,
-        "test": [dict(item) for item in validation],
+        "training": [dict(scan_a)],
+        "validation": [dict(scan_a)],
+        "test": [dict(SCANS["scanB"])],
     }
     _write_json(os.path.join(output_dir, "dataset.json"), dataset_json)
 

@@ -32,10 +32,20 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, Transform
 from monai.utils import ImageMetaKey, TransformBackends
 
-__all__ = ["CheckImageLabeld", "LoadCheckedImaged", "SelectLabels", "SelectLabelsd", "describe_source"]
+__all__ = [
+    "CheckImageLabeld",
+    "HoldOutRegiond",
+    "LoadCheckedImaged",
+    "RandLabelIntensityShiftd",
+    "RandThinSlabd",
+    "SelectLabels",
+    "SelectLabelsd",
+    "describe_source",
+    "holdout_mask",
+]
 
 
 def describe_source(data: object, key: Hashable | None = None) -> str:
@@ -285,4 +295,203 @@ class LoadCheckedImaged(LoadImaged):
             if meta_key in d and not self.overwriting:
                 raise KeyError(f"Metadata with key {meta_key} already exists and overwriting=False.")
             d[meta_key] = loaded[1]
+        return d
+
+
+def holdout_mask(reference: torch.Tensor, region: Mapping | None) -> torch.Tensor | None:
+    """Voxels of ``reference`` inside a held-out world-coordinate region.
+
+    Args:
+        reference: channel-first ``CHW[D]`` MetaTensor (its affine maps voxels to RAS millimetres).
+        region: ``{"axis": a, "range_mm": [lo, hi]}``: every voxel whose centre's RAS world coordinate along
+            axis ``a`` (0 = R, 1 = A, 2 = S) lies in ``[lo, hi]``; ``None`` or empty for no region.
+
+    Returns:
+        a boolean ``HW[D]`` mask on the device of ``reference``, or ``None`` without a region.
+
+    Raises:
+        ValueError: for a reference without affine, a bad axis or range.
+    """
+    if not region:
+        return None
+    if not isinstance(reference, MetaTensor):
+        raise ValueError("a held-out region needs a MetaTensor with an affine (load the file with LoadImaged).")
+    axis = int(region["axis"])
+    lo, hi = (float(v) for v in region["range_mm"])
+    spatial = reference.shape[1:]
+    if not 0 <= axis < len(spatial) or lo > hi:
+        raise ValueError(f"held-out region needs 0 <= axis < {len(spatial)} and lo <= hi, but got {dict(region)}.")
+    row = reference.affine[axis].to(torch.float64).cpu()
+    world = torch.full(tuple(spatial), float(row[-1]), dtype=torch.float64)
+    for d, n in enumerate(spatial):  # world coordinate of every voxel centre, by broadcasting one axis at a time
+        shape = [1] * len(spatial)
+        shape[d] = n
+        world = world + float(row[d]) * torch.arange(n, dtype=torch.float64).reshape(shape)
+    return ((world >= lo) & (world <= hi)).to(reference.device)
+
+
+class HoldOutRegiond(MapTransform):
+    """Hide the labels of a held-out region from training, or keep only them for evaluation.
+
+    The region comes with each data item (key ``region_key``, see :func:`holdout_mask`), so a data list can hold
+    one out in some volumes and not in others; items without it pass unchanged. ``keep="outside"`` (training)
+    sets the labels inside the region to ``ignore_value``, which every loss of this package skips;
+    ``keep="inside"`` (evaluation) sets the labels outside it to ``ignore_value``, which ``DiceMetric(ignore_index=)``
+    skips. The image is never changed, so the held-out voxels stay as context. Place it after ``Spacingd``.
+
+    Args:
+        keys: label keys.
+        region_key: data key of the region.
+        keep: ``"outside"`` or ``"inside"``.
+        ignore_value: the value written into the hidden labels.
+
+    Raises:
+        ValueError: for another ``keep``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        region_key: str = "holdout",
+        keep: str = "outside",
+        ignore_value: int = 255,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if keep not in ("outside", "inside"):
+            raise ValueError(f"keep must be 'outside' or 'inside', but got {keep!r}.")
+        self.region_key, self.keep, self.ignore_value = region_key, keep, ignore_value
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        region = d.get(self.region_key)
+        if not region:
+            return d
+        for key in self.key_iterator(d):
+            inside = holdout_mask(d[key], region)
+            hide = inside if self.keep == "outside" else ~inside
+            label = d[key].clone()
+            label[:, hide] = self.ignore_value
+            d[key] = label
+        return d
+
+
+class RandThinSlabd(RandomizableTransform, MapTransform):
+    """Train on what inference of a thin volume feeds the network: a thin slab padded to the full window.
+
+    With probability ``prob`` the crop keeps only a random run of ``extent`` slices along ``axis``
+    (``min_extent <= extent < size``) and is padded back to its size the way ``SlidingWindowInferer`` pads a
+    thinner volume (symmetrically; images with ``image_mode``, e.g. ``"replicate"``; labels with
+    ``label_value``, the ignore value, so the padding is never supervised). Thin CT slabs and few-slice MRI are
+    padded at inference to the window; a network that never saw such input fails on it (measured on the demo
+    data: a UNet that fits scan A scores 0 on a 14-slice slab of it with zero padding).
+
+    Args:
+        keys: image keys (padded with ``image_mode``).
+        label_keys: label keys (padded with ``label_value``).
+        axis: spatial axis of the slab (default the last: slices of an RAS-oriented volume).
+        min_extent: fewest slices kept.
+        prob: probability of thinning a crop.
+        image_mode: ``torch.nn.functional.pad`` mode for images.
+        label_value: constant for label padding.
+
+    Raises:
+        ValueError: for ``min_extent < 1``.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_keys: KeysCollection = (),
+        axis: int = -1,
+        min_extent: int = 8,
+        prob: float = 0.3,
+        image_mode: str = "replicate",
+        label_value: float = 255,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+        all_keys = ([keys] if isinstance(keys, str) else list(keys)) + label_keys
+        MapTransform.__init__(self, all_keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if min_extent < 1:
+            raise ValueError(f"min_extent must be >= 1, but got {min_extent}.")
+        self.label_keys = set(label_keys)
+        self.axis, self.min_extent, self.image_mode, self.label_value = axis, min_extent, image_mode, label_value
+        self._extent = self._start = 0
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        first = d[next(iter(self.key_iterator(d)))]
+        size = int(first.shape[1:][self.axis])
+        self.randomize(None)
+        if not self._do_transform or size <= self.min_extent:
+            return d
+        self._extent = int(self.R.randint(self.min_extent, size))
+        self._start = int(self.R.randint(0, size - self._extent + 1))
+        dim = 1 + (self.axis % (first.ndim - 1))
+        before = (size - self._extent) // 2
+        pad: list[int] = []  # torch's order: last dimension first, every spatial dimension (replicate needs all)
+        for d_ in range(first.ndim - 1, 0, -1):
+            pad += [before, size - self._extent - before] if d_ == dim else [0, 0]
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            slab = x.narrow(dim, self._start, self._extent)
+            if key in self.label_keys:
+                out = torch.nn.functional.pad(slab, pad, mode="constant", value=self.label_value)
+            else:  # replicate/reflect padding of a CHW[D] tensor needs a batch dimension
+                out = torch.nn.functional.pad(slab.unsqueeze(0).float(), pad, mode=self.image_mode)[0].to(slab.dtype)
+            d[key] = MetaTensor(out.as_subclass(torch.Tensor), meta=x.meta) if isinstance(x, MetaTensor) else out
+        return d
+
+
+class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
+    """Shift the intensity of each labelled structure by its own random offset (contrast-phase augmentation).
+
+    Contrast agent moves organs by different amounts (on the demo data: aorta 42 -> 182 HU, liver 45 -> 89 HU
+    between the non-contrast and the contrast-enhanced scan), which a global intensity shift cannot imitate.
+    With probability ``prob`` each foreground class present in the crop gets an offset drawn uniformly from
+    ``offsets`` (in the image's scaled units); the label is only read, so it never reaches the image of a
+    held-out region (``ignore_value`` voxels are never shifted).
+
+    Args:
+        keys: image keys.
+        label_key: key of the class map.
+        offsets: ``(low, high)`` range of the offsets.
+        prob: probability of shifting a crop (then every class gets its own offset).
+        ignore_value: label value never shifted.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        offsets: Sequence[float] = (-0.05, 0.35),
+        prob: float = 0.5,
+        ignore_value: int = 255,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise ValueError(f"offsets must be (low, high) with low <= high, but got {offsets}.")
+        self.label_key, self.ignore_value = label_key, ignore_value
+        self.offsets = (float(offsets[0]), float(offsets[1]))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        label = torch.as_tensor(d[self.label_key])
+        classes = [int(c) for c in torch.unique(label) if int(c) not in (0, self.ignore_value)]
+        shift = torch.zeros(label.shape, dtype=torch.float32, device=label.device)
+        for c in classes:
+            shift[label == c] = float(self.R.uniform(*self.offsets))
+        for key in self.key_iterator(d):
+            d[key] = d[key] + shift.to(d[key].device, d[key].dtype)
         return d

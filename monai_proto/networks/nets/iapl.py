@@ -157,7 +157,10 @@ class IAPLNet(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         self.instance_proj = conv(self.backbone.bottleneck_channels, prototype_dim, kernel_size=1)
         if class_embeddings is None:
-            self.common_prototypes = nn.Parameter(torch.randn(out_channels, prototype_dim) * 0.02)
+            # unit scale, as the reference's nn.Embedding: at initialisation the decoder's confidence is flat, so
+            # the K instance prototypes are identical and CPP alone tells the classes apart (a 0.02 scale left the
+            # K logit maps correlated at 0.975 and the classes separated only as the optimiser grew CPP)
+            self.common_prototypes = nn.Parameter(torch.randn(out_channels, prototype_dim))
             self.class_embedding_proj: nn.Module | None = None
         else:
             table = torch.as_tensor(class_embeddings, dtype=torch.float32)
@@ -172,9 +175,12 @@ class IAPLNet(nn.Module):
             layers.append(conv(fine_channels, head_channels, kernel_size=1))
         self.head_input = nn.Sequential(*layers)
         head_channels = fine_channels if head_channels is None else head_channels
-        # the descriptors set the scale of generated weights: normalise them so that a growing feature scale
-        # cannot blow up the dynamic head (observed: late divergence to all-background without it)
-        self.descriptor_norm = nn.LayerNorm(2 * prototype_dim)
+        # the descriptors set the scale of the generated weights: normalise them so that a growing feature scale
+        # cannot blow up the dynamic head (observed: late divergence to all-background without it). IPP and CPP
+        # are normalised apart, so that neither half drowns the other (one LayerNorm over the concatenation let
+        # the larger, class-identical IPP dominate at initialisation)
+        self.instance_norm = nn.LayerNorm(prototype_dim)
+        self.common_norm = nn.LayerNorm(prototype_dim)
         self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels)
 
     def set_filter_threshold(self, value: float) -> None:
@@ -187,6 +193,29 @@ class IAPLNet(nn.Module):
             return self.common_prototypes
         return self.class_embedding_proj(self.class_embeddings)
 
+    def instance_prototypes(self, embeddings: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """IPP (paper eq. 4): the class-wise confidence re-weights the bottleneck embeddings, pooled per class.
+
+        Masked average pooling divides by the confidence mass of each class; the reference's global average
+        pooling of ``feature * confidence`` differs from it only by that per-class scale factor, which the
+        LayerNorm of :meth:`class_descriptors` removes, so the two give the same descriptors.
+
+        Args:
+            embeddings: ``(B, prototype_dim, *S_b)`` projected bottleneck features.
+            confidence: ``(B, K, *S_c)`` class confidence of the finest decoder stage (``S_c`` a multiple of
+                ``S_b``).
+
+        Returns:
+            ``(B, K, prototype_dim)``.
+        """
+        weights = _area_downsample(confidence, embeddings.shape[2:])
+        return masked_average_pooling(embeddings, weights)
+
+    def class_descriptors(self, instance_prototypes: torch.Tensor, common_prototypes: torch.Tensor) -> torch.Tensor:
+        """``concat(LN(IPP_k), LN(CPP_k))``, the per-class input of the dynamic head, ``(B, K, 2 * prototype_dim)``."""
+        common = common_prototypes.unsqueeze(0).expand_as(instance_prototypes)
+        return torch.cat([self.instance_norm(instance_prototypes), self.common_norm(common)], dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | IAPLOutput:
         """
         Args:
@@ -198,15 +227,10 @@ class IAPLNet(nn.Module):
         features = self.backbone(x)
         maps = [features.bottleneck, *features.decoder]
         predictions = self.decoder([maps[i] for i in self.decoder_stages])
-        # IPP (paper eq. 4): confidence of the finest stage re-weights the bottleneck features
-        confidence = predictions[-1].confidence
-        weights = _area_downsample(confidence, features.bottleneck.shape[2:])
         embeddings = self.instance_proj(features.bottleneck)
-        instance_prototypes = masked_average_pooling(embeddings, weights)  # (B, K, P)
+        instance_prototypes = self.instance_prototypes(embeddings, predictions[-1].confidence)
         common_prototypes = self.get_common_prototypes()
-        descriptors = self.descriptor_norm(
-            torch.cat([instance_prototypes, common_prototypes.unsqueeze(0).expand_as(instance_prototypes)], dim=-1)
-        )
+        descriptors = self.class_descriptors(instance_prototypes, common_prototypes)
         logits = self.head(self.head_input(features.decoder[-1]), descriptors)
         if not self.training:
             return logits

@@ -1,0 +1,22 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""The one benchmark harness of the project (docs/benchmarks/README.md).
+
+Splits (the A-slab whose labels never train, scan B), training at a budget through a bundle's own config with
+held-out curves, scores with the trivial references and volume ratios, interleaved timing, peak memory in a
+fresh process, and the JSON / Markdown / PNG writer. The scripts in ``benchmarks/`` only say what differs.
+"""
+
+from .harness import IO_HANDLERS, add_arguments, run_benchmark, strip_io_handlers
+from .metrics import mean_of, reference_scores, score_prediction
+from .report import radiological, write_report
+from .runner import (
+    NetworkSpec,
+    interleaved_inference_seconds,
+    make_parser,
+    peak_inference_memory_mb,
+    predict_classes,
+    summarise_seeds,
+    train_with_curves,
+    verdict,
+)
+from .splits import EvaluationSplit, body_mask, describe_split, load_splits, region_slices

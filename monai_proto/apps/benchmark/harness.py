@@ -1,0 +1,241 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""One benchmark run under the protocol: every network x every seed trained by the bundle config at the same
+budget, scored on the held-out splits (curves and final weights) beside the trivial references, then timed and
+measured side by side, and written as JSON, Markdown and PNG."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import monai
+import torch
+
+from monai_proto.apps.benchmark.metrics import reference_scores
+from monai_proto.apps.benchmark.report import write_report
+from monai_proto.apps.benchmark.runner import (
+    NetworkSpec,
+    interleaved_inference_seconds,
+    make_parser,
+    peak_inference_memory_mb,
+    summarise_seeds,
+    train_with_curves,
+)
+from monai_proto.apps.benchmark.splits import describe_split, load_splits
+
+__all__ = ["IO_HANDLERS", "add_arguments", "run_benchmark", "strip_io_handlers"]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+#: Training handlers that only write or report (no effect on the weights): the harness drops them.
+IO_HANDLERS = (
+    "ValidationHandler",
+    "CheckpointSaver",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "MLFlowHandler",
+    "ignite.handlers.ProgressBar",
+)
+
+
+def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int = 6) -> argparse.ArgumentParser:
+    """The command-line arguments every benchmark script shares."""
+    ap.add_argument("--iterations", type=int, default=iterations, help="training iterations per network and seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--eval_points", type=int, default=eval_points, help="held-out curve points per run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed inference passes")
+    ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks"), help="folder of the result files")
+    ap.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temporary folder)")
+    ap.add_argument("--smoke", action="store_true", help="a few iterations on a coarse grid: checks the harness only")
+    return ap
+
+
+def strip_io_handlers(parser, handlers_id: str = "train#handlers") -> None:
+    """Drop the handlers that only write or report, so a benchmark run leaves no checkpoints or logs behind."""
+    handlers = parser[handlers_id]
+    parser[handlers_id] = [h for h in handlers if not (isinstance(h, dict) and h.get("_target_") in IO_HANDLERS)]
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _hardware(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def run_benchmark(
+    *,
+    name: str,
+    title: str,
+    bundle: str,
+    config_file: str | Sequence[str],
+    method: NetworkSpec,
+    baselines: Sequence[NetworkSpec],
+    args: argparse.Namespace,
+    common_overrides: Mapping[str, object] | None = None,
+    smoke_overrides: Mapping[str, object] | None = None,
+    differences: str = "",
+    split_notes: Mapping[str, str] | None = None,
+    reading: str = "",
+    predictor_factory: Callable | None = None,
+    sections: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run a benchmark and write ``<args.out>/<name>.{json,md,png}``.
+
+    Args:
+        name: file stem (the bundle name without its suffix, e.g. ``"iapl"``).
+        title: heading of the Markdown file.
+        bundle: bundle folder name (for the JSON).
+        config_file: the bundle's training config.
+        method: the method's network.
+        baselines: the baselines, trained in the same run.
+        args: the parsed :func:`add_arguments`.
+        common_overrides: config overrides for every network (on top of budget, seed and device).
+        smoke_overrides: further overrides in ``--smoke`` mode (coarse grid, small windows).
+        differences: what differs between the networks, for the header.
+        split_notes: split -> sentence under its table.
+        reading: "Reading these figures" text.
+        predictor_factory: ``(parser, spec) -> predictor`` when the bundle's inferer is not enough (few-shot).
+        sections: split name -> data-list section (default A-slab = validation, B = test).
+        log: progress output.
+
+    Returns:
+        the result dictionary (as written to JSON).
+    """
+    torch.set_num_threads(args.threads)
+    iterations = 2 if args.smoke else args.iterations
+    seeds = list(args.seeds[:1] if args.smoke else args.seeds)
+    eval_every = max(1, iterations // max(1, args.eval_points))
+    workdir = args.workdir or tempfile.mkdtemp(prefix=f"bench_{name}_")
+    overrides: dict = {
+        "device": f"$torch.device('{args.device}')",
+        "amp": args.device.startswith("cuda"),
+        "epochs": 1,
+        "iterations_per_epoch": iterations,
+        **dict(common_overrides or {}),
+        **(dict(smoke_overrides or {}) if args.smoke else {}),
+    }
+    base = make_parser(config_file, overrides)
+    organs = list(base.get_parsed_content("organs"))
+    splits = load_splits(
+        _compose(base.get_parsed_content("train#deterministic_transforms")),
+        base.get_parsed_content("dataset_dir"),
+        base.get_parsed_content("pixdim"),
+        sections,
+    )
+    log(f"== {title}: {iterations} iterations, seeds {seeds}, splits " + ", ".join(s.name for s in splits))
+    specs = [method, *baselines]
+    runs: dict[str, list[dict]] = {s.name: [] for s in specs}
+    for seed in seeds:
+        for spec in specs:
+            root = os.path.join(workdir, f"{spec.name}_seed{seed}")
+            parser = make_parser(config_file, {**overrides, **spec.overrides, "seed": seed, "bundle_root": root})
+            strip_io_handlers(parser)
+            predictor = predictor_factory(parser, spec) if predictor_factory else None
+            log(f"== training {spec.name}, seed {seed}")
+            run = train_with_curves(parser, spec, splits, organs, iterations, eval_every, predictor, log)
+            log(f"   {run['seconds_per_iteration']:.2f} s/iteration")
+            runs[spec.name].append(run)
+    results: dict = {}
+    for split in splits:
+        refs = reference_scores(split, organs)
+        results[split.name] = {s.name: summarise_seeds(runs[s.name], split.name, organs) for s in specs}
+        results[split.name]["body_mask"] = refs["body_mask"]
+        results[split.name]["empty"] = refs["empty"]
+    # cost: the first seed's trained weights, interleaved timing over the first split's whole volume
+    timing_split = splits[0]
+    networks = {}
+    for spec in specs:
+        parser = make_parser(config_file, {**overrides, **spec.overrides})
+        net = parser.get_parsed_content("network_def").to(torch.device(args.device))
+        net.load_state_dict(runs[spec.name][0]["state_dict"])
+        networks[spec.name] = net.eval()
+    inferer = base.get_parsed_content("validate#inferer")
+    log("== timing inference (interleaved)")
+    seconds = interleaved_inference_seconds(
+        networks, inferer, timing_split.image, repeats=1 if args.smoke else args.repeats
+    )
+    memory = {}
+    for spec in specs:
+        log(f"== peak memory of {spec.name} (fresh process)")
+        memory[spec.name] = peak_inference_memory_mb(
+            config_file,
+            {**overrides, **spec.overrides},
+            timing_split.image,
+            os.path.join(workdir, "memory"),
+            args.threads,
+        )
+    first, second = method.name, baselines[0].name
+    per_it = {s.name: sum(r["seconds_per_iteration"] for r in runs[s.name]) / len(runs[s.name]) for s in specs}
+    speed = {
+        "volume": f"{timing_split.item.get('image', timing_split.name)} ({timing_split.name} volume), "
+        + "x".join(str(v) for v in timing_split.image.shape[2:]),
+        "voxels": int(timing_split.image[0, 0].numel()),
+        "repeats": 1 if args.smoke else args.repeats,
+        "inference_seconds": seconds,
+        "peak_memory_mb": {k: v["peak_memory_mb"] for k, v in memory.items()},
+        "memory_kind": next(iter(memory.values()))["kind"],
+        "seconds_per_iteration": per_it,
+        "parameters": {s.name: runs[s.name][0]["parameters"] for s in specs},
+        "throughput_ratio": seconds[second] / seconds[first],
+        "memory_ratio": memory[first]["peak_memory_mb"] / max(memory[second]["peak_memory_mb"], 1e-9),
+        "train_time_ratio": per_it[first] / per_it[second],
+    }
+    result = {
+        "bundle": bundle,
+        "name": name,
+        "title": title + (" (SMOKE RUN: not a result)" if args.smoke else ""),
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "", *sys.argv[1:]]),
+        "commit": _commit(),
+        "hardware": _hardware(args.device),
+        "device": args.device,
+        "threads": args.threads,
+        "versions": {"torch": torch.__version__, "monai": monai.__version__, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "iterations": iterations,
+        "seeds": seeds,
+        "method": method.name,
+        "baselines": [b.name for b in baselines],
+        "organs": organs,
+        "differences": differences,
+        "split_notes": dict(split_notes or {}),
+        "splits": {s.name: describe_split(s, organs) for s in splits},
+        "results": results,
+        "curves": {s.name: {str(seed): run["curve"] for seed, run in zip(seeds, runs[s.name])} for s in specs},
+        "losses": {s.name: {str(seed): run["losses"] for seed, run in zip(seeds, runs[s.name])} for s in specs},
+        "speed": speed,
+    }
+    predictions = {s.name: runs[s.name][0]["prediction"] for s in specs}
+    paths = write_report(result, predictions, splits, args.out, reading)
+    log("== wrote " + ", ".join(paths.values()))
+    return result
+
+
+def _compose(transforms):
+    from monai.transforms import Compose
+
+    return transforms if callable(transforms) else Compose(transforms)

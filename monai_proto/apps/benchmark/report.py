@@ -1,0 +1,224 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""The benchmark's three files: ``<name>.json`` (protocol layout), ``<name>.md`` (tables, verdicts, reading
+notes) and ``<name>.png`` (held-out Dice curves of every network and seed, plus one overlay per network on the
+same slice in radiological orientation)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from monai_proto.apps.benchmark.metrics import mean_of
+from monai_proto.apps.benchmark.runner import dump_json, verdict
+
+__all__ = ["radiological", "write_report"]
+
+
+def radiological(axial: np.ndarray) -> np.ndarray:
+    """An axial slice ``[x, y]`` of an RAS-oriented volume as displayed in radiology: patient's right on the
+    viewer's left, anterior at the top (rows = ``y`` from anterior, columns = ``x`` from the patient's right)."""
+    return np.asarray(axial).T[::-1, ::-1]
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _seeds(values: Sequence[float], digits: int = 3) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return "n/a"
+    if len(values) == 1:
+        return _fmt(values[0], digits)
+    return f"{_fmt(mean_of(values), digits)} ({'/'.join(_fmt(v, digits) for v in values)})"
+
+
+def _markdown(result: Mapping, reading: str) -> str:
+    organs = result["organs"]
+    nets = [result["method"], *result["baselines"]]
+    lines = [
+        f"# {result['title']}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Commit: `{result['commit']}`; hardware: {result['hardware']}; threads: {result['threads']}; "
+        f"torch {result['versions']['torch']}, MONAI {result['versions']['monai']}; date {result['date']}.  ",
+        f"Budget: {result['iterations']} iterations per network and seed; seeds {result['seeds']}; final weights "
+        "evaluated (no model selection). Every network is trained by the same bundle config; what differs: "
+        f"{result['differences']}.",
+        "",
+    ]
+    for split, entries in result["results"].items():
+        lines += [
+            f"## {split}: Dice per organ (mean over seeds, per-seed values in brackets)",
+            "",
+            f"{result['split_notes'].get(split, '')}",
+            "",
+            "| organ | " + " | ".join(nets) + " | body mask | empty |",
+            "|---|" + "---|" * (len(nets) + 2),
+        ]
+        for organ in organs:
+            row = [_seeds(entries[n]["dice"][organ]) for n in nets]
+            row += [_fmt(entries["body_mask"]["dice"][organ]), _fmt(entries["empty"]["dice"][organ])]
+            lines.append(f"| {organ} | " + " | ".join(row) + " |")
+        row = [f"**{_seeds(entries[n]['mean_dice'])}**" for n in nets]
+        row += [_fmt(entries["body_mask"]["mean_dice"]), _fmt(entries["empty"]["mean_dice"])]
+        lines.append("| **mean** | " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "Predicted / true volume (mean over seeds; 1 is right, the body mask's ratio shows what painting "
+            "the body gives):",
+            "",
+            "| organ | " + " | ".join(nets) + " | body mask |",
+            "|---|" + "---|" * (len(nets) + 1),
+        ]
+        for organ in organs:
+            row = [_fmt(mean_of(entries[n]["volume_ratio"][organ]), 2) for n in nets]
+            lines.append(
+                f"| {organ} | " + " | ".join(row) + f" | {_fmt(entries['body_mask']['volume_ratio'][organ], 1)} |"
+            )
+        lines += [
+            "",
+            "HD95 in mm (mean over seeds where defined):",
+            "",
+            "| organ | " + " | ".join(nets) + " |",
+            "|---|" + "---|" * len(nets),
+        ]
+        for organ in organs:
+            lines.append(f"| {organ} | " + " | ".join(_fmt(mean_of(entries[n]["hd95"][organ]), 1) for n in nets) + " |")
+        lines += [
+            "",
+            "Verdicts (protocol: ahead only when the difference of mean Dice exceeds the larger seed spread):",
+            "",
+        ]
+        for b in result["baselines"]:
+            v = result["verdicts"][split][b]
+            lines.append(
+                f"- {result['method']} vs {b}: difference {v['difference']:+.3f}, larger spread {v['spread']:.3f}: "
+                f"**{v['verdict']}**."
+            )
+        body = entries["body_mask"]["mean_dice"]
+        for n in nets:
+            m = mean_of(entries[n]["mean_dice"])
+            if math.isfinite(m) and math.isfinite(body) and m <= body:
+                lines.append(
+                    f"- {n} is at or below the body mask ({_fmt(m)} <= {_fmt(body)}): it has learned nothing here."
+                )
+        lines.append("")
+    speed = result["speed"]
+    lines += [
+        "## Cost (same run)",
+        "",
+        f"Inference: sliding windows over {speed['volume']} ({speed['voxels']} voxels), median of {speed['repeats']} "
+        "interleaved repeats; peak memory of one pass in a fresh process "
+        f"({speed['memory_kind']}); training seconds per iteration from the runs above (curve evaluation excluded).",
+        "",
+        "| | " + " | ".join(nets) + " |",
+        "|---|" + "---|" * len(nets),
+        "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in nets) + " |",
+        "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in nets) + " |",
+        "| training s/iteration | " + " | ".join(_fmt(speed["seconds_per_iteration"][n], 2) for n in nets) + " |",
+        "| parameters (M) | " + " | ".join(_fmt(speed["parameters"][n] / 1e6, 2) for n in nets) + " |",
+        "",
+        f"{result['method']} vs {result['baselines'][0]}: throughput {_fmt(speed['throughput_ratio'], 2)}x, "
+        f"peak memory {_fmt(speed['memory_ratio'], 2)}x, training time {_fmt(speed['train_time_ratio'], 2)}x.",
+        "",
+        f"![curves and overlays]({result['name']}.png)",
+        "",
+        "## Reading these figures",
+        "",
+        reading.strip(),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(result: Mapping, predictions: Mapping, splits: Sequence, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = [result["method"], *result["baselines"]]
+    split_names = [s.name for s in splits]
+    ncols = max(len(split_names), len(nets) + 1)
+    fig, axes = plt.subplots(
+        1 + len(split_names), ncols, figsize=(4 * ncols, 4 * (1 + len(split_names))), squeeze=False
+    )
+    colours = {n: f"C{i}" for i, n in enumerate(nets)}
+    for col, split in enumerate(split_names):
+        ax = axes[0, col]
+        for net in nets:
+            for seed, curve in result["curves"][net].items():
+                ax.plot(
+                    curve["iterations"],
+                    curve[split],
+                    color=colours[net],
+                    marker="o",
+                    ms=3,
+                    linestyle="-" if str(seed) == str(result["seeds"][0]) else "--",
+                    label=f"{net} seed {seed}",
+                )
+        ax.axhline(result["results"][split]["body_mask"]["mean_dice"], color="grey", linestyle=":", label="body mask")
+        ax.set_title(f"held-out mean Dice, {split}")
+        ax.set_xlabel("iteration")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    for col in range(len(split_names), ncols):
+        axes[0, col].axis("off")
+    organs = result["organs"]
+    levels = np.arange(0.5, len(organs) + 1)
+    for row, split in enumerate(splits, start=1):
+        label = split.label[0, 0].numpy()
+        counts = (np.isin(label, np.arange(1, len(organs) + 1)) & split.region.numpy()).sum(axis=(0, 1))
+        z = int(np.argmax(counts))
+        image = radiological(split.image[0, 0, :, :, z].numpy())
+        panels = [("truth", label)] + [(n, predictions[n][split.name]) for n in nets]
+        for col, (title, seg) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray")
+            seg2d = radiological(np.asarray(seg)[:, :, z])
+            masked = np.ma.masked_where(seg2d == 0, seg2d)
+            ax.imshow(masked, cmap="tab10", vmin=0, vmax=10, alpha=0.45, interpolation="nearest")
+            if col:
+                ax.contour(radiological(label[:, :, z]), levels=levels, colors="lime", linewidths=0.6)
+            ax.set_title(f"{split.name} slice {z}: {title}", fontsize=9)
+            ax.axis("off")
+        for col in range(len(panels), ncols):
+            axes[row, col].axis("off")
+    fig.suptitle(
+        f"{result['title']} (overlays: seed {result['seeds'][0]}, final weights; green = truth contour; "
+        "radiological orientation: patient's right on the left)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+
+
+def write_report(result: dict, predictions: Mapping, splits: Sequence, out_dir: str, reading: str = "") -> dict:
+    """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``out_dir``; return the paths.
+
+    Args:
+        result: the benchmark's result in the protocol layout plus ``title``, ``organs``, ``curves``,
+            ``speed``, ``split_notes``, ``differences``, ``versions``, ``date``.
+        predictions: network -> split -> ``(*S)`` class map of the first seed, for the overlays.
+        splits: the :class:`~monai_proto.apps.benchmark.splits.EvaluationSplit` objects.
+        out_dir: folder of the three files.
+        reading: the "Reading these figures" text.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    result["verdicts"] = {
+        split: {
+            b: verdict(entries[result["method"]]["mean_dice"], entries[b]["mean_dice"]) for b in result["baselines"]
+        }
+        for split, entries in result["results"].items()
+    }
+    paths = {ext: os.path.join(out_dir, f"{result['name']}.{ext}") for ext in ("json", "md", "png")}
+    dump_json(paths["json"], result)
+    with open(paths["md"], "w") as f:
+        f.write(_markdown(result, reading))
+    _plot(result, predictions, splits, paths["png"])
+    return paths

@@ -1,0 +1,296 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Training at a budget through a bundle's own config, held-out curves, and the cost measurements.
+
+Every network of a benchmark is trained by the same bundle config (same data pipeline, windows, optimiser,
+schedule, augmentation, seed); a :class:`NetworkSpec` only overrides the config ids that differ (usually
+``network_def`` and ``loss``). Curves are scored on the held-out splits during training; the final weights are
+what the tables report (no model selection on a test region).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from monai_proto.apps.benchmark.metrics import mean_of, score_prediction
+from monai_proto.apps.benchmark.splits import EvaluationSplit
+
+__all__ = [
+    "NetworkSpec",
+    "make_parser",
+    "predict_classes",
+    "train_with_curves",
+    "interleaved_inference_seconds",
+    "peak_inference_memory_mb",
+]
+
+
+@dataclass
+class NetworkSpec:
+    """A network of a benchmark: its name and the bundle-config ids it overrides.
+
+    Attributes:
+        name: name in tables and JSON (``"IAPLNet"``, ``"UNet"``, ...).
+        overrides: config id -> value (ConfigParser syntax, e.g. ``{"network_def": {...}, "loss": {...}}``).
+        trainer_id: config id of the trainer to run.
+    """
+
+    name: str
+    overrides: dict = field(default_factory=dict)
+    trainer_id: str = "train#trainer"
+
+
+def make_parser(config_file: str | Sequence[str], overrides: Mapping[str, object]) -> ConfigParser:
+    """A ConfigParser of the bundle config with ``overrides`` applied (ids use ``#`` for nesting)."""
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def predict_classes(
+    network: torch.nn.Module, inferer: Callable, image: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """Class map ``(1, 1, *S)`` of ``image`` by the inferer (eval mode, no gradients), on the CPU."""
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        logits = inferer(image.to(device), network)
+    network.train(was_training)
+    return torch.as_tensor(logits).as_subclass(torch.Tensor).argmax(1, keepdim=True).cpu()
+
+
+def train_with_curves(
+    parser: ConfigParser,
+    spec: NetworkSpec,
+    splits: Sequence[EvaluationSplit],
+    organs: Sequence[str],
+    iterations: int,
+    eval_every: int,
+    predictor: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train one network for ``iterations`` iterations and score the held-out splits every ``eval_every``.
+
+    The parser must already hold the run's overrides (seed, budget, device); ``initialize`` runs first, so the
+    seed fixes the network's initialisation and the data order.
+
+    Args:
+        parser: bundle config parser.
+        spec: the network.
+        splits: held-out splits scored on the curve.
+        organs: class names.
+        iterations: training iterations (one epoch of that length).
+        eval_every: iterations between curve points (the final iteration is always a point).
+        predictor: ``(network, image) -> class map``; default: the bundle's ``validate#inferer`` + argmax.
+        log: progress output.
+
+    Returns:
+        ``{"network", "final": {split: scores}, "curve": {"iterations", split: [mean Dice]}, "losses",
+        "seconds_per_iteration", "parameters", "state_dict"}`` (``state_dict`` on the CPU, for timing runs).
+    """
+    from ignite.engine import Events
+
+    if "initialize" in parser:
+        parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content(spec.trainer_id)
+    network = trainer.network
+    device = trainer.state.device if hasattr(trainer.state, "device") else next(network.parameters()).device
+    if predictor is None:
+        inferer = parser.get_parsed_content("validate#inferer")
+
+        def predictor(net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
+            return predict_classes(net, inferer, image, device)
+
+    curve: dict[str, list] = {"iterations": []} | {s.name: [] for s in splits}
+    losses: list[float] = []
+    timing = {"eval": 0.0}
+
+    def record_loss(engine) -> None:
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) else out
+        losses.append(float(out["loss"]))
+
+    def score(engine) -> None:
+        start = time.perf_counter()
+        it = engine.state.iteration
+        curve["iterations"].append(it)
+        for split in splits:
+            scores = score_prediction(predictor(network, split.image), split, organs)
+            curve[split.name].append(scores["mean_dice"])
+        timing["eval"] += time.perf_counter() - start
+        log(f"   [{spec.name}] iteration {it}: " + ", ".join(f"{s.name} {curve[s.name][-1]:.3f}" for s in splits))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record_loss)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, eval_every)), score)
+    start = time.perf_counter()
+    trainer.run()
+    total = time.perf_counter() - start
+    if not curve["iterations"] or curve["iterations"][-1] != trainer.state.iteration:
+        score(trainer)  # the final weights are always a curve point
+    final = {split.name: score_prediction(predictor(network, split.image), split, organs) for split in splits}
+    done = max(1, trainer.state.iteration)
+    return {
+        "network": spec.name,
+        "final": final,
+        "curve": curve,
+        "losses": losses,
+        "iterations": done,
+        "seconds_per_iteration": (total - timing["eval"]) / done,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+        "prediction": {split.name: predictor(network, split.image)[0, 0].to(torch.uint8) for split in splits},
+    }
+
+
+def interleaved_inference_seconds(
+    networks: Mapping[str, torch.nn.Module], inferer: Callable, image: torch.Tensor, repeats: int = 3
+) -> dict[str, float]:
+    """Median seconds of one sliding-window pass of each network over ``image``, repeats interleaved.
+
+    Interleaving (A, B, A, B, ...) spreads any slowdown of a shared machine over all networks alike.
+    """
+    device = next(iter(networks.values())).parameters().__next__().device
+    image = image.to(device)
+    times: dict[str, list[float]] = {name: [] for name in networks}
+    with torch.no_grad():
+        for net in networks.values():  # warm-up
+            net.eval()
+            inferer(image, net)
+        for _ in range(repeats):
+            for name, net in networks.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                inferer(image, net)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_worker(config_file, overrides, image_file, threads, queue) -> None:  # pragma: no cover - subprocess
+    try:
+        torch.set_num_threads(threads)
+        parser = make_parser(config_file, overrides)
+        device = parser.get_parsed_content("device")
+        network = parser.get_parsed_content("network_def").to(device).eval()
+        inferer = parser.get_parsed_content("validate#inferer")
+        image = torch.from_numpy(np.load(image_file)).to(device)
+        with torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                inferer(image, network)
+                torch.cuda.synchronize()
+                queue.put(
+                    {"peak_memory_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "GPU allocated"}
+                )
+                return
+            before = _rss_mb()
+            peak = [before]
+            stop = threading.Event()
+
+            def poll() -> None:  # ru_maxrss is a process-lifetime figure; poll the current RSS instead
+                while not stop.is_set():
+                    peak[0] = max(peak[0], _rss_mb())
+                    time.sleep(0.002)
+
+            thread = threading.Thread(target=poll, daemon=True)
+            thread.start()
+            inferer(image, network)
+            stop.set()
+            thread.join()
+            queue.put({"peak_memory_mb": max(peak[0], _rss_mb()) - before, "kind": "RSS growth"})
+    except Exception as e:  # report the failure instead of hanging the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def peak_inference_memory_mb(
+    config_file: str | Sequence[str],
+    overrides: Mapping[str, object],
+    image: torch.Tensor,
+    workdir: str,
+    threads: int = 2,
+) -> dict:
+    """Peak memory of one sliding-window pass, in a fresh process (RSS growth on CPU, allocated on GPU).
+
+    Raises:
+        RuntimeError: when the measuring process fails.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    image_file = os.path.join(workdir, "memory_image.npy")
+    np.save(image_file, image.numpy())
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_worker, args=(config_file, dict(overrides), image_file, threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"memory measurement failed: {result['error']}")
+    return result
+
+
+def summarise_seeds(runs: Sequence[dict], split: str, organs: Sequence[str]) -> dict:
+    """Per-seed lists of one network on one split, in the protocol's JSON layout."""
+    finals = [run["final"][split] for run in runs]
+    return {
+        "mean_dice": [f["mean_dice"] for f in finals],
+        "dice": {o: [f["dice"][o] for f in finals] for o in organs},
+        "hd95": {o: [f["hd95"][o] for f in finals] for o in organs},
+        "volume_ratio": {o: [f["volume_ratio"][o] for f in finals] for o in organs},
+    }
+
+
+def verdict(method: Sequence[float], baseline: Sequence[float]) -> dict:
+    """The protocol's comparison of two networks' per-seed means on one split.
+
+    One is ahead only when the difference of means exceeds the larger of the two spreads (range of the per-seed
+    means).
+    """
+    m, b = mean_of(method), mean_of(baseline)
+    spread = max(float(np.ptp(method)) if len(method) else 0.0, float(np.ptp(baseline)) if len(baseline) else 0.0)
+    diff = m - b
+    if diff > spread:
+        word = "ahead"
+    elif -diff > spread:
+        word = "behind"
+    else:
+        word = "within the spread"
+    return {"difference": diff, "spread": spread, "verdict": word}
+
+
+def dump_json(path: str, obj: object) -> None:
+    """Write JSON with NaN as null (the protocol's files are read by other tools)."""
+
+    def clean(o):
+        if isinstance(o, float):
+            return o if np.isfinite(o) else None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, (np.floating, np.integer)):
+            return clean(o.item())
+        return o
+
+    with open(path, "w") as f:
+        json.dump(clean(obj), f, indent=1)

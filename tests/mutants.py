@@ -1,0 +1,203 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Check that the tests catch the removal of each method component ("tests that can fail").
+
+Each mutant removes or bypasses one component by a text replacement in a copy of the repository, then runs the
+tests that are meant to catch it; a mutant that leaves them passing is reported as SURVIVED (a missing test).
+
+    python tests/mutants.py              # every method
+    python tests/mutants.py iapl         # one method
+    python tests/mutants.py --list       # the table only
+
+Exit status 0 when every mutant is caught. Results are printed as a Markdown table (docs/testing.md keeps the last
+one). The copy leaves the working tree untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    method: str
+    component: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "iapl",
+        "CPP (common prototypes) removed from the descriptors",
+        "monai_proto/networks/nets/iapl.py",
+        "self.common_norm(common)",
+        "torch.zeros_like(common)",
+        (
+            "tests/test_iapl.py::test_fresh_network_has_uncorrelated_class_maps",
+            "tests/test_iapl.py::test_dynamic_head_gives_each_class_its_own_map",
+        ),
+    ),
+    Mutant(
+        "iapl",
+        "IPP (instance prototypes) removed from the descriptors",
+        "monai_proto/networks/nets/iapl.py",
+        "self.instance_norm(instance_prototypes)",
+        "torch.zeros_like(instance_prototypes)",
+        ("tests/test_iapl.py::test_instance_prototypes_are_input_specific_and_reach_the_logits",),
+    ),
+    Mutant(
+        "iapl",
+        "IPP not confidence-weighted (plain average of the features)",
+        "monai_proto/networks/nets/iapl.py",
+        "return masked_average_pooling(embeddings, weights)",
+        "return masked_average_pooling(embeddings, torch.ones_like(weights))",
+        ("tests/test_iapl.py::test_instance_prototypes_pool_by_confidence",),
+    ),
+    Mutant(
+        "iapl",
+        "dynamic head bypassed (same descriptor for every class)",
+        "monai_proto/networks/nets/iapl.py",
+        "logits = self.head(self.head_input(features.decoder[-1]), descriptors)",
+        "logits = self.head(self.head_input(features.decoder[-1]), descriptors[:, :1].expand_as(descriptors))",
+        (
+            "tests/test_iapl.py::test_dynamic_head_gives_each_class_its_own_map",
+            "tests/test_iapl.py::test_fresh_network_has_uncorrelated_class_maps",
+        ),
+    ),
+    Mutant(
+        "iapl",
+        "foreground filtering removed from the k-means update",
+        "monai_proto/networks/blocks/kmax_decoder.py",
+        "assignment = assignment * keep.unsqueeze(-1)",
+        "assignment = assignment",
+        ("tests/test_iapl.py::test_foreground_filtering_changes_the_decoder",),
+    ),
+    Mutant(
+        "iapl",
+        "filter-threshold ramp does not reach the network",
+        "monai_proto/handlers/schedules.py",
+        "getattr(network, self.setter)(value)",
+        "pass",
+        ("tests/test_iapl.py::test_ramp_handler_sets_threshold",),
+    ),
+    Mutant(
+        "iapl",
+        "filter-threshold ramp removed from the bundle",
+        "bundles/iapl_segmentation/configs/train.json",
+        '"setter": "set_filter_threshold",',
+        '"_disabled_": true, "setter": "set_filter_threshold",',
+        ("tests/test_iapl_bundle.py::test_train_run_writes_checkpoints_and_ramps",),
+    ),
+    Mutant(
+        "iapl",
+        "deep supervision removed",
+        "monai_proto/losses/iapl.py",
+        "if self.aux_weight > 0:",
+        "if False:",
+        ("tests/test_iapl.py::test_deep_supervision_trains_the_middle_and_finest_stages",),
+    ),
+    Mutant(
+        "iapl",
+        "held-out labels reach the loss (ignore value not honoured)",
+        "monai_proto/losses/segmentation.py",
+        "    valid = target != ignore_index\n",
+        "    valid = target == target\n",
+        ("tests/test_iapl.py::test_losses_ignore_held_out_labels", "tests/test_segmentation_loss.py"),
+    ),
+    Mutant(
+        "iapl",
+        "A-slab not hidden from training",
+        "monai_proto/data/transforms.py",
+        "label[:, hide] = self.ignore_value",
+        "pass",
+        ("tests/test_holdout_and_augment.py::test_holdout_hides_exactly_the_a_slab",),
+    ),
+    Mutant(
+        "iapl",
+        "thin-slab crops not thinned",
+        "monai_proto/data/transforms.py",
+        "if not self._do_transform or size <= self.min_extent:",
+        "if True:",
+        ("tests/test_holdout_and_augment.py::test_thin_slab_keeps_size_pads_like_the_inferer_and_ignores_padding",),
+    ),
+    Mutant(
+        "iapl",
+        "contrast shift the same for every class",
+        "monai_proto/data/transforms.py",
+        "shift[label == c] = float(self.R.uniform(*self.offsets))",
+        "shift[label == c] = self.offsets[0]",
+        ("tests/test_holdout_and_augment.py::test_label_intensity_shift_moves_each_class_by_its_own_offset",),
+    ),
+]
+
+
+def _copy_repo(dest: str) -> None:
+    ignore = shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "models", "eval", "logs", ".pytest_cache")
+    for name in ("monai_proto", "bundles", "tests", "benchmarks"):
+        shutil.copytree(os.path.join(REPO, name), os.path.join(dest, name), ignore=ignore)
+    for name in ("setup.cfg", "pyproject.toml"):
+        shutil.copy(os.path.join(REPO, name), dest)
+
+
+def run_mutant(mutant: Mutant, timeout: int = 1800) -> tuple[str, float]:
+    """Apply one mutant in a fresh copy and run its tests: ``("caught" | "SURVIVED" | "not applied", seconds)``."""
+    with tempfile.TemporaryDirectory(prefix="mutant_") as tmp:
+        _copy_repo(tmp)
+        path = os.path.join(tmp, mutant.path)
+        with open(path) as f:
+            text = f.read()
+        if text.count(mutant.old) != 1:
+            return f"not applied ({text.count(mutant.old)} matches)", 0.0
+        with open(path, "w") as f:
+            f.write(text.replace(mutant.old, mutant.new))
+        env = dict(os.environ, PYTHONPATH=tmp + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        seconds = time.perf_counter() - start
+        if proc.returncode == 0:
+            return "SURVIVED", seconds
+        if "FAILED" in proc.stdout or "Error" in proc.stdout:
+            return "caught", seconds
+        return f"error (exit {proc.returncode})", seconds
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("methods", nargs="*", help="methods to check (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the table of mutants without running them")
+    args = ap.parse_args()
+    chosen = [m for m in MUTANTS if not args.methods or m.method in args.methods]
+    print("| method | component removed or bypassed | tests | result |")
+    print("|---|---|---|---|")
+    ok = True
+    for m in chosen:
+        tests = ", ".join(t.split("::")[-1] for t in m.tests)
+        if args.list:
+            print(f"| {m.method} | {m.component} | {tests} | |", flush=True)
+            continue
+        result, seconds = run_mutant(m)
+        ok &= result == "caught"
+        print(f"| {m.method} | {m.component} | {tests} | {result} ({seconds:.0f} s) |", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The benchmark harness: scores, references, verdicts, orientation, and a --smoke run of the IAPL benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from monai_proto.apps.benchmark import (
+    EvaluationSplit,
+    radiological,
+    reference_scores,
+    score_prediction,
+    verdict,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORGANS = ["a", "b"]
+
+
+def _split(region_slices=slice(None)):
+    label = torch.zeros(1, 1, 10, 10, 10, dtype=torch.long)
+    label[0, 0, 2:4, 2:4, :] = 1  # organ a: 40 voxels
+    label[0, 0, 6:9, 6:9, :] = 2  # organ b: 90 voxels
+    region = torch.zeros(10, 10, 10, dtype=torch.bool)
+    region[:, :, region_slices] = True
+    body = torch.zeros(10, 10, 10, dtype=torch.bool)
+    body[1:9, 1:9, :] = True  # 640 voxels
+    return EvaluationSplit("t", torch.zeros(1, 1, 10, 10, 10), label, region, body, (1.0, 1.0, 1.0))
+
+
+def test_perfect_and_doubled_predictions():
+    split = _split()
+    perfect = score_prediction(split.label, split, ORGANS)
+    assert perfect["mean_dice"] == pytest.approx(1.0)
+    assert perfect["volume_ratio"] == {"a": 1.0, "b": 1.0}
+    assert perfect["hd95"]["a"] == pytest.approx(0.0)
+    pred = split.label.clone()
+    pred[0, 0, 4:6, 2:4, :] = 1  # organ a painted twice its size
+    doubled = score_prediction(pred, split, ORGANS)
+    assert doubled["dice"]["a"] == pytest.approx(2 * 40 / (80 + 40))
+    assert doubled["volume_ratio"]["a"] == pytest.approx(2.0)
+
+
+def test_region_limits_what_is_scored():
+    split = _split(slice(0, 5))  # only the first 5 slices count
+    pred = split.label.clone()
+    pred[..., 5:] = 0  # wrong outside the region: no effect
+    scores = score_prediction(pred, split, ORGANS)
+    assert scores["mean_dice"] == pytest.approx(1.0)
+    empty_b = _split(slice(0, 5))
+    empty_b.label[0, 0][empty_b.label[0, 0] == 2] = 0
+    assert math.isnan(score_prediction(empty_b.label, empty_b, ORGANS)["dice"]["b"])  # absent organ: not scored
+
+
+def test_trivial_references():
+    split = _split()
+    refs = reference_scores(split, ORGANS)
+    assert refs["empty"]["mean_dice"] == 0.0
+    assert refs["body_mask"]["dice"]["a"] == pytest.approx(2 * 40 / (640 + 40))
+    assert refs["body_mask"]["volume_ratio"]["b"] == pytest.approx(640 / 90)
+
+
+def test_verdict_follows_the_protocol():
+    assert verdict([0.60, 0.62], [0.50, 0.55])["verdict"] == "ahead"  # 0.085 > spread 0.05
+    assert verdict([0.60, 0.62], [0.55, 0.62])["verdict"] == "within the spread"
+    assert verdict([0.40, 0.41], [0.50, 0.52])["verdict"] == "behind"
+
+
+def test_radiological_orientation():
+    """RAS axial slice [x, y]: patient's right (low x... high x is Right) on the viewer's left, anterior on top."""
+    axial = np.zeros((4, 3))
+    axial[3, 2] = 1  # most right (x high) and most anterior (y high)
+    shown = radiological(axial)
+    assert shown.shape == (3, 4) and shown[0, 0] == 1
+
+
+@pytest.mark.slow
+def test_iapl_benchmark_smoke(tmp_path):
+    """--smoke trains both networks a few iterations and writes the three files with finite numbers."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "iapl.py"),
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--repeats",
+        "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"iapl.{ext}").stat().st_size > 0
+    result = json.loads((tmp_path / "iapl.json").read_text())
+    assert result["method"] == "IAPLNet" and result["baselines"] == ["UNet"]
+    for split in ("A-slab", "B"):
+        entries = result["results"][split]
+        for net in ("IAPLNet", "UNet"):
+            assert all(math.isfinite(v) for v in entries[net]["mean_dice"])
+            assert set(entries[net]["volume_ratio"]) == set(result["organs"])
+        assert 0 < entries["body_mask"]["mean_dice"] < 1 and entries["empty"]["mean_dice"] == 0
+    assert result["splits"]["A-slab"]["region_box"][2] == [45, 51]  # the slab on the smoke run's 6 mm grid
+    assert all(result["speed"][k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio"))
+    assert len(result["curves"]["IAPLNet"]["0"]["iterations"]) >= 2
+    assert "SMOKE RUN" in (tmp_path / "iapl.md").read_text()

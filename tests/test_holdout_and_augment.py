@@ -1,0 +1,116 @@
+"""Held-out region, thin-slab crops and label-drawn contrast shift (the transforms behind the benchmark protocol)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+
+from monai_proto.data import (
+    HoldOutRegiond,
+    RandLabelIntensityShiftd,
+    RandThinSlabd,
+    demo_data_dir,
+    holdout_mask,
+    load_msd_datalist,
+)
+
+
+@pytest.fixture(scope="module")
+def scan_a():
+    item = load_msd_datalist(demo_data_dir(), "training")[0]
+    load = Compose(
+        [
+            LoadImaged(["image", "label"]),
+            EnsureChannelFirstd(["image", "label"]),
+            Orientationd(["image", "label"], "RAS", labels=None),
+        ]
+    )
+    return load(item)
+
+
+def test_holdout_hides_exactly_the_a_slab(scan_a):
+    """The world-coordinate region of dataset.json is slices 90-101 of scan A's RAS grid (the protocol's A-slab)."""
+    train = HoldOutRegiond("label", keep="outside")(scan_a)
+    hidden = torch.nonzero((train["label"][0] == 255).all(0).all(0)).flatten().tolist()
+    assert hidden == list(range(90, 102))
+    assert int((train["label"][0] == 255).sum()) == 122 * 101 * 12  # whole slices, not just organs
+    assert torch.equal(train["image"], scan_a["image"])  # the image stays as context
+    assert torch.equal(train["label"][..., :90], scan_a["label"][..., :90])
+    evaluate = HoldOutRegiond("label", keep="inside")(scan_a)
+    kept = evaluate["label"][0] != 255
+    assert torch.nonzero(kept.any(0).any(0)).flatten().tolist() == list(range(90, 102))
+    assert torch.equal(evaluate["label"][..., 90:102], scan_a["label"][..., 90:102])
+
+
+def test_holdout_follows_world_coordinates_on_another_grid():
+    """A region in mm lands on the same anatomy when the grid is resampled (here 1.5 mm instead of 3 mm)."""
+    affine = torch.diag(torch.tensor([1.5, 1.5, 1.5, 1.0], dtype=torch.float64))
+    affine[2, 3] = 10.0
+    label = MetaTensor(torch.zeros(1, 4, 4, 40), affine=affine)
+    mask = holdout_mask(label, {"axis": 2, "range_mm": [19.0, 25.0]})  # slice k at 10 + 1.5 k mm
+    assert torch.nonzero(mask[0, 0]).flatten().tolist() == [6, 7, 8, 9, 10]
+    assert holdout_mask(label, None) is None
+    with pytest.raises(ValueError, match="axis"):
+        holdout_mask(label, {"axis": 5, "range_mm": [0, 1]})
+
+
+def test_items_without_region_pass_unchanged():
+    label = MetaTensor(torch.ones(1, 4, 4, 4))
+    out = HoldOutRegiond("label")({"label": label})
+    assert torch.equal(out["label"], label)
+
+
+def test_thin_slab_keeps_size_pads_like_the_inferer_and_ignores_padding():
+    image = torch.arange(16, dtype=torch.float32).reshape(1, 1, 1, 16).repeat(1, 3, 3, 1)
+    label = torch.ones(1, 3, 3, 16)
+    t = RandThinSlabd("image", label_keys="label", min_extent=4, prob=1.0)
+    t.set_random_state(0)
+    out = t({"image": MetaTensor(image), "label": label})
+    assert out["image"].shape == image.shape and out["label"].shape == label.shape
+    real = out["label"][0, 0, 0] == 1
+    extent = int(real.sum())
+    assert 4 <= extent < 16
+    first = int(torch.nonzero(real)[0])
+    assert first == (16 - extent) // 2  # symmetric, as SlidingWindowInferer pads
+    values = out["image"][0, 0, 0]
+    slab = values[real]
+    assert torch.equal(slab, torch.arange(float(slab[0]), float(slab[0]) + extent))  # a contiguous run of slices
+    assert torch.all(values[:first] == slab[0]) and torch.all(values[first + extent :] == slab[-1])  # replicate
+    assert torch.all(out["label"][0, 0, 0][~real] == 255)
+    never = RandThinSlabd("image", label_keys="label", prob=0.0)({"image": image, "label": label})
+    assert torch.equal(never["image"], image)
+
+
+def test_label_intensity_shift_moves_each_class_by_its_own_offset():
+    image = torch.zeros(1, 6, 6, 6)
+    label = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    label[:, :2] = 1
+    label[:, 2:4] = 2
+    label[:, 5] = 255
+    t = RandLabelIntensityShiftd("image", offsets=(0.1, 0.3), prob=1.0)
+    t.set_random_state(3)
+    out = t({"image": image, "label": label})["image"]
+    a, b = out[label == 1], out[label == 2]
+    assert torch.all(a == a[0]) and torch.all(b == b[0])  # one offset per class
+    assert 0.1 <= float(a[0]) <= 0.3 and 0.1 <= float(b[0]) <= 0.3 and float(a[0]) != float(b[0])
+    assert torch.all(out[label == 0] == 0) and torch.all(out[label == 255] == 0)  # background and ignored: unchanged
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="keep"):
+        HoldOutRegiond("label", keep="both")
+    with pytest.raises(ValueError, match="min_extent"):
+        RandThinSlabd("image", min_extent=0)
+    with pytest.raises(ValueError, match="offsets"):
+        RandLabelIntensityShiftd("image", offsets=(0.3, 0.1))
+
+
+def test_label_intensity_shift_numpy_free():
+    """The transform works on MetaTensors from the real pipeline (dtype and meta kept)."""
+    image = MetaTensor(torch.zeros(1, 2, 2, 2), affine=torch.eye(4))
+    label = MetaTensor(torch.ones(1, 2, 2, 2))
+    out = RandLabelIntensityShiftd("image", prob=1.0)({"image": image, "label": label})["image"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float32 and np.isfinite(out.numpy()).all()
