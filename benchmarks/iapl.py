@@ -46,7 +46,7 @@ READING = """
 
 def main() -> None:
     ap = add_arguments(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), 600
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), 1200
     )
     ap.add_argument("--backbone", choices=("unet", "swinunetr"), default="unet")
     ap.add_argument("--feature_size", type=int, default=48, help="SwinUNETR feature size")

@@ -71,6 +71,8 @@ def test_verdict_follows_the_protocol():
     assert verdict([0.60, 0.62], [0.50, 0.55])["verdict"] == "ahead"  # 0.085 > spread 0.05
     assert verdict([0.60, 0.62], [0.55, 0.62])["verdict"] == "within the spread"
     assert verdict([0.40, 0.41], [0.50, 0.52])["verdict"] == "behind"
+    assert verdict([0.60], [0.10])["verdict"].startswith("n/a")  # one seed has no spread
+    assert verdict([0.60, float("nan")], [0.10, 0.12])["verdict"].startswith("n/a")
 
 
 def test_radiological_orientation():

@@ -80,6 +80,10 @@ def test_thin_slab_keeps_size_pads_like_the_inferer_and_ignores_padding():
     assert torch.equal(slab, torch.arange(float(slab[0]), float(slab[0]) + extent))  # a contiguous run of slices
     assert torch.all(values[:first] == slab[0]) and torch.all(values[first + extent :] == slab[-1])  # replicate
     assert torch.all(out["label"][0, 0, 0][~real] == 255)
+    capped = RandThinSlabd("image", label_keys="label", min_extent=4, max_extent=5, prob=1.0)
+    for seed in range(10):
+        capped.set_random_state(seed)
+        assert 4 <= int((capped({"image": image, "label": label})["label"][0, 0, 0] == 1).sum()) <= 5
     never = RandThinSlabd("image", label_keys="label", prob=0.0)({"image": image, "label": label})
     assert torch.equal(never["image"], image)
 
@@ -104,6 +108,8 @@ def test_bad_arguments():
         HoldOutRegiond("label", keep="both")
     with pytest.raises(ValueError, match="min_extent"):
         RandThinSlabd("image", min_extent=0)
+    with pytest.raises(ValueError, match="min_extent"):
+        RandThinSlabd("image", min_extent=8, max_extent=4)
     with pytest.raises(ValueError, match="offsets"):
         RandLabelIntensityShiftd("image", offsets=(0.3, 0.1))
 
@@ -114,3 +120,24 @@ def test_label_intensity_shift_numpy_free():
     label = MetaTensor(torch.ones(1, 2, 2, 2))
     out = RandLabelIntensityShiftd("image", prob=1.0)({"image": image, "label": label})["image"]
     assert isinstance(out, MetaTensor) and out.dtype == torch.float32 and np.isfinite(out.numpy()).all()
+
+
+def test_shallow_conv_intensity_remaps_but_keeps_statistics():
+    from monai_proto.data import RandShallowConvIntensityd
+
+    torch.manual_seed(0)
+    image = MetaTensor(torch.rand(1, 24, 24, 16), affine=torch.eye(4))
+    t = RandShallowConvIntensityd("image", prob=1.0)
+    outs = []
+    for seed in (0, 0, 1):
+        t.set_random_state(seed)
+        outs.append(t({"image": image})["image"])
+    torch.testing.assert_close(outs[0], outs[1])  # reproducible
+    assert not torch.allclose(outs[0], outs[2])  # a new network per draw
+    for out in outs:
+        assert isinstance(out, MetaTensor) and out.shape == image.shape
+        assert float(out.mean()) == pytest.approx(float(image.mean()), abs=1e-4)  # the blend keeps the mean
+        corr = float(torch.corrcoef(torch.stack([out.flatten(), image.flatten()]))[0, 1])
+        assert corr < 0.999  # a real remapping, not the identity
+    same = RandShallowConvIntensityd("image", prob=0.0)({"image": image})["image"]
+    assert torch.equal(same, image)

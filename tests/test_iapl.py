@@ -301,3 +301,14 @@ def test_losses_ignore_held_out_labels():
     g_logits, g_stage = torch.autograd.grad(loss, [out.logits, stage])
     assert g_logits[..., 16:].abs().max() == 0 and g_logits[..., :16].abs().max() > 0
     assert g_stage[..., 2:].abs().max() == 0 and g_stage[..., :2].abs().max() > 0
+
+
+def test_dynamic_head_chunks_give_the_same_logits():
+    torch.manual_seed(0)
+    head = DynamicPrototypeHead(descriptor_dim=6, feature_channels=4, hidden_channels=(8,), voxel_chunk=100)
+    feats, desc = torch.randn(2, 4, 9, 9, 7, requires_grad=True), torch.randn(2, 3, 6)
+    chunked = head(feats, desc)
+    head.voxel_chunk = 0
+    torch.testing.assert_close(chunked, head(feats, desc))
+    grad = torch.autograd.grad(chunked.sum(), feats)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(head(feats, desc).sum(), feats)[0])

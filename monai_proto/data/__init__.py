@@ -7,6 +7,7 @@ from .transforms import (
     HoldOutRegiond,
     LoadCheckedImaged,
     RandLabelIntensityShiftd,
+    RandShallowConvIntensityd,
     RandThinSlabd,
     SelectLabels,
     SelectLabelsd,

@@ -40,6 +40,7 @@ __all__ = [
     "HoldOutRegiond",
     "LoadCheckedImaged",
     "RandLabelIntensityShiftd",
+    "RandShallowConvIntensityd",
     "RandThinSlabd",
     "SelectLabels",
     "SelectLabelsd",
@@ -251,9 +252,7 @@ class CheckImageLabeld(MapTransform):
                             f"image affine:\n{image_affine.numpy()}"
                         )
             if self.require_foreground and not bool((label != 0).any()):
-                raise ValueError(
-                    f"label {label_src} contains none of the selected classes (no foreground voxel)."
-                )
+                raise ValueError(f"label {label_src} contains none of the selected classes (no foreground voxel).")
         return d
 
 
@@ -371,6 +370,8 @@ class HoldOutRegiond(MapTransform):
             inside = holdout_mask(d[key], region)
             hide = inside if self.keep == "outside" else ~inside
             label = d[key].clone()
+            if not label.is_floating_point() and torch.iinfo(label.dtype).max < self.ignore_value:
+                label = label.to(torch.int32)  # e.g. int8 labels cannot hold 255
             label[:, hide] = self.ignore_value
             d[key] = label
         return d
@@ -380,23 +381,30 @@ class RandThinSlabd(RandomizableTransform, MapTransform):
     """Train on what inference of a thin volume feeds the network: a thin slab padded to the full window.
 
     With probability ``prob`` the crop keeps only a random run of ``extent`` slices along ``axis``
-    (``min_extent <= extent < size``) and is padded back to its size the way ``SlidingWindowInferer`` pads a
-    thinner volume (symmetrically; images with ``image_mode``, e.g. ``"replicate"``; labels with
-    ``label_value``, the ignore value, so the padding is never supervised). Thin CT slabs and few-slice MRI are
-    padded at inference to the window; a network that never saw such input fails on it (measured on the demo
-    data: a UNet that fits scan A scores 0 on a 14-slice slab of it with zero padding).
+    (``min_extent <= extent <= max_extent``, below the crop's size) and is padded back to its size the way
+    ``SlidingWindowInferer`` pads a thinner volume (symmetrically; images with ``image_mode``, e.g.
+    ``"replicate"``; labels with ``label_value``, the ignore value, so the padding is never supervised). Thin CT
+    slabs and few-slice MRI are padded at inference to the window; a network that never saw such input fails on
+    it (measured on the demo data: a UNet that fits scan A scores 0 on a 14-slice slab of it with zero padding).
+
+    With ``restore_size=False`` the slab is only cut out, not padded back: placed before the crop, it makes the
+    whole volume thin, so that crops keep the slab's depth and a later ``DivisiblePadd`` pads them as
+    :class:`~monai_proto.inferers.FittedSlidingWindowInferer` pads a thin volume. A slab whose labels are all
+    ``label_value`` (e.g. inside a held-out region) is not taken: the data pass unchanged.
 
     Args:
         keys: image keys (padded with ``image_mode``).
         label_keys: label keys (padded with ``label_value``).
         axis: spatial axis of the slab (default the last: slices of an RAS-oriented volume).
         min_extent: fewest slices kept.
+        max_extent: most slices kept (default: one less than the crop).
         prob: probability of thinning a crop.
         image_mode: ``torch.nn.functional.pad`` mode for images.
-        label_value: constant for label padding.
+        label_value: constant for label padding (and the value a slab must not hold only).
+        restore_size: pad the slab back to the input's size (default) or keep the slab's size.
 
     Raises:
-        ValueError: for ``min_extent < 1``.
+        ValueError: for ``min_extent < 1`` or ``max_extent < min_extent``.
     """
 
     backend = [TransformBackends.TORCH]
@@ -407,17 +415,21 @@ class RandThinSlabd(RandomizableTransform, MapTransform):
         label_keys: KeysCollection = (),
         axis: int = -1,
         min_extent: int = 8,
+        max_extent: int | None = None,
         prob: float = 0.3,
         image_mode: str = "replicate",
         label_value: float = 255,
+        restore_size: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         all_keys = ([keys] if isinstance(keys, str) else list(keys)) + label_keys
         MapTransform.__init__(self, all_keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        if min_extent < 1:
-            raise ValueError(f"min_extent must be >= 1, but got {min_extent}.")
+        if min_extent < 1 or (max_extent is not None and max_extent < min_extent):
+            raise ValueError(f"need 1 <= min_extent <= max_extent, but got {min_extent} and {max_extent}.")
+        self.max_extent = max_extent
+        self.restore_size = restore_size
         self.label_keys = set(label_keys)
         self.axis, self.min_extent, self.image_mode, self.label_value = axis, min_extent, image_mode, label_value
         self._extent = self._start = 0
@@ -429,7 +441,8 @@ class RandThinSlabd(RandomizableTransform, MapTransform):
         self.randomize(None)
         if not self._do_transform or size <= self.min_extent:
             return d
-        self._extent = int(self.R.randint(self.min_extent, size))
+        high = size if self.max_extent is None else min(size, self.max_extent + 1)
+        self._extent = int(self.R.randint(self.min_extent, high))
         self._start = int(self.R.randint(0, size - self._extent + 1))
         dim = 1 + (self.axis % (first.ndim - 1))
         before = (size - self._extent) // 2
@@ -437,8 +450,16 @@ class RandThinSlabd(RandomizableTransform, MapTransform):
         for d_ in range(first.ndim - 1, 0, -1):
             pad += [before, size - self._extent - before] if d_ == dim else [0, 0]
         for key in self.key_iterator(d):
+            if key in self.label_keys and bool(
+                (torch.as_tensor(d[key]).narrow(dim, self._start, self._extent) == self.label_value).all()
+            ):
+                return dict(data)  # a slab with no visible label would leave nothing to learn from
+        for key in self.key_iterator(d):
             x = torch.as_tensor(d[key])
             slab = x.narrow(dim, self._start, self._extent)
+            if not self.restore_size:
+                d[key] = slab
+                continue
             if key in self.label_keys:
                 out = torch.nn.functional.pad(slab, pad, mode="constant", value=self.label_value)
             else:  # replicate/reflect padding of a CHW[D] tensor needs a batch dimension
@@ -488,10 +509,75 @@ class RandLabelIntensityShiftd(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return d
         label = torch.as_tensor(d[self.label_key])
+        for key in self.key_iterator(d):
+            d[key] = torch.as_tensor(d[key])  # numpy images too
         classes = [int(c) for c in torch.unique(label) if int(c) not in (0, self.ignore_value)]
         shift = torch.zeros(label.shape, dtype=torch.float32, device=label.device)
         for c in classes:
             shift[label == c] = float(self.R.uniform(*self.offsets))
         for key in self.key_iterator(d):
             d[key] = d[key] + shift.to(d[key].device, d[key].dtype)
+        return d
+
+
+class RandShallowConvIntensityd(RandomizableTransform, MapTransform):
+    """Global intensity non-linearity (GIN): remap the image through a randomly initialised shallow convolutional
+    network, blended with the original (Ouyang et al., "Causality-inspired single-source domain generalization for
+    medical image segmentation", IEEE TMI 2022).
+
+    A network trained on one scanner or one contrast phase learns its intensities; a random shallow remapping
+    keeps shapes and local texture while changing how tissues map to intensities, so that shape carries more of
+    the decision. Each call draws ``num_layers`` convolutions (kernel 1 or 3, ``hidden_channels`` wide, weights
+    from a standard normal, LeakyReLU between them), maps the image to one channel, rescales the result to the
+    image's mean and standard deviation, and returns ``alpha * remapped + (1 - alpha) * image`` with
+    ``alpha ~ U(0, 1)``. Works for 2D and 3D channel-first images.
+
+    Args:
+        keys: image keys (single-channel images).
+        prob: probability of remapping.
+        num_layers: convolutions of the random network.
+        hidden_channels: their width.
+    """
+
+    backend = [TransformBackends.TORCH]
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.5,
+        num_layers: int = 4,
+        hidden_channels: int = 2,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if num_layers < 1 or hidden_channels < 1:
+            raise ValueError(f"num_layers and hidden_channels must be >= 1, but got {num_layers}, {hidden_channels}.")
+        self.num_layers, self.hidden_channels = num_layers, hidden_channels
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        alpha = float(self.R.uniform(0.0, 1.0))
+        seed = int(self.R.randint(0, 2**31 - 1))
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            x = image.as_subclass(torch.Tensor).float().unsqueeze(0)  # (1, C, *S)
+            conv = torch.nn.functional.conv3d if x.ndim == 5 else torch.nn.functional.conv2d
+            generator = torch.Generator().manual_seed(seed)
+            channels = x.shape[1]
+            with torch.no_grad():
+                for layer in range(self.num_layers):
+                    out_c = 1 if layer == self.num_layers - 1 else self.hidden_channels
+                    k = 1 if torch.rand(1, generator=generator).item() < 0.5 else 3
+                    weight = torch.randn(out_c, channels, *([k] * (x.ndim - 2)), generator=generator)
+                    x = conv(x, weight.to(x.device), padding=k // 2)
+                    if layer < self.num_layers - 1:
+                        x = torch.nn.functional.leaky_relu(x, 0.2)
+                    channels = out_c
+                remapped = (x - x.mean()) / x.std().clamp_min(1e-6) * image.float().std() + image.float().mean()
+            out = alpha * remapped[0] + (1.0 - alpha) * image.float()
+            d[key] = out.to(image.dtype) if isinstance(out, MetaTensor) else MetaTensor(out, meta=getattr(image, "meta", None))
         return d

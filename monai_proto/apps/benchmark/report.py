@@ -96,7 +96,7 @@ def _markdown(result: Mapping, reading: str) -> str:
         for b in result["baselines"]:
             v = result["verdicts"][split][b]
             lines.append(
-                f"- {result['method']} vs {b}: difference {v['difference']:+.3f}, larger spread {v['spread']:.3f}: "
+                f"- {result['method']} vs {b}: difference {v['difference']:+.3f}, larger spread {_fmt(v['spread'])}: "
                 f"**{v['verdict']}**."
             )
         body = entries["body_mask"]["mean_dice"]

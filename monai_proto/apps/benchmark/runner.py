@@ -136,7 +136,7 @@ def train_with_curves(
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, eval_every)), score)
     start = time.perf_counter()
     trainer.run()
-    total = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - timing["eval"]  # curve points scored during the run excluded
     if not curve["iterations"] or curve["iterations"][-1] != trainer.state.iteration:
         score(trainer)  # the final weights are always a curve point
     final = {split.name: score_prediction(predictor(network, split.image), split, organs) for split in splits}
@@ -147,7 +147,7 @@ def train_with_curves(
         "curve": curve,
         "losses": losses,
         "iterations": done,
-        "seconds_per_iteration": (total - timing["eval"]) / done,
+        "seconds_per_iteration": train_seconds / done,
         "parameters": sum(p.numel() for p in network.parameters()),
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
         "prediction": {split.name: predictor(network, split.image)[0, 0].to(torch.uint8) for split in splits},
@@ -242,7 +242,13 @@ def peak_inference_memory_mb(
     queue = ctx.Queue()
     proc = ctx.Process(target=_memory_worker, args=(config_file, dict(overrides), image_file, threads, queue))
     proc.start()
-    result = queue.get()
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=5)
+        except Exception:  # queue.Empty: the child is still working, or died without a word
+            if not proc.is_alive():
+                result = {"error": f"the measuring process ended with exit code {proc.exitcode} and no result"}
     proc.join()
     if "error" in result:
         raise RuntimeError(f"memory measurement failed: {result['error']}")
@@ -264,11 +270,14 @@ def verdict(method: Sequence[float], baseline: Sequence[float]) -> dict:
     """The protocol's comparison of two networks' per-seed means on one split.
 
     One is ahead only when the difference of means exceeds the larger of the two spreads (range of the per-seed
-    means).
+    means). With fewer than two finite seeds for either network there is no spread: the verdict is ``"n/a"``.
     """
-    m, b = mean_of(method), mean_of(baseline)
-    spread = max(float(np.ptp(method)) if len(method) else 0.0, float(np.ptp(baseline)) if len(baseline) else 0.0)
-    diff = m - b
+    finite_m = [v for v in method if v is not None and np.isfinite(v)]
+    finite_b = [v for v in baseline if v is not None and np.isfinite(v)]
+    diff = mean_of(finite_m) - mean_of(finite_b)
+    if len(finite_m) < 2 or len(finite_b) < 2:
+        return {"difference": diff, "spread": float("nan"), "verdict": "n/a (fewer than 2 seeds)"}
+    spread = max(float(np.ptp(finite_m)), float(np.ptp(finite_b)))
     if diff > spread:
         word = "ahead"
     elif -diff > spread:

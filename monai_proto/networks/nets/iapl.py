@@ -96,6 +96,7 @@ class IAPLNet(nn.Module):
             ``None`` (default) feeds the normalised backbone features directly, the dynamic head's first layer
             being a point-wise convolution itself.
         head_hidden_channels: hidden channels of the dynamic layers (reference: ``(8, 8)``).
+        head_voxel_chunk: voxels per chunk of the dynamic head on the CPU (see :class:`DynamicPrototypeHead`).
         dropout: dropout in the k-means decoder.
 
     Raises:
@@ -120,6 +121,7 @@ class IAPLNet(nn.Module):
         class_embeddings: Sequence[Sequence[float]] | None = None,
         head_channels: int | None = None,
         head_hidden_channels: Sequence[int] = (8, 8),
+        head_voxel_chunk: int = 4096,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
@@ -181,7 +183,7 @@ class IAPLNet(nn.Module):
         # the larger, class-identical IPP dominate at initialisation)
         self.instance_norm = nn.LayerNorm(prototype_dim)
         self.common_norm = nn.LayerNorm(prototype_dim)
-        self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels)
+        self.head = DynamicPrototypeHead(2 * prototype_dim, head_channels, head_hidden_channels, head_voxel_chunk)
 
     def set_filter_threshold(self, value: float) -> None:
         """Set the foreground-filtering threshold of the k-means decoder (used by the ramp handler)."""

@@ -1,0 +1,58 @@
+"""FittedSlidingWindowInferer: windows shrink to thin volumes, results match MONAI's inferer otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import SlidingWindowInferer
+
+from monai_proto.data import RandThinSlabd
+from monai_proto.inferers import FittedSlidingWindowInferer, fitted_roi_size
+
+
+def test_fitted_roi_size():
+    assert fitted_roi_size((64, 64, 64), (167, 167, 14), 16) == (64, 64, 16)  # scan B at 3 mm
+    assert fitted_roi_size((64, 64, 64), (40, 200, 64), 16) == (48, 64, 64)
+    assert fitted_roi_size((96, 96, 96), (100, 100, 20), 32) == (96, 96, 32)
+    with pytest.raises(ValueError):
+        fitted_roi_size((64, 64), (10, 10, 10), 16)
+
+
+def test_thin_volume_gets_thin_windows_and_full_output():
+    seen = []
+
+    def network(x):
+        seen.append(tuple(x.shape))
+        return torch.cat([x, 2 * x], dim=1)
+
+    image = torch.rand(1, 1, 70, 70, 14)
+    out = FittedSlidingWindowInferer((64, 64, 64), divisor=16, sw_batch_size=4, padding_mode="replicate")(image, network)
+    assert set(seen) == {(4, 1, 64, 64, 16)}  # 2 padded slices, not 50
+    torch.testing.assert_close(out, torch.cat([image, 2 * image], dim=1))
+
+
+def test_same_as_monai_for_large_volumes():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    image = torch.rand(1, 1, 40, 40, 40)
+    kwargs = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
+    with torch.no_grad():
+        ours = FittedSlidingWindowInferer((32, 32, 32), divisor=16, **kwargs)(image, net)
+        theirs = SlidingWindowInferer((32, 32, 32), **kwargs)(image, net)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_thin_volume_crop_without_restoring_size():
+    image = torch.rand(1, 8, 8, 40)
+    label = torch.zeros(1, 8, 8, 40)
+    label[..., 5:35] = 255  # a held-out run of slices: most slabs would fall inside it
+    t = RandThinSlabd("image", label_keys="label", min_extent=6, max_extent=10, prob=1.0, restore_size=False)
+    depths = set()
+    for seed in range(30):
+        t.set_random_state(seed)
+        out = t({"image": image, "label": label})
+        depth = out["image"].shape[-1]
+        depths.add(depth)
+        assert out["label"].shape[-1] == depth
+        assert depth == 40 or bool((out["label"] != 255).any())  # a slab of hidden labels only is never taken
+    assert 40 in depths and any(6 <= d <= 10 for d in depths)
