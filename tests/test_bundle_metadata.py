@@ -282,3 +282,22 @@ def test_monai_proto_names_do_not_shadow_monai() -> None:
     for name, obj in exports.items():
         module = locator.get_component_module_name(name)
         assert module == obj.__module__, f"{name} is defined in {module}, it must only be in {obj.__module__}"
+
+
+def test_eval_metrics_are_the_benchmark_figures() -> None:
+    """metadata.json's eval_metrics are the protocol benchmark's means (docs/benchmarks/iapl.json), split named."""
+    meta = _load_json(META_FILE)
+    bench = _load_json(REPO_ROOT / "docs" / "benchmarks" / "iapl.json")
+
+    def mean(split: str, net: str) -> float:
+        values = [v for v in bench["results"][split][net]["mean_dice"] if v is not None]
+        return round(sum(values) / len(values), 3)
+
+    assert len(bench["seeds"]) >= 2 and bench["iterations"] >= 1000, "eval_metrics must come from a protocol run"
+    expected = {
+        "mean_dice_A_slab": mean("A-slab", "IAPLNet"),
+        "mean_dice_B": mean("B", "IAPLNet"),
+        "mean_dice_A_slab_unet_baseline": mean("A-slab", "UNet"),
+        "mean_dice_B_unet_baseline": mean("B", "UNet"),
+    }
+    assert meta["eval_metrics"] == expected

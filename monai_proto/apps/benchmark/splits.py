@@ -73,7 +73,7 @@ def body_mask(hu: torch.Tensor, threshold: float = -500.0) -> torch.Tensor:
     Returns:
         ``(*S)`` boolean mask.
     """
-    from scipy import ndimage  # scipy: the harness's one extra dependency (the "bench" and "test" extras)
+    from scipy import ndimage
 
     above = np.asarray(torch.as_tensor(hu)[0].cpu()) > threshold
     components, count = ndimage.label(above)
