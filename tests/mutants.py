@@ -105,7 +105,7 @@ MUTANTS = [
         "monai_proto/losses/iapl.py",
         "if self.aux_weight > 0:",
         "if False:",
-        ("tests/test_iapl.py::test_deep_supervision_trains_the_middle_and_finest_stages",),
+        ("tests/test_iapl.py::test_deep_supervision_trains_every_stage",),
     ),
     Mutant(
         "iapl",

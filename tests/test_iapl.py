@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from monai.networks.nets import UNet
@@ -12,6 +14,7 @@ from monai_proto.networks.blocks import DynamicPrototypeHead, UNetFeatureBackbon
 from monai_proto.networks.blocks.kmax_decoder import foreground_cluster_mask, semantic_confidence
 from monai_proto.networks.nets.iapl import IAPLOutput
 
+BUNDLE = str(Path(__file__).resolve().parents[1] / "bundles" / "iapl_segmentation")
 SMALL = {"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "feature_channels": 8, "num_res_units": 1}
 
 CASES = [  # spatial_dims, input shape, out_channels
@@ -268,7 +271,7 @@ def test_foreground_filtering_changes_the_decoder():
     assert (outputs[0] - outputs[1]).abs().max() > 1e-4
 
 
-def test_deep_supervision_trains_the_middle_and_finest_stages():
+def test_deep_supervision_trains_every_stage():
     torch.manual_seed(0)
     net = small_net(3, 1, 3)
     x = torch.randn(1, 1, 32, 32, 32)
@@ -283,8 +286,24 @@ def test_deep_supervision_trains_the_middle_and_finest_stages():
         ]
     # the stages' class heads are trained by deep supervision only (their confidence is otherwise used under no_grad
     # or, for the finest stage, through IPP)
-    assert grads[0.05][-2] > 0 and grads[0.05][-1] > 0
-    assert not grads[0.0][-2]
+    assert all(g is not None and g > 0 for g in grads[0.05])
+    assert not grads[0.0][0]
+
+
+def test_bundle_network_trains_every_parameter():
+    """The bundle's IAPLNet (3 decoder stages) gives every parameter a gradient: DDP without
+    find_unused_parameters needs it, and a stage without one would cluster with untrained kernels."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(default_bundle_root(argv=["x"], fallback=BUNDLE) + "/configs/train.json"))
+    net, loss = parser.get_parsed_content("network_def"), parser.get_parsed_content("loss")
+    assert len(net.decoder_stages) == 3
+    torch.manual_seed(0)
+    y = torch.randint(0, 7, (1, 1, 32, 32, 32))
+    y[..., 24:] = 255
+    loss(net(torch.rand(1, 1, 32, 32, 32)), y).backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
 def test_losses_ignore_held_out_labels():

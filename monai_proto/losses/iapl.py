@@ -35,9 +35,10 @@ class IAPLLoss(_Loss):
     Args:
         aux_weight: weight of each deep-supervision term (paper: 0.05).
         aux_stages: indices (into ``IAPLOutput.stage_predictions``, negative from the finest) of the supervised
-            stages. Default ``(-2, -1)``: the middle and the finest stage, as the reference code supervises
-            (``select=[5, 3]``); the finest stage's confidence is the one that re-weights the features into
-            IPP, so it is trained to be a class confidence.
+            stages; ``None`` (default) supervises every stage. Each stage's predictor drives that stage's k-means
+            assignment, so an unsupervised stage would cluster with untrained kernels (and leave parameters
+            without gradient, which DDP rejects). The reference code supervises the middle and finest of its
+            per-block predictors (``select=[5, 3]``); ``(-2, -1)`` reproduces that choice.
         contrastive_weight: weight of the voxel-to-common-prototype InfoNCE term; 0 disables it.
         temperature: temperature of that term.
         max_voxels: voxels sampled (class-balanced) for that term.
@@ -51,7 +52,7 @@ class IAPLLoss(_Loss):
     def __init__(
         self,
         aux_weight: float = 0.05,
-        aux_stages: Sequence[int] = (-2, -1),
+        aux_stages: Sequence[int] | None = None,
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
         max_voxels: int = 4096,
@@ -64,7 +65,7 @@ class IAPLLoss(_Loss):
         if aux_weight < 0 or contrastive_weight < 0:
             raise ValueError(f"weights must be >= 0, but got {aux_weight} and {contrastive_weight}.")
         self.aux_weight = aux_weight
-        self.aux_stages = tuple(int(s) for s in aux_stages)
+        self.aux_stages = None if aux_stages is None else tuple(int(s) for s in aux_stages)
         self.contrastive_weight = contrastive_weight
         self.max_voxels = max_voxels
         self.ignore_index = ignore_index
@@ -84,7 +85,8 @@ class IAPLLoss(_Loss):
             return loss
         if self.aux_weight > 0:
             num_stages = len(input.stage_predictions)
-            for s in self.aux_stages:
+            stages = range(num_stages) if self.aux_stages is None else self.aux_stages
+            for s in stages:
                 if not -num_stages <= s < num_stages:
                     raise ValueError(f"aux_stages {self.aux_stages} out of range for {num_stages} decoder stages.")
                 conf = input.stage_predictions[s].confidence
