@@ -26,7 +26,8 @@ def test_thin_volume_gets_thin_windows_and_full_output():
         return torch.cat([x, 2 * x], dim=1)
 
     image = torch.rand(1, 1, 70, 70, 14)
-    out = FittedSlidingWindowInferer((64, 64, 64), divisor=16, sw_batch_size=4, padding_mode="replicate")(image, network)
+    inferer = FittedSlidingWindowInferer((64, 64, 64), divisor=16, sw_batch_size=4, padding_mode="replicate")
+    out = inferer(image, network)
     assert set(seen) == {(4, 1, 64, 64, 16)}  # 2 padded slices, not 50
     torch.testing.assert_close(out, torch.cat([image, 2 * image], dim=1))
 

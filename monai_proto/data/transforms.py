@@ -579,5 +579,7 @@ class RandShallowConvIntensityd(RandomizableTransform, MapTransform):
                     channels = out_c
                 remapped = (x - x.mean()) / x.std().clamp_min(1e-6) * image.float().std() + image.float().mean()
             out = alpha * remapped[0] + (1.0 - alpha) * image.float()
-            d[key] = out.to(image.dtype) if isinstance(out, MetaTensor) else MetaTensor(out, meta=getattr(image, "meta", None))
+            if not isinstance(out, MetaTensor):
+                out = MetaTensor(out, meta=getattr(image, "meta", None))
+            d[key] = out.to(image.dtype)
         return d
