@@ -1,23 +1,47 @@
 # Copyright (c) monai-proto developers. Licensed under the Apache License, Version 2.0.
-"""Unit tests of IPLSL and its PANet-style baseline: peak/mean prototypes, interaction, losses, episodes, inferer."""
+"""Unit tests of IPLSL and its PANet-style baseline. For each component of the method (peak prototypes, mean
+prototypes, background parts, interaction, self-learning and its guard, boundary fusion, reverse alignment,
+empty-query episodes, volume-level inference) a test fails when it is removed (`python tests/mutants.py iplsl`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
 
 from monai_proto.data.episodes import BinarizeClassd, FewShotEpisodeDataset, build_volume_episodes, check_class_split
+from monai_proto.data.transforms import HoldOutRegiond
+from monai_proto.inferers import FittedSlidingWindowInferer
 from monai_proto.inferers.support import FixedPrototypeSegmenter, SupportConditionedInferer
 from monai_proto.losses.iplsl import IPLSLLoss, prototype_consistency_loss, prototype_separation_loss
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
 from monai_proto.networks.layers.peak import peak_average_pooling, peak_mask
-from monai_proto.networks.layers.prototype import masked_average_pooling
+from monai_proto.networks.layers.prototype import masked_average_pooling, partition_mask
+from monai_proto.networks.nets.fewshot import FewShotOutput
 from monai_proto.networks.nets.iplsl import IPLSLNet
-from monai_proto.networks.nets.panet import FewShotOutput, PANetFewShot
+from monai_proto.networks.nets.panet import PANetFewShot
 
 TINY = {"channels": (4, 8, 8, 16), "strides": (2, 2, 2), "feature_channels": 4, "num_res_units": 1}
 
 
+def iplsl(spatial_dims: int = 3, **kwargs) -> IPLSLNet:
+    return IPLSLNet(spatial_dims, 1, 2, backbone_kwargs=TINY, embedding_dim=8, num_heads=2, **kwargs)
+
+
+def _episode(size=(24, 24, 16), batch=2, seed=0):
+    torch.manual_seed(seed)
+    query, support = torch.rand(batch, 1, *size), torch.rand(batch, 1, *size)
+    support_label = torch.zeros(batch, 1, *size)
+    support_label[..., 6:14, 6:14, 4:10] = 1
+    query_label = torch.zeros(batch, 1, *size)
+    query_label[..., 8:16, 8:16, 4:10] = 1
+    support += support_label  # the organ is brighter in both
+    query += query_label
+    return query, support, support_label, query_label
+
+
+# ------------------------------------------------------------------------------------------- shared core
 def test_peak_pooling_hand_made():
     # 1 sample, 2 channels, 2x5 image; values of channel 0 = 0..9, channel 1 = 0
     features = torch.stack([torch.arange(10.0).reshape(2, 5), torch.zeros(2, 5)])[None]
@@ -45,31 +69,75 @@ def test_peak_pooling_bad_fraction(bad):
         peak_average_pooling(torch.rand(1, 2, 4, 4), torch.ones(1, 1, 4, 4), fraction=bad)
 
 
+def test_partition_mask_splits_a_mask_by_feature():
+    features = torch.zeros(1, 2, 6, 6)
+    features[0, 0, :, :3] = 1.0  # left half points one way
+    features[0, 1, :, 3:] = 1.0  # right half the other
+    mask = torch.ones(1, 6, 6)
+    mask[0, 0, 0] = 0
+    parts = partition_mask(features, mask, 2)
+    assert parts.shape == (1, 2, 6, 6)
+    torch.testing.assert_close(parts.sum(1), mask)  # disjoint, and they cover the mask
+    left = parts[0, :, :, :3].flatten(1).sum(1)
+    assert sorted(left.tolist()) == [0.0, 17.0]  # one part is the left half (18 voxels minus the unmasked one)
+    torch.testing.assert_close(partition_mask(features, mask, 2), parts)  # deterministic
+    assert partition_mask(features, torch.zeros(1, 6, 6), 3).sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------- prototypes
 def test_iplsl_prototypes_are_mean_and_peak():
     torch.manual_seed(0)
-    net = IPLSLNet(2, 1, 2, backbone_kwargs=TINY, embedding_dim=8, num_heads=2, peak_fraction=0.25)
+    net = iplsl(2, peak_fraction=0.25, num_background_prototypes=1)
     features = torch.randn(1, sum(net.level_channels), 8, 8)
     label = (torch.rand(1, 1, 8, 8) > 0.5).long()
     protos = net.prototypes_from_features(features, label)
     _, mid, high = net.split_features(features)
     onehot = torch.cat([1 - label, label], 1).float()
-    assert protos.shape == (1, 2, 2, 8)
-    assert torch.allclose(protos[:, 0], masked_average_pooling(mid, onehot), atol=1e-6)
-    assert torch.allclose(protos[:, 1], peak_average_pooling(high, onehot, fraction=0.25), atol=1e-6)
+    assert protos.shape == (1, 2, 2, 1, 8)
+    assert torch.allclose(protos[:, 0, :, 0], masked_average_pooling(mid, onehot), atol=1e-6)
+    assert torch.allclose(protos[:, 1, :, 0], peak_average_pooling(high, onehot, fraction=0.25), atol=1e-6)
 
 
-def test_interaction_is_class_permutation_equivariant():
+def test_background_is_described_by_several_parts():
+    torch.manual_seed(0)
+    net = iplsl(2, num_background_prototypes=3)
+    features = torch.randn(1, sum(net.level_channels), 12, 12)
+    label = torch.zeros(1, 1, 12, 12)
+    label[..., 4:8, 4:8] = 1
+    label[..., 0, :] = 255  # hidden voxels belong to no class
+    protos = net.prototypes_from_features(features, label)
+    assert protos.shape == (1, 2, 2, 3, 8)
+    background = protos[0, 0, 0]  # mid level, 3 parts
+    assert torch.cdist(background, background).triu(1).max() > 0.1  # the parts differ
+    torch.testing.assert_close(protos[0, :, 1, 0], protos[0, :, 1, 2])  # the foreground repeats its prototype
+    _, mid, _ = net.split_features(features)
+    visible_bg = ((label == 0) & (label != 255)).float()[:, 0]
+    parts = partition_mask(mid, visible_bg, 3)
+    torch.testing.assert_close(background, masked_average_pooling(mid, parts)[0])
+
+
+def test_interaction_exchanges_between_prototypes_of_the_same_class():
     torch.manual_seed(0)
     block = PrototypeInteractionBlock(8, num_heads=2).eval()
     support, query = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    s1, q1 = block(support, query)
-    assert s1.shape == support.shape and q1.shape == query.shape
-    perm = torch.tensor([2, 0, 1])
-    s2, q2 = block(support[:, perm], query[:, perm])
-    assert torch.allclose(s2, s1[:, perm], atol=1e-5) and torch.allclose(q2, q1[:, perm], atol=1e-5)
-    # the support output depends on the query prototypes (information flows both ways)
-    s3, _ = block(support, query.flip(-1))
-    assert not torch.allclose(s3, s1)
+    classes = torch.tensor([0, 0, 1])  # two background slots, one foreground
+    s1, q1 = block(support, query, classes)
+    changed_bg = query.clone()
+    changed_bg[:, :2] += 3.0 * torch.randn(2, 2, 8)  # a random change: LayerNorm would cancel a constant shift
+    s2, _ = block(support, changed_bg, classes)
+    torch.testing.assert_close(s2[:, 2], s1[:, 2])  # the support foreground does not read the query background
+    assert (s2[:, :2] - s1[:, :2]).abs().max() > 1e-2
+    changed_fg = query.clone()
+    changed_fg[:, 2] += 3.0 * torch.randn(2, 8)
+    s3, _ = block(support, changed_fg, classes)
+    assert (s3[:, 2] - s1[:, 2]).abs().max() > 1e-2  # ... but the query foreground
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    s4, _ = block(support, changed_fg, classes, valid)
+    s5, _ = block(support, query, classes, valid)
+    torch.testing.assert_close(s4[0], s5[0])  # an invalid query prototype is never read
+    perm = torch.tensor([2, 0, 1])  # equivariant to a joint permutation of the tokens
+    s6, q6 = block(support[:, perm], query[:, perm], classes[perm])
+    torch.testing.assert_close(s6, s1[:, perm], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="6"):
         PrototypeInteractionBlock(6, num_heads=4)
 
@@ -78,14 +146,19 @@ def test_prototype_losses_hand_made():
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # K=2 orthogonal
     assert prototype_consistency_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
     assert prototype_consistency_loss(a, -a).item() == pytest.approx(2.0, abs=1e-6)
+    assert prototype_consistency_loss(a, -a, valid=torch.tensor([True, False])).item() == pytest.approx(2.0)
     assert prototype_separation_loss(a).item() == pytest.approx(0.0, abs=1e-6)
     same = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
     assert prototype_separation_loss(same).item() == pytest.approx(1.0, abs=1e-6)
     assert prototype_separation_loss(same, margin=0.5).item() == pytest.approx(0.5, abs=1e-6)
+    # slots of one class are not pushed apart: two identical background parts, a foreground far away
+    slots = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # (K=2, M=2, C)
+    assert prototype_separation_loss(slots).item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="1.5"):
         prototype_separation_loss(a, margin=1.5)
 
 
+# ------------------------------------------------------------------------------------------------ networks
 @pytest.mark.parametrize("cls", [IPLSLNet, PANetFewShot])
 @pytest.mark.parametrize("spatial_dims,size", [(2, (20, 24)), (3, (16, 12, 20))])
 def test_network_shapes_and_training_step(cls, spatial_dims, size):
@@ -99,24 +172,116 @@ def test_network_shapes_and_training_step(cls, spatial_dims, size):
     assert isinstance(out, FewShotOutput) and out.logits.shape == (2, 2, *size)
     assert out.align_logits.shape == (2, 2, *size)
     if cls is IPLSLNet:
-        assert out.support_prototypes.shape == out.query_prototypes.shape == (2, 2, 2, 8)
+        assert out.support_prototypes.shape == out.query_prototypes.shape == (2, 2, 2, 4, 8)
+        assert out.query_valid.shape == (2, 2, 4)
     loss = IPLSLLoss()(out, query_label)
     loss.backward()
     assert torch.isfinite(loss)
+    unused = [n for n, p in net.named_parameters() if p.grad is None]
+    # PANet-style embeds the stride-2 decoder map, so the backbone's finest decoder stage is not used
+    assert unused == [] if cls is IPLSLNet else all(n.startswith("backbone.decoder.") for n in unused)
     net.eval()
     with torch.no_grad():
         logits = net(query, support, support_label)
         protos = net.encode_support(support, support_label)
         assert torch.allclose(net.segment(query, protos), logits, atol=1e-5)
-        # k-shot: prototypes averaged over shots
-        two = net.encode_support([support[:1], support[1:]], [support_label[:1], support_label[1:]])
-        avg = 0.5 * (
-            net.encode_support(support[:1], support_label[:1]) + net.encode_support(support[1:], support_label[1:])
-        )
-        assert torch.allclose(two, avg, atol=1e-6)
         wrapper = FixedPrototypeSegmenter(net, protos[:1])
         traced = torch.jit.trace(wrapper, query[:1], check_trace=False)
         assert torch.allclose(traced(query[:1]), wrapper(query[:1]), atol=1e-4)
+
+
+def test_k_shot_rule():
+    """Foreground prototypes are averaged over shots (PANet's rule); background parts are all kept."""
+    query, support, support_label, _ = _episode(batch=1)
+    for net, slots in ((PANetFewShot(3, 1, 2, backbone_kwargs=TINY, embedding_dim=8), 1), (iplsl(), 4)):
+        net.eval()
+        with torch.no_grad():
+            one = net.encode_support(support, support_label)
+            other = net.encode_support(support.flip(-1), support_label.flip(-1))
+            two = net.encode_support([support, support.flip(-1)], [support_label, support_label.flip(-1)])
+        torch.testing.assert_close(two[:, :, 1, 0], 0.5 * (one[:, :, 1, 0] + other[:, :, 1, 0]))
+        if slots == 1:
+            torch.testing.assert_close(two, 0.5 * (one + other))
+        else:
+            assert two.shape[3] == 2 * slots
+            torch.testing.assert_close(two[:, :, 0], torch.cat([one[:, :, 0], other[:, :, 0]], dim=2))
+
+
+def test_mean_and_peak_levels_both_drive_the_prediction():
+    query, support, support_label, _ = _episode(batch=1)
+    net = iplsl().eval()
+    with torch.no_grad():
+        protos = net.encode_support(support, support_label)
+        reference = net.segment(query, protos)
+        for level in (0, 1):
+            changed = protos.clone()
+            changed[:, level] = torch.randn_like(changed[:, level])
+            assert (net.segment(query, changed) - reference).abs().max() > 1e-3, f"level {level} unused"
+
+
+def test_interaction_changes_the_prediction():
+    query, support, support_label, _ = _episode()
+    out = iplsl()(query, support, support_label)
+    assert not torch.allclose(out.refined_logits, out.initial_logits, atol=1e-5)
+    assert not torch.allclose(
+        out.support_prototypes,
+        iplsl().prototypes_from_features(iplsl().extract_features(support), support_label),
+        atol=1e-5,
+    )
+
+
+def test_self_learning_acts_only_on_a_class_the_query_has():
+    query, support, support_label, _ = _episode()
+    torch.manual_seed(1)
+    net = iplsl()
+    out = net(query, support, support_label)
+    assert bool(out.query_valid.all()), "the toy query predicts both classes"
+    assert not torch.allclose(out.self_logits, out.refined_logits, atol=1e-5)  # self-learning re-pools the query
+    net.min_self_voxels = 10**9  # no class is predicted on that many voxels: the support prototypes are kept
+    guarded = net(query, support, support_label)
+    torch.testing.assert_close(guarded.self_logits, guarded.refined_logits)
+    assert not bool(guarded.query_valid.any())
+
+
+def test_boundary_fusion_learns_from_low_level_features():
+    query, support, support_label, query_label = _episode()
+    torch.manual_seed(0)
+    net = iplsl()
+    out = net(query, support, support_label)
+    torch.testing.assert_close(out.logits, out.self_logits)  # zero-initialised residual
+    IPLSLLoss()(out, query_label).backward()
+    assert net.boundary_head[-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        net.boundary_head[-1].weight.add_(0.1 * torch.randn_like(net.boundary_head[-1].weight))
+    out = net(query, support, support_label)
+    assert not torch.allclose(out.logits, out.self_logits)
+
+
+def test_reverse_alignment_segments_the_support_from_query_prototypes():
+    query, support, support_label, query_label = _episode()
+    torch.manual_seed(0)
+    net = iplsl()
+    out = net(query, support, support_label)
+    levels = net.split_features(net.extract_features(query))
+    predicted = out.logits.detach().argmax(1, keepdim=True)
+    query_protos = net.prototypes_from_features(torch.cat(levels, 1), predicted)
+    support_levels = net.split_features(net.extract_features(support))[1:]
+    torch.testing.assert_close(out.align_logits, net.prototype_logits(support_levels, query_protos))
+    with_align = IPLSLLoss(align_weight=1.0)(out, query_label)
+    without = IPLSLLoss(align_weight=0.0)(out, query_label)
+    expected = F.cross_entropy(out.align_logits, support_label[:, 0].long())
+    torch.testing.assert_close(with_align - without, expected)
+
+
+def test_losses_skip_hidden_voxels():
+    query, support, support_label, query_label = _episode()
+    support_label[..., 12:] = 255
+    query_label[..., 12:] = 255
+    torch.manual_seed(0)
+    out = iplsl()(query, support, support_label)
+    loss = IPLSLLoss()(out, query_label)
+    grad = torch.autograd.grad(loss, out.logits, retain_graph=True)[0]
+    assert grad[..., 12:].abs().max() == 0 and grad[..., :12].abs().max() > 0
 
 
 def test_network_argument_errors():
@@ -124,13 +289,17 @@ def test_network_argument_errors():
         IPLSLNet(4, 1, 2)
     with pytest.raises(ValueError, match="1.5"):
         IPLSLNet(3, 1, 2, backbone_kwargs=TINY, peak_fraction=1.5)
+    with pytest.raises(ValueError, match="num_background_prototypes"):
+        IPLSLNet(3, 1, 2, backbone_kwargs=TINY, num_background_prototypes=0)
     with pytest.raises(ValueError, match="1"):
         PANetFewShot(3, 1, 1)
     net = PANetFewShot(2, 1, 2, backbone_kwargs=TINY, embedding_dim=4)
     with pytest.raises(ValueError, match="5"):
         net.one_hot(torch.full((1, 1, 4, 4), 5))
+    assert net.one_hot(torch.full((1, 1, 4, 4), 255)).sum() == 0  # hidden voxels are in no class
 
 
+# ------------------------------------------------------------------------------------------------ episodes
 def _volume(shape=(40, 40, 40)):
     """Image equal to the label map, so the image patch reveals every class in it."""
     label = torch.zeros(1, *shape)
@@ -142,7 +311,7 @@ def _volume(shape=(40, 40, 40)):
 
 
 def test_setting2_never_shows_a_test_class():
-    data = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 60, setting=2, seed=3)
+    data = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 60, setting=2, seed=3, empty_query_prob=0)
     seen = set()
     for i in range(len(data)):
         ep = data[i]
@@ -156,8 +325,24 @@ def test_setting2_never_shows_a_test_class():
     data1 = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 60, setting=1, seed=3)
     shown = any(bool((data1[i]["support_image"] == 1).any()) for i in range(len(data1)))
     assert shown
-    ep = data1[0]
-    assert set(torch.unique(ep["label"]).tolist()) <= {0.0, 1.0}
+    # hidden voxels could be a test class: setting 2 never shows them either
+    hidden = _volume()
+    hidden["label"][0, :, :, 20:24] = 255
+    data2 = FewShotEpisodeDataset([hidden], [2, 3], [1], (12, 12, 12), 30, setting=2, seed=3)
+    assert all(not bool((data2[i][k] == 255).any()) for i in range(30) for k in ("support_label", "label"))
+
+
+def test_episodes_include_queries_without_the_class():
+    data = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 80, setting=1, seed=0, empty_query_prob=0.4)
+    empty = 0
+    for i in range(len(data)):
+        ep = data[i]
+        assert ep["support_label"].sum() > 0  # the support always shows the class
+        assert set(torch.unique(ep["label"]).tolist()) <= {0.0, 1.0, 255.0}
+        empty += int(ep["label"].eq(1).sum() == 0)
+    assert 15 <= empty <= 50  # about 40 % of 80
+    none = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 20, seed=0, empty_query_prob=0.0)
+    assert all(none[i]["label"].eq(1).any() for i in range(20))
 
 
 def test_episode_errors_and_helpers():
@@ -171,28 +356,55 @@ def test_episode_errors_and_helpers():
     assert episodes == [
         {"support_image": "a", "support_label": "la", "image": "b", "label": "lb", "class_id": 5, "episode": "liver"}
     ]
-    out = BinarizeClassd(["label"])({"label": torch.tensor([[0, 5, 2, 5]]), "class_id": 5})
-    assert out["label"].tolist() == [[0, 1, 0, 1]]
+    # one scan, support outside its held-out slab and query inside: the regions travel with the episode
+    region = {"axis": 2, "range_mm": [1.5, 3.5]}  # voxels 2 and 3 (identity affine)
+    item = {"image": "a", "label": "la", "holdout": region}
+    (episode,) = build_volume_episodes([item], [item], [5], skip_same=False)
+    assert episode["holdout"] == episode["support_holdout"] == region
+    label = MetaTensor(torch.full((1, 2, 2, 6), 5), affine=torch.eye(4))
+    hidden = HoldOutRegiond("support_label", "support_holdout", keep="outside")(episode | {"support_label": label})
+    shown = HoldOutRegiond("label", "holdout", keep="inside")(episode | {"label": label})
+    assert (hidden["support_label"][..., 2:4] == 255).all() and (hidden["support_label"][..., :2] == 5).all()
+    assert (shown["label"][..., 2:4] == 5).all() and (shown["label"][..., 4:] == 255).all()
+    out = BinarizeClassd(["label"])({"label": torch.tensor([[0, 5, 2, 5, 255]]), "class_id": 5})
+    assert out["label"].tolist() == [[0, 1, 0, 1, 255]]
 
 
-def test_support_conditioned_inferer_computes_prototypes_once():
-    net = IPLSLNet(3, 1, 2, backbone_kwargs=TINY, embedding_dim=8, num_heads=2).eval()
-    calls = {"n": 0}
-    original = net.prototypes_from_features
+# ------------------------------------------------------------------------------------------------ inferer
+def test_support_conditioned_inferer_segments_the_whole_volume_once():
+    net = iplsl().eval()
+    calls = {"prototypes": 0, "segment": []}
+    original_protos, original_segment = net.prototypes_from_features, net.segment_features
 
     def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
+        calls["prototypes"] += 1
+        return original_protos(*args, **kwargs)
 
-    net.prototypes_from_features = counting
+    def recording(features, prototypes):
+        calls["segment"].append(tuple(features.shape[2:]))
+        return original_segment(features, prototypes)
+
+    net.prototypes_from_features, net.segment_features = counting, recording
     image = torch.rand(1, 30, 26, 20)
     label = torch.zeros(1, 30, 26, 20)
     label[0, 10:20, 8:16, 5:12] = 1
     inferer = SupportConditionedInferer(16, support_margin=4, support=[{"image": image, "label": label}] * 2)
+    assert isinstance(inferer.window, FittedSlidingWindowInferer) and inferer.window.padding_mode == "replicate"
+    query = torch.rand(1, 1, 33, 20, 17)
     with torch.no_grad():
-        first = inferer(torch.rand(1, 1, 33, 20, 17), net)
+        first = inferer(query, net)
         second = inferer(torch.rand(1, 1, 20, 20, 20), net)
     assert first.shape == (1, 2, 33, 20, 17) and second.shape == (1, 2, 20, 20, 20)
-    assert calls["n"] == 2  # two shots, once
+    assert calls["prototypes"] == 2  # two shots, once
+    assert calls["segment"] == [(33, 20, 17), (20, 20, 20)]  # one pass over each whole volume, not per window
+    with torch.no_grad():  # the same as segmenting the stitched features directly
+        protos = inferer.compute_prototypes(net, [image, image], [label, label])
+        features = inferer.window(query, net.extract_features)
+        torch.testing.assert_close(first, original_segment(features, protos))
+    other = iplsl().eval()  # prototypes are cached per network, not shared across networks
+    with torch.no_grad():
+        inferer(query, other)
+    assert len(inferer._prototypes) == 2
+    torch.testing.assert_close(inferer(query, net), first)  # the first network's cache is still its own
     with pytest.raises(ValueError, match="no support"):
         SupportConditionedInferer(16)(torch.rand(1, 1, 16, 16, 16), net)

@@ -45,7 +45,13 @@ def test_inference_on_dicom_query(trained, run_bundle):
     assert len(files) == 1, result.describe()
     mask = nib.load(str(files[0]))
     assert mask.shape[:3] == (512, 512, 20)  # the DICOM query's original grid
-    assert set(int(v) for v in set(mask.get_fdata().ravel().tolist())) <= {0, 1}
+    values = mask.get_fdata()
+    assert set(int(v) for v in set(values.ravel().tolist())) <= {0, 1}
+    # the predicted spleen is bounded against the labelled one: an all-ones mask is 40x it, an empty one 0x
+    truth = nib.load(str(REPO_ROOT / "monai_proto" / "data" / "demo" / "labelsTs" / "scanB_seg.nii.gz"))
+    true_volume = float((truth.get_fdata() == 1).sum())  # class 1: spleen
+    ratio = float((values > 0).sum()) / true_volume
+    assert 0.2 <= ratio <= 5.0, f"predicted/true spleen volume {ratio:.2f}"
 
 
 def test_metadata_verifies(run_bundle):

@@ -50,17 +50,26 @@ def check_class_split(train_classes: Sequence[int], test_classes: Sequence[int])
 
 class BinarizeClassd(MapTransform):
     """
-    Binary mask of an episode's class: ``label == data[class_key]`` becomes 1, everything else 0.
+    Binary mask of an episode's class: ``label == data[class_key]`` becomes 1, ``ignore_value`` (held-out voxels)
+    stays, everything else becomes 0.
 
     Args:
         keys: label keys to binarise (e.g. ``["support_label", "label"]``).
         class_key: key of the episode's class id in the data dictionary. Defaults to ``"class_id"``.
+        ignore_value: label value kept as it is; None for none. Defaults to 255.
         allow_missing_keys: don't raise when a key is missing. Defaults to False.
     """
 
-    def __init__(self, keys: KeysCollection, class_key: str = "class_id", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        class_key: str = "class_id",
+        ignore_value: int | None = 255,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.class_key = class_key
+        self.ignore_value = ignore_value
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -72,6 +81,8 @@ class BinarizeClassd(MapTransform):
             out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
             out[...] = 0
             out[label == class_id] = 1
+            if self.ignore_value is not None:
+                out[label == self.ignore_value] = self.ignore_value
             d[key] = out
         return d
 
@@ -91,10 +102,15 @@ def build_volume_episodes(
         query_items: datalist items that are segmented.
         class_ids: the (test) class ids.
         class_names: names of ``class_ids`` for the ``episode`` tag; the ids when None.
-        skip_same: leave out pairs whose support and query image are the same file. Defaults to True.
+        skip_same: leave out pairs whose support and query image are the same file. Defaults to True. Set it
+            False where the support and the query are disjoint regions of one scan (items with a ``"holdout"``
+            region: the query's region is copied to ``"holdout"``, the support's to ``"support_holdout"``, for
+            :class:`~monai_proto.data.transforms.HoldOutRegiond` with ``keep="inside"`` on the query label and
+            ``keep="outside"`` on the support label).
 
     Returns:
-        items ``{"support_image", "support_label", "image", "label", "class_id", "episode"}``, for a transform
+        items ``{"support_image", "support_label", "image", "label", "class_id", "episode"}`` (and the held-out
+        regions, when the items have them), for a transform
         chain ending with :class:`BinarizeClassd` on ``["support_label", "label"]``.
 
     Raises:
@@ -117,6 +133,10 @@ def build_volume_episodes(
                 "episode": f"{name}",
             }
         )
+        if query.get("holdout"):
+            episodes[-1]["holdout"] = query["holdout"]
+        if support.get("holdout"):
+            episodes[-1]["support_holdout"] = support["holdout"]
     if not episodes:
         raise ValueError("no episode: every support item is also the query item; pass different items.")
     return episodes
@@ -129,10 +149,14 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
     Each item: draw a training class ``c`` present in the volumes, a support volume and a query volume
     containing ``c`` (the same volume is allowed, with independently drawn patches, so one labelled scan is
     enough), and in each a patch of ``patch_size`` centred on a random voxel of ``c`` (shifted by up to
-    ``jitter`` of the patch size, clamped to the volume, zero-padded when the volume is smaller). In
-    setting 2 a patch containing a test class is rejected and redrawn (up to ``max_tries`` per episode).
-    The labels are then binarised (``c`` -> 1, all else 0) and ``patch_transform`` (e.g. intensity
-    augmentation; keys ``"image"``, ``"label"``) is applied to support and query independently.
+    ``jitter`` of the patch size, clamped to the volume, padded when the volume is smaller: the image by
+    replication, the label with ``ignore_value``). With probability ``empty_query_prob`` the query patch is
+    instead drawn where ``c`` is absent, so the network learns to answer "no organ here" (at inference most of a
+    volume holds no voxel of the class). In setting 2 a patch containing a test class, or a voxel whose label is
+    hidden (``ignore_value``: it could be a test class), is rejected and redrawn (up to ``max_tries`` per
+    episode). The labels are then binarised (``c`` -> 1, ``ignore_value`` kept, all else 0) and
+    ``patch_transform`` (e.g. intensity augmentation; keys ``"image"``, ``"label"``) is applied to support and
+    query independently.
 
     Args:
         volumes: preprocessed items ``{image_key: (C, *S), label_key: (1, *S)}`` with class ids, e.g. a MONAI
@@ -147,6 +171,8 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         patch_transform: dictionary transform applied to each patch. Defaults to None.
         max_tries: patch draws per episode in setting 2 before giving up. Defaults to 50.
         min_foreground: smallest number of class voxels in each patch. Defaults to 1.
+        empty_query_prob: probability of a query patch without the class. Defaults to 0.25.
+        ignore_value: label value of hidden voxels (never a class, skipped by the losses). Defaults to 255.
         image_key: image key of ``volumes``. Defaults to ``"image"``.
         label_key: label key of ``volumes``. Defaults to ``"label"``.
         seed: seed of the episode draws. Defaults to 0.
@@ -172,6 +198,8 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         patch_transform: Callable | None = None,
         max_tries: int = 50,
         min_foreground: int = 1,
+        empty_query_prob: float = 0.25,
+        ignore_value: int = 255,
         image_key: str = "image",
         label_key: str = "label",
         seed: int = 0,
@@ -197,10 +225,15 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         self.patch_transform = patch_transform
         self.max_tries = int(max_tries)
         self.min_foreground = int(min_foreground)
+        if not 0.0 <= empty_query_prob < 1.0:
+            raise ValueError(f"empty_query_prob must be in [0, 1), but got {empty_query_prob}.")
+        self.empty_query_prob = float(empty_query_prob)
+        self.ignore_value = int(ignore_value)
         self.image_key, self.label_key = image_key, label_key
         self.seed = int(seed)
         self._calls = 0
-        self._pad = SpatialPad(self.patch_size)
+        self._pad_image = SpatialPad(self.patch_size, mode="replicate")
+        self._pad_label = SpatialPad(self.patch_size, mode="constant", value=self.ignore_value)
         self._index: list[dict[int, torch.Tensor]] | None = None
         self.set_random_state(seed)
         if patch_transform is not None and hasattr(patch_transform, "set_random_state"):
@@ -238,7 +271,14 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
             start = int(np.clip(c + shift - size // 2, 0, max(0, dim - size)))
             slices.append(slice(start, start + size))
         region = (slice(None), *slices)
-        return self._pad(image[region]), self._pad(label[region])
+        return self._pad_image(image[region]), self._pad_label(label[region])
+
+    def _allowed(self, label: torch.Tensor) -> bool:
+        """Setting 2: no test class and no hidden voxel (which could be one) in the patch."""
+        if self.setting != 2:
+            return True
+        banned = torch.tensor([*self.test_classes, self.ignore_value])
+        return not bool(torch.isin(label, banned).any())
 
     def _draw_patch(self, volume: int, class_id: int, rng: np.random.Generator) -> tuple | None:
         voxels = self.class_voxels()[volume][class_id]
@@ -246,15 +286,20 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         for _ in range(tries):
             image, label = self._crop(self.volumes[volume], int(voxels[rng.integers(voxels.numel())]), rng)
             label = label.round()
-            if int((label == class_id).sum()) < self.min_foreground:
-                continue
-            if (
-                self.setting == 2
-                and self.test_classes
-                and bool(torch.isin(label, torch.tensor(self.test_classes)).any())
-            ):
-                continue
-            return image, label
+            if int((label == class_id).sum()) >= self.min_foreground and self._allowed(label):
+                return image, label
+        return None
+
+    def _draw_empty_patch(self, volume: int, class_id: int, rng: np.random.Generator) -> tuple | None:
+        """A patch anywhere in the volume with no voxel of the class (and at most half of it hidden)."""
+        item = self.volumes[volume]
+        num_voxels = int(torch.as_tensor(item[self.label_key])[0].numel())
+        for _ in range(self.max_tries):
+            image, label = self._crop(item, int(rng.integers(num_voxels)), rng)
+            label = label.round()
+            hidden = float((label == self.ignore_value).float().mean())
+            if not bool((label == class_id).any()) and hidden <= 0.5 and self._allowed(label):
+                return image, label
         return None
 
     def __getitem__(self, index: int) -> dict:
@@ -267,7 +312,9 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
             holders = [i for i, v in enumerate(index_table) if class_id in v]
             support_volume, query_volume = (int(holders[rng.integers(len(holders))]) for _ in range(2))
             support = self._draw_patch(support_volume, class_id, rng)
-            query = self._draw_patch(query_volume, class_id, rng) if support is not None else None
+            empty = bool(rng.random() < self.empty_query_prob)
+            draw = self._draw_empty_patch if empty else self._draw_patch
+            query = draw(query_volume, class_id, rng) if support is not None else None
             if support is not None and query is not None:
                 break
         else:
@@ -278,7 +325,8 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
             )
         episode = {"class_id": class_id}
         for prefix, (image, label) in (("support_", support), ("", query)):
-            patch = {"image": image, "label": (label == class_id).to(image.dtype)}
+            binary = torch.where(label == self.ignore_value, float(self.ignore_value), (label == class_id).float())
+            patch = {"image": image, "label": binary.to(image.dtype)}
             if self.patch_transform is not None:
                 patch = self.patch_transform(patch)
             episode[f"{prefix}image"] = patch["image"]

@@ -3,7 +3,8 @@
 Support-conditioned sliding-window inference for few-shot segmentation.
 
 The support prototypes are computed once, from features of the whole support volume(s) extracted by
-sliding windows; the query volume is then segmented window by window with those prototypes fixed. As
+sliding windows; the query's features are stitched over the whole volume and segmented with those prototypes
+fixed. As
 specified for IPLSL (Chen Jie, Du Xiuquan et al., Artificial Intelligence in Medicine 2025,
 doi 10.1016/j.artmed.2025.103183) and usable with any network following the interface of
 :class:`~monai_proto.networks.nets.panet.PrototypeFewShotNet` (``extract_features``,
@@ -12,22 +13,18 @@ doi 10.1016/j.artmed.2025.103183) and usable with any network following the inte
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-from monai.inferers import Inferer, SlidingWindowInferer
-from monai.transforms import SpatialPad
+from monai.inferers import Inferer
 
-from monai_proto.networks.layers.prototype import average_prototypes
+from monai_proto.inferers.sliding import FittedSlidingWindowInferer
+from monai_proto.networks.utils import unwrap_network
 
 __all__ = ["FixedPrototypeSegmenter", "SupportConditionedInferer"]
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The module behind ``DistributedDataParallel`` / ``DataParallel`` wrappers."""
-    return network.module if hasattr(network, "module") and not hasattr(network, "segment") else network
 
 
 class FixedPrototypeSegmenter(nn.Module):
@@ -37,14 +34,14 @@ class FixedPrototypeSegmenter(nn.Module):
 
     Args:
         network: a few-shot network with ``segment(query, prototypes)``.
-        prototypes: ``(1, L, K, C)`` support prototypes (registered as a buffer).
+        prototypes: ``(1, L, K, M, C)`` support prototypes (registered as a buffer).
 
     Shapes: ``(B, in_channels, *S) -> (B, K, *S)``.
     """
 
     def __init__(self, network: nn.Module, prototypes: torch.Tensor) -> None:
         super().__init__()
-        self.network = _unwrap(network)
+        self.network = unwrap_network(network)
         self.register_buffer("prototypes", prototypes.detach())
 
     def forward(self, query: torch.Tensor) -> torch.Tensor:
@@ -53,21 +50,26 @@ class FixedPrototypeSegmenter(nn.Module):
 
 class SupportConditionedInferer(Inferer):
     """
-    Sliding-window inference conditioned on a support set, prototypes computed once.
+    Sliding-window inference conditioned on a support set: support prototypes computed once, the query segmented
+    as one volume.
 
     1. For each support volume (k volumes for k-shot): optionally crop to the bounding box of its labelled
-       foreground plus ``support_margin`` voxels (the background prototype then describes the structure's
-       surroundings, as the training patches do, and memory stays bounded), extract the features of the
-       whole (cropped) volume by sliding windows (``network.extract_features``), and pool the prototypes
-       (``network.prototypes_from_features``).
-    2. Average the prototypes of the k shots.
-    3. Segment the query by sliding windows with :class:`FixedPrototypeSegmenter`.
+       foreground plus ``support_margin`` voxels (the background prototypes then describe the structure's
+       surroundings, and memory stays bounded), extract the features of the whole (cropped) volume by sliding
+       windows (``network.extract_features``), and pool the prototypes (``network.prototypes_from_features``).
+    2. Combine the k shots (``network.combine_shots``).
+    3. Stitch the query's features over the whole volume by sliding windows, then segment them in one pass
+       (``network.segment_features``): the query-level steps of a method (IPLSL's query pooling, interaction and
+       self-learning) see the whole volume, not one window at a time (most windows of a scan hold no voxel of
+       the target organ, and a per-window self-learning step invents one).
 
-    The support comes either with each call (``support_image``/``support_label`` keyword arguments, as from
-    :class:`~monai_proto.engines.episodic.EpisodePrepareBatch`) or once at construction (``support``: an
-    iterable of preprocessed items ``{"image": (C, *S), "label": (1, *S)}``, e.g. a MONAI ``Dataset``); in the
-    latter case the prototypes are computed at the first call, with the network as it is then (weights
-    loaded), and cached until :meth:`reset`.
+    Windows shrink to a volume thinner than ``roi_size`` and are padded by replication
+    (:class:`~monai_proto.inferers.sliding.FittedSlidingWindowInferer`), for support and query alike. The support
+    comes either with each call (``support_image``/``support_label`` keyword arguments, as from
+    :class:`~monai_proto.engines.episodic.EpisodePrepareBatch`) or once at construction (``support``: an iterable
+    of preprocessed items ``{"image": (C, *S), "label": (1, *S)}``, e.g. a MONAI ``Dataset``); in the latter case
+    the prototypes are computed at the first call with each network (weights as they are then) and cached per
+    network until :meth:`reset`.
 
     Args:
         roi_size: window size of both passes.
@@ -78,6 +80,9 @@ class SupportConditionedInferer(Inferer):
             Defaults to 16.
         support: fixed support set (see above). Defaults to None.
         image_key / label_key: keys of the ``support`` items. Defaults to ``"image"``, ``"label"``.
+        divisor: the network's input size divisor (windows of thin volumes are rounded up to it). Defaults to 16.
+        padding_mode: padding of windows larger than the volume. Defaults to ``"replicate"``.
+        ignore_index: label value in no class (e.g. held-out voxels of a support). Defaults to 255.
         sw_device / device: as in ``SlidingWindowInferer``. Defaults to None.
 
     Raises:
@@ -95,6 +100,9 @@ class SupportConditionedInferer(Inferer):
         support: Iterable[Mapping[str, torch.Tensor]] | None = None,
         image_key: str = "image",
         label_key: str = "label",
+        divisor: int = 16,
+        padding_mode: str = "replicate",
+        ignore_index: int = 255,
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -105,18 +113,19 @@ class SupportConditionedInferer(Inferer):
         self.support_margin = support_margin
         self.support = support
         self.image_key, self.label_key = image_key, label_key
-        self.window = SlidingWindowInferer(
-            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sw_device=sw_device,
-            device=device,
+        self.ignore_index = int(ignore_index)
+        self.window = FittedSlidingWindowInferer(
+            roi_size=roi_size, divisor=divisor, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
+            padding_mode=padding_mode, sw_device=sw_device, device=device,
         )  # fmt: skip
-        self._prototypes: torch.Tensor | None = None
+        self._prototypes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def reset(self) -> None:
         """Forget the cached prototypes of the fixed support set."""
-        self._prototypes = None
+        self._prototypes = weakref.WeakKeyDictionary()
 
     def _crop_support(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        foreground = torch.nonzero(label[0, 0] > 0)
+        foreground = torch.nonzero((label[0, 0] > 0) & (label[0, 0] != self.ignore_index))
         if foreground.numel() == 0:
             raise ValueError("the support label has no foreground voxel of the episode's class.")
         if self.support_margin is None:
@@ -134,14 +143,14 @@ class SupportConditionedInferer(Inferer):
         support_label: torch.Tensor | Sequence[torch.Tensor],
     ) -> torch.Tensor:
         """
-        Support prototypes ``(B, L, K, C)`` from whole support volumes, k-shot averaged.
+        Support prototypes ``(B, L, K, M, C)`` from whole support volumes, the k shots combined.
 
         Args:
             network: the few-shot network (in ``eval()`` mode).
             support_image: ``(B, C, *S)`` or a sequence of k volumes (each ``(B, C, *S_i)`` or ``(C, *S_i)``).
             support_label: ``(B, 1, *S)`` binary / class-index labels, or a sequence of k.
         """
-        net = _unwrap(network)
+        net = unwrap_network(network)
         if isinstance(support_image, torch.Tensor):
             support_image, support_label = [support_image], [support_label]  # type: ignore[list-item]
         if len(support_image) != len(support_label) or not support_image:
@@ -155,12 +164,11 @@ class SupportConditionedInferer(Inferer):
             if image.ndim == net.spatial_dims + 1:
                 image, label = image[None], label[None]
             image, label = self._crop_support(image, label.round().long())
-            pad = SpatialPad(self.window.roi_size)  # windows never exceed the volume
-            image, label = pad(image[0])[None], pad(label[0])[None]
             features = self.window(image, net.extract_features)
             shots.append(net.prototypes_from_features(features, label.to(features.device)))
-        return average_prototypes(torch.stack(shots), dim=0)
+        return net.combine_shots(shots)
 
+    @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,
         inputs: torch.Tensor,
@@ -175,25 +183,26 @@ class SupportConditionedInferer(Inferer):
             inputs: query volume(s) ``(B, C, *S)``.
             network: the few-shot network.
             support_image / support_label: the support of this call (see :meth:`compute_prototypes`).
-            prototypes: precomputed prototypes ``(1, L, K, C)``, instead of a support.
+            prototypes: precomputed prototypes ``(1, L, K, M, C)``, instead of a support.
 
         Returns:
             logits ``(B, K, *S)``.
         """
+        net = unwrap_network(network)
         if prototypes is None and support_image is not None:
             if support_label is None:
                 raise ValueError("support_image was given without support_label.")
-            prototypes = self.compute_prototypes(network, support_image, support_label)
+            prototypes = self.compute_prototypes(net, support_image, support_label)
         if prototypes is None:
             if self.support is None:
                 raise ValueError("no support: pass support_image/support_label, prototypes, or construct with support.")
-            if self._prototypes is None:
+            if net not in self._prototypes:
                 items = list(self.support)
-                self._prototypes = self.compute_prototypes(
-                    network, [i[self.image_key] for i in items], [i[self.label_key] for i in items]
+                self._prototypes[net] = self.compute_prototypes(
+                    net, [i[self.image_key] for i in items], [i[self.label_key] for i in items]
                 )
-            prototypes = self._prototypes
+            prototypes = self._prototypes[net]
         if prototypes.shape[0] > 1:
             prototypes = prototypes.mean(dim=0, keepdim=True)  # one support set for the whole query batch
-        segmenter = FixedPrototypeSegmenter(network, prototypes.to(inputs.device))
-        return self.window(inputs, segmenter, **kwargs)
+        features = self.window(inputs, net.extract_features, **kwargs)
+        return net.segment_features(features, prototypes.to(features.device))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
+
+from monai_proto.losses.segmentation import DiceCEIgnoreLoss
 
 __all__ = ["IPLSLLoss", "prototype_consistency_loss", "prototype_separation_loss"]
 
@@ -21,16 +22,32 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     return values
 
 
+def _masked_reduce(values: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if mask is None:
+        return _reduce(values, reduction)
+    mask = mask.to(values.dtype).expand_as(values)
+    if reduction == LossReduction.MEAN.value:
+        return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    if reduction == LossReduction.SUM.value:
+        return (values * mask).sum()
+    return values * mask
+
+
 def prototype_consistency_loss(
-    support_prototypes: torch.Tensor, query_prototypes: torch.Tensor, reduction: str = "mean"
+    support_prototypes: torch.Tensor,
+    query_prototypes: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """
-    Intra-class consistency: ``1 - cos(p^s_k, p^q_k)`` between same-class support and query prototypes.
+    Intra-class consistency: ``1 - cos(p^s, p^q)`` between same-class (same-slot) support and query prototypes.
 
     Args:
-        support_prototypes: ``(..., K, C)``.
+        support_prototypes: ``(..., C)``, e.g. ``(B, L, K, M, C)``.
         query_prototypes: same shape.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per ``(..., K)`` values). Defaults to ``"mean"``.
+        valid: optional mask broadcastable to the leading dimensions ``(...)``: pairs whose query prototype was
+            pooled from too few voxels do not count. Defaults to None (all count).
+        reduction: ``"mean"`` (over the counted pairs), ``"sum"`` or ``"none"``. Defaults to ``"mean"``.
 
     Returns:
         the reduced loss, in ``[0, 2]`` per pair.
@@ -43,31 +60,51 @@ def prototype_consistency_loss(
             f"prototype shapes differ: {tuple(support_prototypes.shape)} and {tuple(query_prototypes.shape)}."
         )
     values = 1.0 - F.cosine_similarity(support_prototypes, query_prototypes, dim=-1, eps=1e-8)
-    return _reduce(values, reduction)
+    return _masked_reduce(values, valid, reduction)
 
 
-def prototype_separation_loss(prototypes: torch.Tensor, margin: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+def prototype_separation_loss(
+    prototypes: torch.Tensor,
+    margin: float = 0.0,
+    reduction: str = "mean",
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """
-    Inter-class separation: ``max(0, cos(p_i, p_j) - margin)`` for every pair of different classes ``i < j``.
+    Inter-class separation: ``max(0, cos(p_i, p_j) - margin)`` for every pair of prototypes of *different*
+    classes (the slots of one class, e.g. background parts, are not pushed apart).
 
     Args:
-        prototypes: ``(..., K, C)`` with ``K >= 2``.
+        prototypes: ``(K, C)`` (one prototype per class) or ``(..., K, M, C)`` (``M`` slots per class), ``K >= 2``.
         margin: cosine similarity tolerated between classes, in ``[-1, 1]``. Defaults to 0.0 (orthogonal or
             farther apart costs nothing).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per ``(..., pairs)`` values). Defaults to ``"mean"``.
+        valid: optional mask of the prototypes that count, shaped like ``prototypes`` without ``C``.
 
     Raises:
         ValueError: when ``K < 2`` or ``margin`` is outside ``[-1, 1]``.
     """
-    if prototypes.ndim < 2 or prototypes.shape[-2] < 2:
-        raise ValueError(f"prototypes must be (..., K, C) with K >= 2, but got {tuple(prototypes.shape)}.")
+    if prototypes.ndim < 2:
+        raise ValueError(f"prototypes must be (K, C) or (..., K, M, C), but got {tuple(prototypes.shape)}.")
+    if prototypes.ndim == 2:  # (K, C): one slot per class
+        prototypes = prototypes.unsqueeze(-2)
+        valid = None if valid is None else valid.unsqueeze(-1)
+    if prototypes.shape[-3] < 2:
+        raise ValueError(f"prototypes need K >= 2 classes, but got {tuple(prototypes.shape)}.")
     if not -1.0 <= margin <= 1.0:
         raise ValueError(f"margin must be in [-1, 1], but got {margin}.")
-    normed = F.normalize(prototypes, dim=-1, eps=1e-8)
-    cosine = normed @ normed.transpose(-1, -2)  # (..., K, K)
+    num_classes, slots = prototypes.shape[-3], prototypes.shape[-2]
+    tokens = F.normalize(prototypes.flatten(-3, -2), dim=-1, eps=1e-8)  # (..., K*M, C)
+    cosine = tokens @ tokens.transpose(-1, -2)
+    classes = torch.arange(num_classes, device=prototypes.device).repeat_interleave(slots)
     i, j = torch.triu_indices(cosine.shape[-1], cosine.shape[-1], offset=1, device=cosine.device)
+    different = classes[i] != classes[j]
+    i, j = i[different], j[different]
     values = torch.relu(cosine[..., i, j] - margin)
-    return _reduce(values, reduction)
+    mask = None
+    if valid is not None:
+        flat = valid.flatten(-2).to(values.dtype)
+        mask = flat[..., i] * flat[..., j]
+    return _masked_reduce(values, mask, reduction)
 
 
 class IPLSLLoss(_Loss):
@@ -90,6 +127,7 @@ class IPLSLLoss(_Loss):
         margin: separation margin (cosine). Defaults to 0.0.
         align_weight: weight of the alignment loss (PANet uses 1.0). Defaults to 1.0.
         reduction: ``"mean"`` or ``"sum"`` of the prototype terms. Defaults to ``"mean"``.
+        ignore_index: label value that no term sees (held-out or padded voxels). Defaults to 255.
 
     Call: ``loss(output, query_label)`` with ``output`` a ``FewShotOutput`` and ``query_label`` ``(B, 1, *S)``
     class indices; the support label travels in ``output.support_label``. Returns a scalar.
@@ -108,6 +146,7 @@ class IPLSLLoss(_Loss):
         margin: float = 0.0,
         align_weight: float = 1.0,
         reduction: str = "mean",
+        ignore_index: int | None = 255,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if self.reduction == LossReduction.NONE.value:
@@ -125,7 +164,8 @@ class IPLSLLoss(_Loss):
                 raise ValueError(f"{name} must be >= 0, but got {value}.")
         self.weights = weights
         self.margin = float(margin)
-        self.segmentation = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.ignore_index = ignore_index
+        self.segmentation = DiceCEIgnoreLoss("softmax", ignore_index=ignore_index)
 
     def components(self, output, query_label: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every unweighted term that the output allows, by name (for logging)."""
@@ -135,15 +175,20 @@ class IPLSLLoss(_Loss):
             if logits is not None:
                 terms[name] = self.segmentation(logits, query_label)
         if output.support_prototypes is not None and output.query_prototypes is not None:
+            valid = None if output.query_valid is None else output.query_valid[:, None]  # (B, 1, K, M)
             terms["consistency"] = prototype_consistency_loss(
-                output.support_prototypes, output.query_prototypes, self.reduction
+                output.support_prototypes, output.query_prototypes, valid, self.reduction
             )
+            query_valid = None if valid is None else valid.expand(output.query_prototypes.shape[:-1])
             terms["separation"] = 0.5 * (
                 prototype_separation_loss(output.support_prototypes, self.margin, self.reduction)
-                + prototype_separation_loss(output.query_prototypes, self.margin, self.reduction)
+                + prototype_separation_loss(output.query_prototypes, self.margin, self.reduction, query_valid)
             )
         if output.align_logits is not None and output.support_label is not None:
-            terms["align"] = F.cross_entropy(output.align_logits, output.support_label[:, 0].long())
+            target = output.support_label[:, 0].long()
+            ignore = -100 if self.ignore_index is None else self.ignore_index
+            if bool((target != ignore).any()):
+                terms["align"] = F.cross_entropy(output.align_logits, target, ignore_index=ignore)
         return terms
 
     def forward(self, output, query_label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

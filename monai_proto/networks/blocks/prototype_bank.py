@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_proto.networks.layers.prototype import multi_prototype_logits, sinkhorn_knopp
+from monai_proto.networks.layers.prototype import multi_prototype_logits, sinkhorn_knopp, spherical_kmeans
 
 __all__ = ["PrototypeBank"]
 
@@ -210,26 +210,9 @@ class PrototypeBank(nn.Module):
         if num_iters < 0:
             raise ValueError(f"num_iters must be non-negative, got {num_iters}.")
         labels = labels.long()
-        embeddings = F.normalize(embeddings.to(self.prototypes.dtype), dim=-1)
-        perm_device = generator.device if generator is not None else torch.device("cpu")
+        embeddings = embeddings.to(self.prototypes.dtype)
         for k in torch.unique(labels[self._valid(labels)]).tolist():
-            points = embeddings[labels == k]
-            num_points = points.shape[0]
-            start = torch.randperm(
-                num_points, generator=generator, device=perm_device
-            ).to(points.device)
-            centres = points[
-                start[
-                    torch.arange(self.num_prototypes, device=points.device) % num_points
-                ]
-            ]
-            for _ in range(num_iters):
-                nearest = (points @ centres.t()).argmax(dim=1)
-                sums = torch.zeros_like(centres).index_add_(0, nearest, points)
-                filled = torch.bincount(nearest, minlength=self.num_prototypes) > 0
-                centres = torch.where(
-                    filled.unsqueeze(1), F.normalize(sums, dim=-1), centres
-                )
+            centres, _ = spherical_kmeans(embeddings[labels == k], self.num_prototypes, num_iters, generator)
             self.prototypes[k] = centres
             self.initialized[k] = True
 

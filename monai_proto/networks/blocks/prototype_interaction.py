@@ -20,8 +20,11 @@ class PrototypeInteractionBlock(nn.Module):
     Support prototypes attend to the query prototypes and vice versa with one shared multi-head attention
     (pre-norm, residual), followed by a shared residual MLP. Each set thus absorbs what the other set has
     learned about the same image pair: the support prototypes adapt to the query's appearance, and the
-    query prototypes (pooled from an initial, noisy prediction) are corrected by the support. Tokens carry no
-    positional or class encoding, so the block is equivariant to a joint permutation of the classes.
+    query prototypes (pooled from an initial, noisy prediction) are corrected by the support. The exchange is
+    between prototypes of the same class (the method's intra-class interaction): with ``classes`` given, a token
+    attends only to the other set's tokens of its class (and to itself, so a token with no partner keeps its
+    value); with ``query_valid`` given, query prototypes pooled from too few voxels are never attended to. Tokens
+    carry no positional or class encoding, so the block is equivariant to a joint permutation of the classes.
 
     Args:
         dim: prototype channels ``C`` (divisible by ``num_heads``).
@@ -29,8 +32,9 @@ class PrototypeInteractionBlock(nn.Module):
         mlp_ratio: hidden width of the MLP relative to ``dim``. Defaults to 2.0.
         dropout: dropout of attention and MLP. Defaults to 0.0.
 
-    Inputs/outputs: ``support_prototypes`` and ``query_prototypes`` of shape ``(B, K, C)`` (``K`` classes,
-    background included) -> refined tensors of the same shapes.
+    Inputs/outputs: ``support_prototypes`` and ``query_prototypes`` of shape ``(B, N, C)`` (``N`` tokens: classes,
+    or class slots), optional ``classes`` ``(N,)`` (the class of each token) and ``query_valid`` ``(B, N)``
+    -> refined tensors of the same shapes.
 
     Raises:
         ValueError: when ``dim`` is not positive or not divisible by ``num_heads``, or ``mlp_ratio <= 0``.
@@ -51,20 +55,45 @@ class PrototypeInteractionBlock(nn.Module):
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
         )
 
-    def _attend(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        update, _ = self.attention(self.norm_target(target), self.norm_source(source), self.norm_source(source))
+    def _attend(self, target: torch.Tensor, source: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+        keys = self.norm_source(source)
+        if blocked is None:
+            update, _ = self.attention(self.norm_target(target), keys, keys)
+        else:  # keys: the source tokens, then the target tokens, of which each row may only see itself
+            keys = torch.cat([keys, self.norm_source(target)], dim=1)
+            num = target.shape[1]
+            self_only = ~torch.eye(num, dtype=torch.bool, device=target.device).expand(blocked.shape[0], num, num)
+            mask = torch.cat([blocked, self_only], dim=2).repeat_interleave(self.attention.num_heads, dim=0)
+            update, _ = self.attention(self.norm_target(target), keys, keys, attn_mask=mask)
         target = target + update
         return target + self.mlp(self.norm_mlp(target))
 
     def forward(
-        self, support_prototypes: torch.Tensor, query_prototypes: torch.Tensor
+        self,
+        support_prototypes: torch.Tensor,
+        query_prototypes: torch.Tensor,
+        classes: torch.Tensor | None = None,
+        query_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if support_prototypes.ndim != 3 or support_prototypes.shape != query_prototypes.shape:
             raise ValueError(
-                "support and query prototypes must both be (B, K, C), but got "
+                "support and query prototypes must both be (B, N, C), but got "
                 f"{tuple(support_prototypes.shape)} and {tuple(query_prototypes.shape)}."
             )
+        batch, num = support_prototypes.shape[:2]
+        if classes is None and query_valid is None:
+            blocked_from_query = blocked_from_support = None
+        else:
+            device = support_prototypes.device
+            same = torch.ones(num, num, dtype=torch.bool, device=device)
+            if classes is not None:
+                classes = classes.to(device)
+                same = classes[:, None] == classes[None, :]
+            allowed = same.expand(batch, num, num)
+            valid = torch.ones(batch, num, dtype=torch.bool, device=device) if query_valid is None else query_valid
+            blocked_from_query = ~(allowed & valid[:, None, :].bool())
+            blocked_from_support = ~allowed
         # both directions read the inputs, not each other's output: a symmetric exchange
-        refined_support = self._attend(support_prototypes, query_prototypes)
-        refined_query = self._attend(query_prototypes, support_prototypes)
+        refined_support = self._attend(support_prototypes, query_prototypes, blocked_from_query)
+        refined_query = self._attend(query_prototypes, support_prototypes, blocked_from_support)
         return refined_support, refined_query

@@ -4,7 +4,9 @@ from .prototype import (
     flatten_voxels,
     masked_average_pooling,
     multi_prototype_logits,
+    partition_mask,
     prototype_similarity,
     sample_voxel_indices,
     sinkhorn_knopp,
+    spherical_kmeans,
 )

@@ -14,9 +14,11 @@ __all__ = [
     "flatten_voxels",
     "masked_average_pooling",
     "multi_prototype_logits",
+    "partition_mask",
     "prototype_similarity",
     "sample_voxel_indices",
     "sinkhorn_knopp",
+    "spherical_kmeans",
 ]
 
 
@@ -297,3 +299,102 @@ def flatten_voxels(features: torch.Tensor) -> torch.Tensor:
     if features.ndim < 3:
         raise ValueError(f"features must be (B, C, *S), got {tuple(features.shape)}.")
     return features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
+
+
+@torch.no_grad()
+def spherical_kmeans(
+    points: torch.Tensor, num_centres: int, num_iters: int = 10, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Spherical k-means of ``N`` vectors: centres initialised from distinct random points (repeated cyclically
+    when ``N < num_centres``), then ``num_iters`` rounds of nearest-centre (cosine) assignment and normalised
+    mean; a centre left without points keeps its previous value. No gradient.
+
+    Args:
+        points: ``(N, C)`` with ``N >= 1`` (normalised here).
+        num_centres: ``M >= 1``.
+        num_iters: k-means rounds (>= 0). Defaults to 10.
+        generator: optional CPU random generator for the initial centres.
+
+    Returns:
+        ``(centres (M, C)`` unit-norm, ``assignment (N,)`` index of each point's nearest centre``)``.
+
+    Raises:
+        ValueError: for an empty ``points``, ``num_centres < 1`` or ``num_iters < 0``.
+    """
+    if points.ndim != 2 or points.shape[0] < 1:
+        raise ValueError(f"points must be (N, C) with N >= 1, got {tuple(points.shape)}.")
+    if num_centres < 1 or num_iters < 0:
+        raise ValueError(f"need num_centres >= 1 and num_iters >= 0, got {num_centres} and {num_iters}.")
+    points = F.normalize(points, dim=-1)
+    num_points = points.shape[0]
+    perm_device = generator.device if generator is not None else torch.device("cpu")
+    start = torch.randperm(num_points, generator=generator, device=perm_device).to(points.device)
+    centres = points[start[torch.arange(num_centres, device=points.device) % num_points]]
+    for _ in range(num_iters):
+        nearest = (points @ centres.t()).argmax(dim=1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, points)
+        filled = torch.bincount(nearest, minlength=num_centres) > 0
+        centres = torch.where(filled.unsqueeze(1), F.normalize(sums, dim=-1), centres)
+    return centres, (points @ centres.t()).argmax(dim=1)
+
+
+@torch.no_grad()
+def partition_mask(
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    num_parts: int,
+    num_iters: int = 5,
+    max_points: int = 20000,
+    seed: int = 0,
+) -> torch.Tensor:
+    """
+    Split a mask into ``num_parts`` parts of similar features (spherical k-means on the masked voxels), so that
+    a heterogeneous region, such as the background of an organ, is described by several prototypes
+    (multi-prototype pooling, as ProtoSeg's sub-class centres or ADNet's local background prototypes).
+
+    The centres are fitted on at most ``max_points`` masked voxels (a seeded random subset), then every masked
+    voxel goes to its nearest centre. A part that receives no voxel is given the whole mask, so its prototype is
+    the mask's mean rather than a zero vector. Deterministic for a given ``seed``. No gradient: the pooling
+    over the parts (:func:`masked_average_pooling`) carries the gradient.
+
+    Args:
+        features: ``(B, C, *S)``.
+        mask: ``(B, *S)`` or ``(B, 1, *S)``; voxels with a positive value are split.
+        num_parts: ``M >= 1``.
+        num_iters: k-means rounds. Defaults to 5.
+        max_points: largest number of voxels the centres are fitted on. Defaults to 20000.
+        seed: seed of the initialisation and the subset. Defaults to 0.
+
+    Returns:
+        ``(B, M, *S)`` float masks (0 or 1) whose sum over ``M`` is the (binarised) mask, up to filled parts.
+
+    Raises:
+        ValueError: for ``num_parts < 1`` or mismatched shapes.
+    """
+    if num_parts < 1:
+        raise ValueError(f"num_parts must be >= 1, got {num_parts}.")
+    if mask.ndim == features.ndim:
+        mask = mask[:, 0]
+    if mask.shape[0] != features.shape[0] or mask.shape[1:] != features.shape[2:]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match features {tuple(features.shape)}.")
+    batch, channels = features.shape[:2]
+    flat_mask = mask.reshape(batch, -1) > 0
+    flat_features = features.reshape(batch, channels, -1)
+    parts = torch.zeros(batch, num_parts, flat_mask.shape[1], dtype=features.dtype, device=features.device)
+    generator = torch.Generator().manual_seed(int(seed))
+    for b in range(batch):
+        index = torch.nonzero(flat_mask[b]).squeeze(1)
+        if index.numel() == 0:
+            continue
+        points = flat_features[b, :, index].t()
+        if num_parts == 1:
+            parts[b, 0, index] = 1.0
+            continue
+        subset = torch.randperm(index.numel(), generator=generator)[:max_points].to(points.device)
+        centres, _ = spherical_kmeans(points[subset], num_parts, num_iters, generator)
+        nearest = (F.normalize(points, dim=-1) @ centres.t()).argmax(dim=1)
+        parts[b, nearest, index] = 1.0
+        empty = parts[b].sum(dim=1) == 0
+        parts[b, empty] = flat_mask[b].to(parts.dtype)
+    return parts.reshape(batch, num_parts, *features.shape[2:])

@@ -6,12 +6,18 @@ The components follow the project's specification (``METHODS.md``, IPLSL section
 
 1. a shared encoder-decoder gives low-, mid- and high-level features of support and query;
 2. peak prototypes (high level, :func:`~monai_proto.networks.layers.peak.peak_average_pooling`) and mean
-   prototypes (mid level, masked average pooling) of the support's foreground and background;
-3. an initial query prediction from them, query prototypes pooled from it, and a support <-> query
-   cross-attention (:class:`~monai_proto.networks.blocks.prototype_interaction.PrototypeInteractionBlock`) at
+   prototypes (mid level, masked average pooling) of the support's foreground and of several parts of its
+   background (:func:`~monai_proto.networks.layers.prototype.partition_mask`: a heterogeneous background is
+   badly described by one mean);
+3. an initial query prediction from them, query prototypes pooled from it (hard masks; the query's background
+   voxels pooled by their nearest support part), and a support <-> query cross-attention between prototypes of
+   the same class (:class:`~monai_proto.networks.blocks.prototype_interaction.PrototypeInteractionBlock`) at
    the mid and high levels, whose outputs are tied by the consistency and separation losses;
 4. query-guided self-learning: prototypes re-pooled from the query's own features under the refined
-   prediction, mixed with the interacted support prototypes, and a second prediction;
+   prediction, mixed with the interacted support prototypes, and a second prediction. A class predicted on
+   fewer than ``max(min_self_voxels, min_self_fraction * voxels)`` voxels keeps the support's prototype, so
+   self-learning cannot invent an organ from a few stray voxels; the support-conditioned inferer runs this step
+   once on the whole query volume, not per window;
 5. a light boundary head fusing that prediction with low-level features (zero-initialised residual);
 6. the auxiliary query -> support alignment prediction of PANet (in the base class).
 """
@@ -20,15 +26,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers import Conv
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
 from monai_proto.networks.layers.peak import peak_average_pooling
-from monai_proto.networks.layers.prototype import masked_average_pooling
-
-from .panet import FewShotOutput, PrototypeFewShotNet
+from monai_proto.networks.layers.prototype import masked_average_pooling, partition_mask, prototype_similarity
+from monai_proto.networks.nets.fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
 
 __all__ = ["IPLSLNet"]
 
@@ -42,8 +48,9 @@ class IPLSLNet(PrototypeFewShotNet):
 
     Feature levels (all upsampled to the input resolution): ``low`` = the finest decoder map (boundary
     fusion only), ``mid`` and ``high`` = 1x1-convolution embeddings of the decoder maps ``mid_level`` and
-    ``high_level``. Prototypes are ``(B, 2, K, C)``: level 0 the mid-level mean prototypes, level 1 the
-    high-level peak prototypes. Logits average the cosine logits of both levels (``/ tau``).
+    ``high_level``. Prototypes are ``(B, 2, K, M, C)``: level 0 the mid-level mean prototypes, level 1 the
+    high-level peak prototypes, ``M`` slots per class (the background's parts; a foreground class repeats its
+    prototype). Logits average over the levels the cosine to the nearest prototype of each class (``/ tau``).
 
     Args:
         spatial_dims: number of spatial dimensions, 2 or 3.
@@ -58,19 +65,23 @@ class IPLSLNet(PrototypeFewShotNet):
         num_heads: heads of the interaction blocks. Defaults to 4.
         self_weight: weight of the query's self-prototypes against the interacted support prototypes in
             self-learning, in ``[0, 1]``. Defaults to 0.5.
-        min_self_mass: a class whose predicted soft mass in the query is below this keeps its support
-            prototype in self-learning (an empty prediction gives no self-prototype). Defaults to 1.0 voxel.
+        min_self_voxels: fewest predicted voxels of a class (or background part) in the query for its own
+            prototype to be pooled, in the interaction and in self-learning. Defaults to 8.
+        min_self_fraction: the same as a fraction of the query's voxels (the larger bound applies).
+            Defaults to 0.001.
+        num_background_prototypes: background parts ``M`` of the support. Defaults to 4.
         boundary_channels: hidden channels of the boundary head; 0 disables low-level fusion. Defaults to 16.
         tau: cosine temperature. Defaults to 0.1.
+        ignore_index: label value of voxels in no class. Defaults to 255.
 
     Shapes: ``query`` ``(B, in_channels, *S)``, ``support_image`` ``(B, in_channels, *S')``, ``support_label``
     ``(B, 1, *S')`` with values in ``[0, out_channels)`` -> logits ``(B, out_channels, *S)`` in ``eval()`` mode,
-    :class:`~monai_proto.networks.nets.panet.FewShotOutput` in training mode.
+    :class:`~monai_proto.networks.nets.fewshot.FewShotOutput` in training mode. Prototypes ``(B, 2, K, M, C)``.
 
     Raises:
         ValueError: for invalid base arguments, ``embedding_dim`` not divisible by ``num_heads``, a level out
-            of range, ``peak_fraction`` not in ``(0, 1]``, ``self_weight`` not in ``[0, 1]`` or negative
-            ``boundary_channels``.
+            of range, ``peak_fraction`` not in ``(0, 1]``, ``self_weight`` not in ``[0, 1]``, negative
+            ``boundary_channels``, ``num_background_prototypes < 1`` or a negative self-learning bound.
     """
 
     def __init__(
@@ -86,11 +97,14 @@ class IPLSLNet(PrototypeFewShotNet):
         peak_fraction: float = 0.1,
         num_heads: int = 4,
         self_weight: float = 0.5,
-        min_self_mass: float = 1.0,
+        min_self_voxels: int = 8,
+        min_self_fraction: float = 0.001,
+        num_background_prototypes: int = 4,
         boundary_channels: int = 16,
         tau: float = 0.1,
+        ignore_index: int = 255,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, out_channels, backbone, backbone_kwargs, tau)
+        super().__init__(spatial_dims, in_channels, out_channels, backbone, backbone_kwargs, tau, ignore_index)
         if embedding_dim < 1 or embedding_dim % num_heads != 0:
             raise ValueError(
                 f"embedding_dim must be a positive multiple of num_heads={num_heads}, but got {embedding_dim}."
@@ -103,12 +117,17 @@ class IPLSLNet(PrototypeFewShotNet):
             raise ValueError(f"peak_fraction must be in (0, 1], but got {peak_fraction}.")
         if not 0.0 <= self_weight <= 1.0:
             raise ValueError(f"self_weight must be in [0, 1], but got {self_weight}.")
-        if boundary_channels < 0:
-            raise ValueError(f"boundary_channels must be >= 0, but got {boundary_channels}.")
+        if boundary_channels < 0 or num_background_prototypes < 1 or min_self_voxels < 0 or min_self_fraction < 0:
+            raise ValueError(
+                f"need boundary_channels >= 0, num_background_prototypes >= 1 and non-negative self-learning bounds, "
+                f"but got {boundary_channels}, {num_background_prototypes}, {min_self_voxels}, {min_self_fraction}."
+            )
         self.mid_level, self.high_level = mid_level, high_level
         self.peak_fraction = float(peak_fraction)
         self.self_weight = float(self_weight)
-        self.min_self_mass = float(min_self_mass)
+        self.min_self_voxels = int(min_self_voxels)
+        self.min_self_fraction = float(min_self_fraction)
+        self.num_background_prototypes = int(num_background_prototypes)
         conv = Conv[Conv.CONV, spatial_dims]
         channels = self.backbone.decoder_channels
         self.embed_mid = conv(channels[mid_level], embedding_dim, 1)
@@ -120,13 +139,11 @@ class IPLSLNet(PrototypeFewShotNet):
             last = conv(boundary_channels, out_channels, 1)
             nn.init.zeros_(last.weight)  # starts as the identity on the self-learning logits
             nn.init.zeros_(last.bias)
+            # no normalisation: the head runs on patches in training and on whole volumes at inference
             self.boundary_head = nn.Sequential(
-                Convolution(
-                    spatial_dims, low_channels + out_channels, boundary_channels, kernel_size=3,
-                    norm="instance", act="prelu",
-                ),
+                Convolution(spatial_dims, low_channels + out_channels, boundary_channels, kernel_size=3, act="prelu"),
                 last,
-            )  # fmt: skip
+            )
         self.level_channels = (low_channels, embedding_dim, embedding_dim)
 
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -136,35 +153,70 @@ class IPLSLNet(PrototypeFewShotNet):
     def _prototype_levels(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
         return levels[1:]  # mid, high; the low level only feeds the boundary head
 
+    def class_prototypes(
+        self, semantic: list[torch.Tensor], foreground: torch.Tensor, background_parts: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean (mid level) and peak (high level) prototypes ``(B, 2, K, M, C)`` of ``K - 1`` foreground masks
+        ``(B, K - 1, *S)`` and ``M`` background parts ``(B, M, *S)``."""
+        mid, high = semantic
+        mean = class_slots(masked_average_pooling(mid, background_parts), masked_average_pooling(mid, foreground))
+        peak = class_slots(
+            peak_average_pooling(high, background_parts, fraction=self.peak_fraction),
+            peak_average_pooling(high, foreground, fraction=self.peak_fraction),
+        )
+        return torch.stack([mean, peak], dim=1)
+
     def prototypes_from_features(self, features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Mean prototypes (mid) and peak prototypes (high) of every class: ``(B, 2, K, C)``."""
+        """Prototypes ``(B, 2, K, M, C)`` of a labelled image: foreground classes and ``M`` background parts."""
         _, mid, high = self.split_features(features)
         masks = self.one_hot(label)
-        mean_prototypes = masked_average_pooling(mid, masks)
-        peak_prototypes = peak_average_pooling(high, masks, fraction=self.peak_fraction)
-        return torch.stack([mean_prototypes, peak_prototypes], dim=1)
+        parts = partition_mask(mid.detach(), masks[:, :1], self.num_background_prototypes)
+        return self.class_prototypes([mid, high], masks[:, 1:], parts)
 
-    def _pool_query(self, levels: list[torch.Tensor], probabilities: torch.Tensor) -> torch.Tensor:
-        """Query prototypes ``(B, L, K, C)`` by soft masked average pooling under predicted probabilities."""
-        return torch.stack([masked_average_pooling(f, probabilities) for f in levels], dim=1)
+    def pool_query(
+        self, semantic: list[torch.Tensor], logits: torch.Tensor, support_prototypes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The query's own prototypes under its predicted classes (hard masks), background voxels pooled by their
+        nearest support background part, and which of them rest on enough voxels.
+
+        Returns:
+            prototypes ``(B, 2, K, M, C)`` and ``valid`` ``(B, K, M)``.
+        """
+        num_classes, slots = logits.shape[1], support_prototypes.shape[3]
+        predicted = F.one_hot(logits.argmax(dim=1), num_classes).movedim(-1, 1).to(logits.dtype)
+        nearest = prototype_similarity(semantic[0], support_prototypes[:, 0, 0]).argmax(dim=1)
+        parts = F.one_hot(nearest, slots).movedim(-1, 1).to(logits.dtype) * predicted[:, :1]
+        prototypes = self.class_prototypes(semantic, predicted[:, 1:], parts)
+        counts = class_slots(parts.flatten(2).sum(-1, keepdim=True), predicted[:, 1:].flatten(2).sum(-1, keepdim=True))
+        bound = max(float(self.min_self_voxels), self.min_self_fraction * float(predicted[0, 0].numel()))
+        return prototypes, counts[..., 0] >= bound
 
     def _segment_features(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> FewShotOutput:
         low, semantic = levels[0], levels[1:]
+        batch, num_levels, num_classes, slots, channels = prototypes.shape
         # initial prediction from the support prototypes alone
         initial_logits = self.prototype_logits(semantic, prototypes)
-        query_prototypes = self._pool_query(semantic, initial_logits.softmax(dim=1))
-        # interactive prototype learning at the mid and high levels
-        refined = [block(prototypes[:, i], query_prototypes[:, i]) for i, block in enumerate(self.interaction)]
-        support_refined = torch.stack([r[0] for r in refined], dim=1)
-        query_refined = torch.stack([r[1] for r in refined], dim=1)
+        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes)
+        # interactive prototype learning at the mid and high levels, between prototypes of the same class
+        classes = torch.arange(num_classes, device=prototypes.device).repeat_interleave(slots)
+        valid_tokens = query_valid.reshape(batch, num_classes * slots)
+        refined = [
+            block(
+                prototypes[:, i].reshape(batch, -1, channels),
+                query_prototypes[:, i].reshape(batch, -1, channels),
+                classes,
+                valid_tokens,
+            )
+            for i, block in enumerate(self.interaction)
+        ]
+        support_refined = torch.stack([r[0] for r in refined], dim=1).reshape(prototypes.shape)
+        query_refined = torch.stack([r[1] for r in refined], dim=1).reshape(prototypes.shape)
         refined_logits = self.prototype_logits(semantic, support_refined)
-        # query-guided self-learning: the query segments itself with its own prototypes
-        probabilities = refined_logits.softmax(dim=1)
-        self_prototypes = self._pool_query(semantic, probabilities)
-        mass = probabilities.flatten(2).sum(dim=2)  # (B, K)
-        has_mass = (mass >= self.min_self_mass)[:, None, :, None]
-        self_prototypes = torch.where(has_mass, self_prototypes, support_refined)
+        # query-guided self-learning: the query segments itself with its own prototypes where it has enough of them
+        self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined)
         mixed = self.self_weight * self_prototypes + (1.0 - self.self_weight) * support_refined
+        mixed = torch.where(self_valid[:, None, :, :, None], mixed, support_refined)
         self_logits = self.prototype_logits(semantic, mixed)
         # low-level boundary fusion (residual, zero at initialisation)
         logits = self_logits
@@ -177,4 +229,5 @@ class IPLSLNet(PrototypeFewShotNet):
             self_logits=self_logits,
             support_prototypes=support_refined,
             query_prototypes=query_refined,
+            query_valid=query_valid,
         )

@@ -1,0 +1,306 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""The support-conditioned interface shared by the few-shot networks (PANet-style baseline, IPLSL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
+from monai_proto.networks.layers.prototype import multi_prototype_logits
+
+__all__ = ["FewShotOutput", "PrototypeFewShotNet", "class_slots"]
+
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+class FewShotOutput(NamedTuple):
+    """Training-path output of the few-shot networks, consumed by :class:`~monai_proto.losses.iplsl.IPLSLLoss`.
+
+    All logits are ``(B, K, *S)`` at the query (``align_logits``: support) resolution, ``K = out_channels``
+    (channel 0 the background). Prototypes are ``(B, L, K, M, C)``: ``L`` feature levels, ``M`` prototype slots per
+    class (the background's parts; a class with fewer prototypes repeats its own). Fields a network does not
+    compute are None.
+
+    Attributes:
+        logits: final query logits.
+        align_logits: support logits predicted from query prototypes (PANet's prototype alignment).
+        support_label: the episode's support label ``(B, 1, *S)``, the target of ``align_logits``.
+        initial_logits: query logits from the support prototypes alone (IPLSL).
+        refined_logits: query logits from the interacted support prototypes (IPLSL).
+        self_logits: query logits after query-guided self-learning, before boundary fusion (IPLSL).
+        support_prototypes: support prototypes after interaction (IPLSL).
+        query_prototypes: query prototypes after interaction (IPLSL).
+        query_valid: ``(B, K, M)`` which query prototypes were pooled from enough predicted voxels (IPLSL).
+    """
+
+    logits: torch.Tensor
+    align_logits: torch.Tensor | None = None
+    support_label: torch.Tensor | None = None
+    initial_logits: torch.Tensor | None = None
+    refined_logits: torch.Tensor | None = None
+    self_logits: torch.Tensor | None = None
+    support_prototypes: torch.Tensor | None = None
+    query_prototypes: torch.Tensor | None = None
+    query_valid: torch.Tensor | None = None
+
+
+def class_slots(background: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """Assemble ``(B, K, M, C)`` prototypes from ``M`` background parts ``(B, M, C)`` and one prototype per foreground
+    class ``(B, K - 1, C)`` (repeated over the ``M`` slots, which leaves a max over slots unchanged)."""
+    slots = background.shape[1]
+    return torch.cat([background.unsqueeze(1), foreground.unsqueeze(2).expand(-1, -1, slots, -1)], dim=1)
+
+
+class PrototypeFewShotNet(nn.Module):
+    """
+    Base of the support-conditioned few-shot networks: a backbone, per-level feature maps at the input
+    resolution, prototypes per level, class and slot, and cosine logits.
+
+    The interface is split so that a support-conditioned inferer
+    (:class:`~monai_proto.inferers.support.SupportConditionedInferer`) can compute the prototypes once from
+    whole support volumes, stitch the query's features over the whole volume, and segment them in one pass:
+
+    - :meth:`extract_features` ``(B, in_channels, *S) -> (B, sum(level_channels), *S)``: all feature levels,
+      upsampled to the input resolution and concatenated (one tensor, so ``SlidingWindowInferer`` can stitch
+      it); :meth:`split_features` undoes the concatenation.
+    - :meth:`prototypes_from_features` ``(features, label (B, 1, *S)) -> (B, L, K, M, C)``.
+    - :meth:`encode_support` ``(support_image, support_label) -> (B, L, K, M, C)``, k shots combined by
+      :meth:`combine_shots`.
+    - :meth:`segment_features` ``(features, prototypes) -> logits (B, K, *S)`` and :meth:`segment`
+      ``(query, prototypes)`` (the same from the image).
+    - :meth:`forward` ``(query, support_image, support_label)`` or ``(query, support_prototypes=...)``: in
+      training mode a :class:`FewShotOutput`, in ``eval()`` mode the logits tensor.
+
+    Labels may hold ``ignore_index`` (held-out or padded voxels): such voxels belong to no class and enter no
+    prototype. Subclasses set ``level_channels`` and implement :meth:`_compute_features`,
+    :meth:`prototypes_from_features` and :meth:`_segment_features`.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 2 or 3.
+        in_channels: image channels.
+        out_channels: classes of an episode, background included (2 for 1-way segmentation).
+        backbone: ``"unet"``, ``"swinunetr"`` or a :class:`FeatureBackbone`. Defaults to ``"unet"``.
+        backbone_kwargs: arguments of the backbone. Defaults to None.
+        tau: cosine temperature of the logits (> 0). Defaults to 0.1.
+        ignore_index: label value of voxels in no class. Defaults to 255.
+
+    Raises:
+        ValueError: when ``spatial_dims`` is not 2 or 3, ``in_channels < 1``, ``out_channels < 2`` or ``tau <= 0``.
+    """
+
+    level_channels: tuple[int, ...]
+    num_background_prototypes: int = 1
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int = 2,
+        backbone: str | FeatureBackbone = "unet",
+        backbone_kwargs: dict | None = None,
+        tau: float = 0.1,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, but got {spatial_dims}.")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be positive, but got {in_channels}.")
+        if out_channels < 2:
+            raise ValueError(f"out_channels must be at least 2 (background + one class), but got {out_channels}.")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, but got {tau}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.tau = float(tau)
+        self.ignore_index = int(ignore_index)
+        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+
+    # ----------------------------------------------------------------------------------------------- features
+    def resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Interpolate a feature map to ``size`` (linear in every spatial dimension)."""
+        if tuple(x.shape[2:]) == tuple(size):
+            return x
+        return F.interpolate(x, size=tuple(size), mode=_INTERPOLATION[self.spatial_dims], align_corners=False)
+
+    def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def extract_features(self, image: torch.Tensor) -> torch.Tensor:
+        """
+        All feature levels at the input resolution, concatenated along channels.
+
+        The input is padded (replicating its border, so instance norm sees the image's own statistics) to a
+        multiple of the backbone's ``size_divisible`` and the result cropped back, so any spatial size is accepted.
+
+        Args:
+            image: ``(B, in_channels, *S)``.
+
+        Returns:
+            ``(B, sum(level_channels), *S)``.
+        """
+        size = tuple(image.shape[2:])
+        div = int(self.backbone.size_divisible)
+        padded = [(-s) % div for s in size]
+        if any(padded):
+            pad: list[int] = []
+            for p in reversed(padded):
+                pad += [p // 2, p - p // 2]
+            image = F.pad(image, pad, mode="replicate")
+        levels = [self.resize(f, image.shape[2:]) for f in self._compute_features(image)]
+        features = torch.cat(levels, dim=1)
+        if any(padded):
+            features = features[
+                (slice(None), slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(padded, size)])
+            ]
+        return features
+
+    def split_features(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Split the output of :meth:`extract_features` into its levels (``level_channels``)."""
+        if features.shape[1] != sum(self.level_channels):
+            raise ValueError(
+                f"features must have {sum(self.level_channels)} channels {self.level_channels}, "
+                f"but got {tuple(features.shape)}."
+            )
+        return list(torch.split(features, list(self.level_channels), dim=1))
+
+    def one_hot(self, label: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *S)`` class-index label (0 background, ``ignore_index`` in no class) -> ``(B, K, *S)`` float."""
+        if label.ndim < 3 or label.shape[1] != 1:
+            raise ValueError(f"label must be (B, 1, *S) class indices, but got {tuple(label.shape)}.")
+        index = label[:, 0].round().long()
+        valid = index != self.ignore_index
+        if index.numel() and valid.any():
+            low, high = int(index[valid].min()), int(index[valid].max())
+            if low < 0 or high >= self.out_channels:
+                raise ValueError(
+                    f"label values must be in [0, {self.out_channels - 1}] or {self.ignore_index}, but got "
+                    f"[{low}, {high}]; binarise the episode's class first."
+                )
+        onehot = F.one_hot(torch.where(valid, index, 0), self.out_channels).movedim(-1, 1).float()
+        return onehot * valid.unsqueeze(1).float()
+
+    # --------------------------------------------------------------------------------------------- prototypes
+    def prototypes_from_features(
+        self, features: torch.Tensor, label: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover - interface
+        """Prototypes ``(B, L, K, M, C)`` from :meth:`extract_features` output and a ``(B, 1, *S)`` label."""
+        raise NotImplementedError
+
+    def combine_shots(self, shots: Sequence[torch.Tensor]) -> torch.Tensor:
+        """
+        Prototypes of a k-shot support from the per-shot prototypes ``(B, L, K, M, C)``: foreground classes are
+        averaged over the shots (PANet's k-shot rule); background parts have no correspondence between shots,
+        so with several of them the shots' parts are all kept (``k * M`` slots), with one they are averaged.
+        """
+        if not shots:
+            raise ValueError("at least one shot is needed.")
+        if len(shots) == 1:
+            return shots[0]
+        stacked = torch.stack(list(shots))  # (k, B, L, K, M, C)
+        if stacked.shape[4] == 1:
+            return stacked.mean(dim=0)
+        k, batch, levels, classes, slots, channels = stacked.shape
+        background = stacked[:, :, :, 0].permute(1, 2, 0, 3, 4).reshape(batch, levels, 1, k * slots, channels)
+        foreground = stacked[:, :, :, 1:].mean(dim=0).repeat_interleave(k, dim=3)
+        return torch.cat([background, foreground], dim=2)
+
+    def encode_support(
+        self, support_image: torch.Tensor | Sequence[torch.Tensor], support_label: torch.Tensor | Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """
+        Support prototypes of one episode, the shots combined by :meth:`combine_shots`.
+
+        Args:
+            support_image: ``(B, in_channels, *S)``, or a sequence of k such tensors (shapes may differ).
+            support_label: ``(B, 1, *S)`` class indices, or a sequence of k of them.
+
+        Returns:
+            prototypes ``(B, L, K, M, C)``.
+        """
+        if isinstance(support_image, torch.Tensor):
+            support_image, support_label = [support_image], [support_label]  # type: ignore[list-item]
+        if len(support_image) != len(support_label) or not support_image:
+            raise ValueError(
+                f"support images and labels must be non-empty and paired, but got {len(support_image)} and "
+                f"{len(support_label)}."
+            )
+        shots = zip(support_image, support_label)
+        return self.combine_shots([self.prototypes_from_features(self.extract_features(i), lbl) for i, lbl in shots])
+
+    def prototype_logits(self, levels: Sequence[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor:
+        """
+        Cosine logits averaged over the prototype levels: ``mean_l max_m cos(F_l(x), P_lkm) / tau``.
+
+        Args:
+            levels: ``L`` feature maps ``(B, C, *S)``.
+            prototypes: ``(B, L, K, M, C)``.
+
+        Returns:
+            logits ``(B, K, *S)``.
+        """
+        if prototypes.ndim != 5 or prototypes.shape[1] != len(levels):
+            raise ValueError(f"prototypes must be (B, {len(levels)}, K, M, C), but got {tuple(prototypes.shape)}.")
+        logits = [multi_prototype_logits(f, prototypes[:, i], tau=self.tau) for i, f in enumerate(levels)]
+        return torch.stack(logits).mean(dim=0)
+
+    # ----------------------------------------------------------------------------------------------- segment
+    def _segment_features(
+        self, levels: list[torch.Tensor], prototypes: torch.Tensor
+    ) -> FewShotOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def segment_features(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Query logits ``(B, K, *S)`` from stitched query features (:meth:`extract_features`) and fixed prototypes
+        ``(B or 1, L, K, M, C)``: every query-level step (pooling, interaction, self-learning) sees the whole input."""
+        if prototypes.shape[0] == 1 and features.shape[0] > 1:
+            prototypes = prototypes.expand(features.shape[0], *prototypes.shape[1:])
+        return self._segment_features(self.split_features(features), prototypes).logits
+
+    def segment(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Query logits ``(B, K, *S)`` of a query image from fixed prototypes ``(B or 1, L, K, M, C)``."""
+        return self.segment_features(self.extract_features(query), prototypes)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        support_image: torch.Tensor | None = None,
+        support_label: torch.Tensor | None = None,
+        support_prototypes: torch.Tensor | None = None,
+    ) -> torch.Tensor | FewShotOutput:
+        """
+        Args:
+            query: ``(B, in_channels, *S)``.
+            support_image: ``(B, in_channels, *S')`` (training and plain inference).
+            support_label: ``(B, 1, *S')`` class indices of the support.
+            support_prototypes: precomputed ``(B or 1, L, K, M, C)``, instead of the support image and label
+                (inference only).
+
+        Returns:
+            ``eval()`` mode: logits ``(B, out_channels, *S)``; training mode: :class:`FewShotOutput`.
+        """
+        if support_prototypes is not None and not self.training:
+            return self.segment(query, support_prototypes)
+        if support_image is None or support_label is None:
+            raise ValueError("forward needs support_image and support_label (or support_prototypes in eval mode).")
+        support_levels = self.split_features(self.extract_features(support_image))
+        prototypes = self.prototypes_from_features(torch.cat(support_levels, 1), support_label)
+        query_levels = self.split_features(self.extract_features(query))
+        output = self._segment_features(query_levels, prototypes)
+        if not self.training:
+            return output.logits
+        # prototype alignment (PANet): query prototypes from the (non-differentiable) predicted mask
+        predicted = output.logits.detach().argmax(dim=1, keepdim=True)
+        query_prototypes = self.prototypes_from_features(torch.cat(query_levels, 1), predicted)
+        align_logits = self.prototype_logits(self._prototype_levels(support_levels), query_prototypes)
+        return output._replace(align_logits=align_logits, support_label=support_label)
+
+    def _prototype_levels(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The levels that carry prototypes (all of them by default)."""
+        return levels
