@@ -106,4 +106,3 @@ def write_msd_dataset(
         content["test"] = test
     (root / "dataset.json").write_text(json.dumps(content, indent=2), encoding="utf-8")
     return root
-

@@ -46,9 +46,7 @@ KEYS = ["image", "label"]
 
 
 def _load_ras(image: str, label: str) -> dict:
-    transform = Compose(
-        [LoadImaged(keys=KEYS), EnsureChannelFirstd(keys=KEYS), Orientationd(keys=KEYS, axcodes="RAS")]
-    )
+    transform = Compose([LoadImaged(keys=KEYS), EnsureChannelFirstd(keys=KEYS), Orientationd(keys=KEYS, axcodes="RAS")])
     return transform({"image": image, "label": label})
 
 

@@ -26,7 +26,13 @@ CASES = [  # spatial_dims, input shape, out_channels
 
 def small_net(spatial_dims: int, in_channels: int, out_channels: int) -> IAPLNet:
     return IAPLNet(
-        spatial_dims, in_channels, out_channels, backbone_kwargs=SMALL, num_queries=8, query_dim=32, embedding_dim=16,
+        spatial_dims,
+        in_channels,
+        out_channels,
+        backbone_kwargs=SMALL,
+        num_queries=8,
+        query_dim=32,
+        embedding_dim=16,
         prototype_dim=16,
     )
 

@@ -43,9 +43,7 @@ def test_map_hard_and_soft(spatial):
     out = masked_average_pooling(features, torch.cat([hard, soft], dim=1), eps=0.0)
     assert out.shape == (1, 2, 2)
     torch.testing.assert_close(out[0, 0], torch.tensor([2.5, 25.0]))  # (1 + 4) / 2
-    torch.testing.assert_close(
-        out[0, 1], torch.tensor([1.75, 17.5])
-    )  # 0.5 * 1 + 0.25 * 2 + 0.25 * 3
+    torch.testing.assert_close(out[0, 1], torch.tensor([1.75, 17.5]))  # 0.5 * 1 + 0.25 * 2 + 0.25 * 3
     empty = masked_average_pooling(features, torch.zeros_like(hard))
     torch.testing.assert_close(empty, torch.zeros(1, 1, 2))
 
@@ -76,9 +74,7 @@ def test_average_prototypes():
 # ---------------------------------------------------------------- similarity and logits
 @pytest.mark.parametrize("spatial", SPATIAL_4)
 def test_prototype_similarity(spatial):
-    features = _grid(
-        [[1, 0, 1, -3], [0, 2, 1, 0]], spatial
-    )  # voxels (1,0), (0,2), (1,1), (-3,0)
+    features = _grid([[1, 0, 1, -3], [0, 2, 1, 0]], spatial)  # voxels (1,0), (0,2), (1,1), (-3,0)
     protos = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     r = 1 / math.sqrt(2)
     cos = prototype_similarity(features, protos)
@@ -105,9 +101,7 @@ def test_multi_prototype_logits(spatial):
     expected = torch.tensor([math.log(math.exp(10) + 1), math.log(math.exp(-10) + 1)])
     torch.testing.assert_close(out_lse.flatten(2)[0, :, 3], expected)
     # per-sample prototypes give the same result
-    torch.testing.assert_close(
-        multi_prototype_logits(features, protos.unsqueeze(0), tau=tau), out_max
-    )
+    torch.testing.assert_close(multi_prototype_logits(features, protos.unsqueeze(0), tau=tau), out_max)
     with pytest.raises(ValueError):
         multi_prototype_logits(features, protos, reduction="mean")
     with pytest.raises(ValueError):
@@ -141,15 +135,11 @@ def test_sinkhorn_balances_skewed_scores():
 def test_sample_voxel_indices_balance_and_ignore(spatial):
     labels = torch.zeros(2, 1, *spatial, dtype=torch.long)  # 1000 voxels
     flat = labels.view(-1)
-    flat[[3, 50, 120, 499, 500, 640, 700, 801, 950, 999]] = (
-        1  # 10 foreground, both samples
-    )
+    flat[[3, 50, 120, 499, 500, 640, 700, 801, 950, 999]] = 1  # 10 foreground, both samples
     flat[[10, 11, 12]] = 255
     gen = torch.Generator().manual_seed(0)
     idx = sample_voxel_indices(labels, max_voxels=100, ignore_index=255, generator=gen)
-    assert (
-        idx.dtype == torch.long and idx.numel() == 100
-    )  # 10 fg + 90 bg (leftover redistributed)
+    assert idx.dtype == torch.long and idx.numel() == 100  # 10 fg + 90 bg (leftover redistributed)
     assert idx.unique().numel() == idx.numel()
     assert (flat[idx] == 1).sum() == 10
     assert not (flat[idx] == 255).any()
@@ -169,13 +159,9 @@ def test_sample_voxel_indices_balance_and_ignore(spatial):
 def test_flat_indices_consistent_with_flatten_voxels(spatial):
     batch, num_spatial = 2, math.prod(spatial)
     labels = torch.randint(0, 3, (batch, 1, *spatial))
-    batch_index = (
-        torch.arange(batch).view(batch, 1, *([1] * len(spatial))).expand_as(labels)
-    )
+    batch_index = torch.arange(batch).view(batch, 1, *([1] * len(spatial))).expand_as(labels)
     spatial_index = torch.arange(num_spatial).view(1, 1, *spatial).expand_as(labels)
-    features = torch.cat(
-        [labels, batch_index, spatial_index], dim=1
-    ).float()  # (B, 3, *S)
+    features = torch.cat([labels, batch_index, spatial_index], dim=1).float()  # (B, 3, *S)
     rows = flatten_voxels(features)
     assert rows.shape == (batch * num_spatial, 3)
     idx = sample_voxel_indices(labels, max_voxels=64)
@@ -204,9 +190,7 @@ def test_bank_init_buffers_only():
 def test_bank_first_update_sets_directly_and_keeps_others():
     bank = PrototypeBank(2, 2, 3, momentum=0.9)
     before = bank.prototypes.clone()
-    emb = torch.tensor(
-        [[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [5.0, 5.0, 5.0], [1.0, 1.0, 1.0]]
-    )
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [5.0, 5.0, 5.0], [1.0, 1.0, 1.0]])
     labels = torch.tensor([0, 0, -1, 7])  # the last two are ignored
     bank.update(emb, labels, torch.tensor([1, 1, 0, 0]))
     r = 1 / math.sqrt(2)
@@ -222,9 +206,7 @@ def test_bank_ema_update_exact():
     bank.initialized[0] = True
     before = bank.prototypes.clone()
     bank.update(torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([0]), torch.tensor([0]))
-    expected = F.normalize(
-        torch.tensor([0.9, 0.1, 0.0]), dim=0
-    )  # 0.9 * p + 0.1 * mean, renormalised
+    expected = F.normalize(torch.tensor([0.9, 0.1, 0.0]), dim=0)  # 0.9 * p + 0.1 * mean, renormalised
     torch.testing.assert_close(bank.prototypes[0, 0], expected)
     torch.testing.assert_close(bank.prototypes[0, 1], before[0, 1])
     torch.testing.assert_close(bank.prototypes[1], before[1])
@@ -232,9 +214,7 @@ def test_bank_ema_update_exact():
 
 def test_bank_state_dict_round_trip():
     bank = PrototypeBank(2, 3, 4)
-    bank.update(
-        torch.randn(5, 4), torch.tensor([1, 1, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1])
-    )
+    bank.update(torch.randn(5, 4), torch.tensor([1, 1, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1]))
     buffer = io.BytesIO()
     torch.save(bank.state_dict(), buffer)
     buffer.seek(0)
@@ -248,9 +228,7 @@ def test_bank_state_dict_round_trip():
 def test_bank_kmeans_separates_clusters():
     gen = torch.Generator().manual_seed(0)
     cluster_a = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(30, 3, generator=gen)
-    cluster_b = torch.tensor([-1.0, 0.0, 0.0]) + 0.05 * torch.randn(
-        30, 3, generator=gen
-    )
+    cluster_b = torch.tensor([-1.0, 0.0, 0.0]) + 0.05 * torch.randn(30, 3, generator=gen)
     bank = PrototypeBank(2, 2, 3)
     before_class1 = bank.prototypes[1].clone()
     bank.initialize_kmeans(
@@ -266,9 +244,7 @@ def test_bank_kmeans_separates_clusters():
     # fewer voxels than prototypes: the voxel is repeated, the class collapses
     single = PrototypeBank(1, 3, 3)
     single.initialize_kmeans(torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([0]))
-    torch.testing.assert_close(
-        single.prototypes[0], torch.tensor([[0.0, 0.0, 1.0]]).expand(3, 3)
-    )
+    torch.testing.assert_close(single.prototypes[0], torch.tensor([[0.0, 0.0, 1.0]]).expand(3, 3))
 
 
 def test_bank_diversity():
@@ -281,9 +257,7 @@ def test_bank_diversity():
 
 
 def test_bank_assign_sinkhorn_vs_nearest():
-    angles = torch.linspace(
-        0.0, math.radians(40), 50
-    )  # all nearer to prototype 0 = (1, 0)
+    angles = torch.linspace(0.0, math.radians(40), 50)  # all nearer to prototype 0 = (1, 0)
     emb = torch.stack([angles.cos(), angles.sin()], dim=1)
     labels = torch.zeros(50, dtype=torch.long)
     labels[-1] = 9  # out of range: assignment 0
@@ -307,22 +281,16 @@ def test_bank_logits(spatial):
     features = torch.randn(2, 8, *spatial)
     out = bank.logits(features, tau=0.5, reduction="logsumexp")
     assert out.shape == (2, 3, *spatial)
-    torch.testing.assert_close(
-        out, multi_prototype_logits(features, bank.prototypes, 0.5, "logsumexp")
-    )
+    torch.testing.assert_close(out, multi_prototype_logits(features, bank.prototypes, 0.5, "logsumexp"))
 
 
 # ---------------------------------------------------------------- losses
 def test_contrastive_loss_value_and_ordering():
     protos = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # K=2, M=1
     loss = VoxelPrototypeContrastiveLoss(temperature=0.1)
-    at_positive = loss(
-        torch.tensor([[2.0, 0.0]]), protos, torch.tensor([0]), torch.tensor([0])
-    )
+    at_positive = loss(torch.tensor([[2.0, 0.0]]), protos, torch.tensor([0]), torch.tensor([0]))
     torch.testing.assert_close(at_positive, torch.tensor(math.log(1 + math.exp(-10))))
-    at_negative = loss(
-        torch.tensor([[0.0, 1.0]]), protos, torch.tensor([0]), torch.tensor([0])
-    )
+    at_negative = loss(torch.tensor([[0.0, 1.0]]), protos, torch.tensor([0]), torch.tensor([0]))
     torch.testing.assert_close(at_negative, torch.tensor(math.log(1 + math.exp(10))))
     assert at_positive < at_negative
     per_voxel = VoxelPrototypeContrastiveLoss(reduction="none")(
@@ -362,34 +330,24 @@ def test_compactness_loss():
         loss(torch.tensor([[3.0, 0.0], [0.0, 0.5]]), protos, labels, assignments),
         torch.tensor(0.0),
     )
-    emb = torch.tensor(
-        [[0.0, 1.0], [-1.0, 0.0]], requires_grad=True
-    )  # cos 0 -> 1, cos 0 -> 1
+    emb = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], requires_grad=True)  # cos 0 -> 1, cos 0 -> 1
     total = PrototypeCompactnessLoss(reduction="sum")(emb, protos, labels, assignments)
     torch.testing.assert_close(total, torch.tensor(2.0))
     total.backward()
     assert emb.grad.abs().sum() > 0
-    opposite = PrototypeCompactnessLoss(reduction="none")(
-        -protos[0], protos, labels, assignments
-    )
+    opposite = PrototypeCompactnessLoss(reduction="none")(-protos[0], protos, labels, assignments)
     torch.testing.assert_close(opposite, torch.tensor([4.0, 4.0]))
 
 
 def test_diversity_loss():
     equal = F.normalize(torch.ones(2, 3, 4), dim=-1)
     torch.testing.assert_close(PrototypeDiversityLoss()(equal), torch.tensor(1.0))
-    torch.testing.assert_close(
-        PrototypeDiversityLoss(margin=0.5)(equal), torch.tensor(0.5)
-    )
+    torch.testing.assert_close(PrototypeDiversityLoss(margin=0.5)(equal), torch.tensor(0.5))
     spread = torch.stack(
         [
             torch.eye(4)[:3],
             torch.cat([torch.eye(4)[:1], -torch.eye(4)[:1], torch.eye(4)[1:2]]),
         ]
     )
-    torch.testing.assert_close(
-        PrototypeDiversityLoss(reduction="none")(spread), torch.zeros(2)
-    )
-    torch.testing.assert_close(
-        PrototypeDiversityLoss()(torch.randn(3, 1, 4)), torch.tensor(0.0)
-    )
+    torch.testing.assert_close(PrototypeDiversityLoss(reduction="none")(spread), torch.zeros(2))
+    torch.testing.assert_close(PrototypeDiversityLoss()(torch.randn(3, 1, 4)), torch.tensor(0.0))

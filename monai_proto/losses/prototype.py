@@ -32,13 +32,8 @@ def _check_voxel_inputs(
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be (N, C), got {tuple(embeddings.shape)}.")
     if prototypes.ndim != 3 or prototypes.shape[-1] != embeddings.shape[1]:
-        raise ValueError(
-            f"prototypes must be (K, M, C) with C={embeddings.shape[1]}, got {tuple(prototypes.shape)}."
-        )
-    if (
-        labels.shape != embeddings.shape[:1]
-        or assignments.shape != embeddings.shape[:1]
-    ):
+        raise ValueError(f"prototypes must be (K, M, C) with C={embeddings.shape[1]}, got {tuple(prototypes.shape)}.")
+    if labels.shape != embeddings.shape[:1] or assignments.shape != embeddings.shape[:1]:
         raise ValueError(
             f"labels and assignments must be ({embeddings.shape[0]},), got {tuple(labels.shape)} "
             f"and {tuple(assignments.shape)}."
@@ -94,16 +89,10 @@ class VoxelPrototypeContrastiveLoss(_Loss):
         """
         _check_voxel_inputs(embeddings, prototypes, labels, assignments)
         num_protos = prototypes.shape[1]
-        flat = F.normalize(
-            prototypes.reshape(-1, prototypes.shape[-1]).to(embeddings.dtype), dim=-1
-        )
-        logits = (
-            F.normalize(embeddings, dim=-1) @ flat.t() / self.temperature
-        )  # (N, K*M)
+        flat = F.normalize(prototypes.reshape(-1, prototypes.shape[-1]).to(embeddings.dtype), dim=-1)
+        logits = F.normalize(embeddings, dim=-1) @ flat.t() / self.temperature  # (N, K*M)
         target = labels.long() * num_protos + assignments.long()
-        return _reduce(
-            F.cross_entropy(logits, target, reduction="none"), self.reduction
-        )
+        return _reduce(F.cross_entropy(logits, target, reduction="none"), self.reduction)
 
 
 class PrototypeCompactnessLoss(_Loss):
@@ -140,12 +129,8 @@ class PrototypeCompactnessLoss(_Loss):
             ValueError: when the shapes are inconsistent.
         """
         _check_voxel_inputs(embeddings, prototypes, labels, assignments)
-        targets = prototypes[labels.long(), assignments.long()].to(
-            embeddings.dtype
-        )  # (N, C)
-        cos = (F.normalize(embeddings, dim=-1) * F.normalize(targets, dim=-1)).sum(
-            dim=-1
-        )
+        targets = prototypes[labels.long(), assignments.long()].to(embeddings.dtype)  # (N, C)
+        cos = (F.normalize(embeddings, dim=-1) * F.normalize(targets, dim=-1)).sum(dim=-1)
         return _reduce((1.0 - cos) ** 2, self.reduction)
 
 
@@ -162,9 +147,7 @@ class PrototypeDiversityLoss(_Loss):
         ValueError: when ``reduction`` is unknown or ``margin`` is outside ``[-1, 1]``.
     """
 
-    def __init__(
-        self, margin: float = 0.0, reduction: LossReduction | str = LossReduction.MEAN
-    ) -> None:
+    def __init__(self, margin: float = 0.0, reduction: LossReduction | str = LossReduction.MEAN) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if not -1.0 <= margin <= 1.0:
             raise ValueError(f"margin must be in [-1, 1], got {margin}.")
@@ -179,16 +162,10 @@ class PrototypeDiversityLoss(_Loss):
             ValueError: when ``prototypes`` is not 3D.
         """
         if prototypes.ndim != 3:
-            raise ValueError(
-                f"prototypes must be (K, M, C), got {tuple(prototypes.shape)}."
-            )
+            raise ValueError(f"prototypes must be (K, M, C), got {tuple(prototypes.shape)}.")
         num_protos = prototypes.shape[1]
         protos = F.normalize(prototypes, dim=-1)
         penalty = F.relu(protos @ protos.transpose(1, 2) - self.margin)  # (K, M, M)
-        off_diagonal = ~torch.eye(
-            num_protos, dtype=torch.bool, device=prototypes.device
-        )
-        per_class = (penalty * off_diagonal).sum(dim=(1, 2)) / max(
-            num_protos * (num_protos - 1), 1
-        )
+        off_diagonal = ~torch.eye(num_protos, dtype=torch.bool, device=prototypes.device)
+        per_class = (penalty * off_diagonal).sum(dim=(1, 2)) / max(num_protos * (num_protos - 1), 1)
         return _reduce(per_class, self.reduction)

@@ -233,10 +233,7 @@ class KMaXDecoder(nn.Module):
         self.stages = nn.ModuleList(
             [
                 nn.ModuleList(
-                    [
-                        KMaXTransformerBlock(query_dim, c, num_heads, ffn_dim, dropout)
-                        for _ in range(blocks_per_stage)
-                    ]
+                    [KMaXTransformerBlock(query_dim, c, num_heads, ffn_dim, dropout) for _ in range(blocks_per_stage)]
                 )
                 for c in in_channels
             ]

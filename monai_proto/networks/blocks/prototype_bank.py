@@ -61,9 +61,7 @@ class PrototypeBank(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}.")
         if sinkhorn_epsilon <= 0:
-            raise ValueError(
-                f"sinkhorn_epsilon must be positive, got {sinkhorn_epsilon}."
-            )
+            raise ValueError(f"sinkhorn_epsilon must be positive, got {sinkhorn_epsilon}.")
         self.num_classes = num_classes
         self.num_prototypes = num_prototypes
         self.embedding_dim = embedding_dim
@@ -71,36 +69,26 @@ class PrototypeBank(nn.Module):
         self.use_sinkhorn = use_sinkhorn
         self.sinkhorn_iters = sinkhorn_iters
         self.sinkhorn_epsilon = sinkhorn_epsilon
-        init = F.normalize(
-            torch.randn(num_classes, num_prototypes, embedding_dim), dim=-1
-        )
+        init = F.normalize(torch.randn(num_classes, num_prototypes, embedding_dim), dim=-1)
         self.register_buffer("prototypes", init)
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
 
-    def logits(
-        self, features: torch.Tensor, tau: float = 0.1, reduction: str = "max"
-    ) -> torch.Tensor:
+    def logits(self, features: torch.Tensor, tau: float = 0.1, reduction: str = "max") -> torch.Tensor:
         """
         Class logits ``(B, K, *S)`` of feature maps ``(B, C, *S)``, see
         :func:`~monai_proto.networks.layers.prototype.multi_prototype_logits`.
         """
-        return multi_prototype_logits(
-            features, self.prototypes, tau=tau, reduction=reduction
-        )
+        return multi_prototype_logits(features, self.prototypes, tau=tau, reduction=reduction)
 
     def _valid(self, labels: torch.Tensor) -> torch.Tensor:
         return (labels >= 0) & (labels < self.num_classes)
 
     def _check(self, embeddings: torch.Tensor, *others: torch.Tensor) -> None:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(
-                f"embeddings must be (N, {self.embedding_dim}), got {tuple(embeddings.shape)}."
-            )
+            raise ValueError(f"embeddings must be (N, {self.embedding_dim}), got {tuple(embeddings.shape)}.")
         for other in others:
             if other.shape != embeddings.shape[:1]:
-                raise ValueError(
-                    f"labels/assignments must be ({embeddings.shape[0]},), got {tuple(other.shape)}."
-                )
+                raise ValueError(f"labels/assignments must be ({embeddings.shape[0]},), got {tuple(other.shape)}.")
 
     @torch.no_grad()
     def assign(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,16 +116,12 @@ class PrototypeBank(nn.Module):
             mask = labels == k
             scores = embeddings[mask] @ self.prototypes[k].t()  # (n, M)
             if self.use_sinkhorn and self.num_prototypes > 1:
-                scores = sinkhorn_knopp(
-                    scores, num_iters=self.sinkhorn_iters, epsilon=self.sinkhorn_epsilon
-                )
+                scores = sinkhorn_knopp(scores, num_iters=self.sinkhorn_iters, epsilon=self.sinkhorn_epsilon)
             assignments[mask] = scores.argmax(dim=1)
         return assignments
 
     @torch.no_grad()
-    def update(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, assignments: torch.Tensor
-    ) -> None:
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor, assignments: torch.Tensor) -> None:
         """
         EMA update from assigned voxels. For each ``(k, m)`` that received voxels, ``mean`` is the mean of the
         L2-normalised embeddings assigned to it; a class not yet initialised takes ``p[k, m] = mean`` for
@@ -154,11 +138,7 @@ class PrototypeBank(nn.Module):
         """
         self._check(embeddings, labels, assignments)
         labels, assignments = labels.long(), assignments.long()
-        keep = (
-            self._valid(labels)
-            & (assignments >= 0)
-            & (assignments < self.num_prototypes)
-        )
+        keep = self._valid(labels) & (assignments >= 0) & (assignments < self.num_prototypes)
         num_slots = self.num_classes * self.num_prototypes
         slots = labels[keep] * self.num_prototypes + assignments[keep]
         embeddings = F.normalize(embeddings[keep].to(self.prototypes.dtype), dim=-1)
@@ -171,15 +151,11 @@ class PrototypeBank(nn.Module):
         sums.index_add_(0, slots, embeddings)
         counts = torch.bincount(slots, minlength=num_slots)
         has_voxels = (counts > 0).view(self.num_classes, self.num_prototypes)
-        means = (sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)).view_as(
-            self.prototypes
-        )
+        means = (sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)).view_as(self.prototypes)
         ema = self.momentum * self.prototypes + (1.0 - self.momentum) * means
         new = torch.where(self.initialized.view(-1, 1, 1), ema, means)
         new = F.normalize(new, dim=-1)
-        self.prototypes.copy_(
-            torch.where(has_voxels.unsqueeze(-1), new, self.prototypes)
-        )
+        self.prototypes.copy_(torch.where(has_voxels.unsqueeze(-1), new, self.prototypes))
         self.initialized |= has_voxels.any(dim=1)
 
     @torch.no_grad()

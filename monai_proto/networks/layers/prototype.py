@@ -22,9 +22,7 @@ __all__ = [
 ]
 
 
-def masked_average_pooling(
-    features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5
-) -> torch.Tensor:
+def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """
     Masked (soft-weighted) average pooling, one vector per weight channel: ``sum_x w F / (sum_x w + eps)``.
 
@@ -100,17 +98,13 @@ def prototype_similarity(
     if features.ndim < 3:
         raise ValueError(f"features must be (B, C, *S), got {tuple(features.shape)}.")
     if prototypes.ndim not in (2, 3):
-        raise ValueError(
-            f"prototypes must be (P, C) or (B, P, C), got {tuple(prototypes.shape)}."
-        )
+        raise ValueError(f"prototypes must be (P, C) or (B, P, C), got {tuple(prototypes.shape)}.")
     if prototypes.shape[-1] != features.shape[1]:
         raise ValueError(
             f"channel sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}."
         )
     if prototypes.ndim == 3 and prototypes.shape[0] != features.shape[0]:
-        raise ValueError(
-            f"batch sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}."
-        )
+        raise ValueError(f"batch sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}.")
     prototypes = prototypes.to(features.dtype)
     if normalize:
         features = F.normalize(features, dim=1, eps=eps)
@@ -155,13 +149,9 @@ def multi_prototype_logits(
     if reduction not in ("max", "logsumexp"):
         raise ValueError(f"reduction must be 'max' or 'logsumexp', got {reduction!r}.")
     if prototypes.ndim not in (3, 4):
-        raise ValueError(
-            f"prototypes must be (K, M, C) or (B, K, M, C), got {tuple(prototypes.shape)}."
-        )
+        raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {tuple(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
-    flat_protos = prototypes.reshape(
-        *prototypes.shape[:-3], num_classes * num_protos, prototypes.shape[-1]
-    )
+    flat_protos = prototypes.reshape(*prototypes.shape[:-3], num_classes * num_protos, prototypes.shape[-1])
     sim = prototype_similarity(features, flat_protos, normalize=True)  # (B, K*M, *S)
     sim = sim.reshape(sim.shape[0], num_classes, num_protos, *sim.shape[2:]) / tau
     if reduction == "max":
@@ -170,9 +160,7 @@ def multi_prototype_logits(
 
 
 @torch.no_grad()
-def sinkhorn_knopp(
-    scores: torch.Tensor, num_iters: int = 3, epsilon: float = 0.05
-) -> torch.Tensor:
+def sinkhorn_knopp(scores: torch.Tensor, num_iters: int = 3, epsilon: float = 0.05) -> torch.Tensor:
     """
     Balanced soft assignment of ``N`` samples to ``M`` prototypes by Sinkhorn-Knopp iterations.
 
@@ -208,16 +196,8 @@ def sinkhorn_knopp(
     q = torch.exp(logits - logits.max()).t()  # (M, N)
     q = q / q.sum()
     for _ in range(num_iters):
-        q = (
-            q
-            / q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
-            / num_protos
-        )
-        q = (
-            q
-            / q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
-            / num_samples
-        )
+        q = q / q.sum(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny) / num_protos
+        q = q / q.sum(dim=0, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny) / num_samples
     return (q * num_samples).t().to(scores.dtype)
 
 
@@ -255,11 +235,7 @@ def sample_voxel_indices(
     if max_voxels < 1:
         raise ValueError(f"max_voxels must be at least 1, got {max_voxels}.")
     flat = labels.reshape(-1).long()
-    valid = (
-        torch.ones_like(flat, dtype=torch.bool)
-        if ignore_index is None
-        else flat != ignore_index
-    )
+    valid = torch.ones_like(flat, dtype=torch.bool) if ignore_index is None else flat != ignore_index
     classes, counts = torch.unique(flat[valid], return_counts=True)
     order = torch.argsort(counts, stable=True)
     perm_device = generator.device if generator is not None else torch.device("cpu")
@@ -269,9 +245,7 @@ def sample_voxel_indices(
         positions = torch.nonzero(flat == classes[pos], as_tuple=False).squeeze(1)
         take = min(share, positions.numel())
         if take < positions.numel():
-            pick = torch.randperm(
-                positions.numel(), generator=generator, device=perm_device
-            )[:take]
+            pick = torch.randperm(positions.numel(), generator=generator, device=perm_device)[:take]
             positions = positions[pick.to(positions.device)]
         chosen[pos] = positions
         budget -= take

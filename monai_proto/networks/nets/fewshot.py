@@ -156,9 +156,7 @@ class PrototypeFewShotNet(nn.Module):
         levels = [self.resize(f, image.shape[2:]) for f in self._compute_features(image)]
         features = torch.cat(levels, dim=1)
         if any(padded):
-            features = features[
-                (slice(None), slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(padded, size)])
-            ]
+            features = features[(slice(None), slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(padded, size)])]
         return features
 
     def split_features(self, features: torch.Tensor) -> list[torch.Tensor]:
