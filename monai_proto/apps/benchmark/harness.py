@@ -102,6 +102,11 @@ def run_benchmark(
     reading: str = "",
     predictor_factory: Callable | None = None,
     sections: Mapping[str, str] | None = None,
+    split_options: Mapping[str, Mapping] | None = None,
+    organs: Sequence[str] | None = None,
+    split_transforms: Sequence[Callable] = (),
+    timing_split: str | None = None,
+    cost_overrides: Mapping[str, object] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a benchmark and write ``<args.out>/<name>.{json,md,png}``.
@@ -119,8 +124,16 @@ def run_benchmark(
         differences: what differs between the networks, for the header.
         split_notes: split -> sentence under its table.
         reading: "Reading these figures" text.
-        predictor_factory: ``(parser, spec) -> predictor`` when the bundle's inferer is not enough (few-shot).
+        predictor_factory: ``(parser, spec) -> predictor`` when the bundle's inferer is not enough (few-shot);
+            a predictor maps ``(network, split)`` to a class map ``(1, 1, *S)``.
         sections: split name -> data-list section (default A-slab = validation, B = test).
+        split_options: split name -> options its predictor reads (e.g. the number of shots).
+        organs: the scored classes, in label order ``1..K``; default: the config's ``organs``.
+        split_transforms: transforms applied after the config's ``train#deterministic_transforms`` when the
+            splits are loaded (e.g. ``SelectLabelsd`` to the scored classes of a few-shot bundle).
+        timing_split: the split whose volume is timed (default: the first).
+        cost_overrides: config overrides of the timing and memory runs only (e.g. a fixed support set for a
+            support-conditioned inferer).
         log: progress output.
 
     Returns:
@@ -140,12 +153,16 @@ def run_benchmark(
         **(dict(smoke_overrides or {}) if args.smoke else {}),
     }
     base = make_parser(config_file, overrides)
-    organs = list(base.get_parsed_content("organs"))
+    organs = list(base.get_parsed_content("organs") if organs is None else organs)
+    deterministic = base.get_parsed_content("train#deterministic_transforms")
+    deterministic = [deterministic] if callable(deterministic) else list(deterministic)
+    preprocessing = _compose([*deterministic, *split_transforms])
     splits = load_splits(
-        _compose(base.get_parsed_content("train#deterministic_transforms")),
+        preprocessing,
         base.get_parsed_content("dataset_dir"),
         base.get_parsed_content("pixdim"),
         sections,
+        split_options,
     )
     log(f"== {title}: {iterations} iterations, seeds {seeds}, splits " + ", ".join(s.name for s in splits))
     specs = [method, *baselines]
@@ -167,14 +184,15 @@ def run_benchmark(
         results[split.name]["body_mask"] = refs["body_mask"]
         results[split.name]["empty"] = refs["empty"]
     # cost: the first seed's trained weights, interleaved timing over the first split's whole volume
-    timing_split = splits[0]
+    timing_split = splits[0] if timing_split is None else next(s for s in splits if s.name == timing_split)
+    cost = {**overrides, **dict(cost_overrides or {})}
     networks = {}
     for spec in specs:
-        parser = make_parser(config_file, {**overrides, **spec.overrides})
+        parser = make_parser(config_file, {**cost, **spec.overrides})
         net = parser.get_parsed_content("network_def").to(torch.device(args.device))
         net.load_state_dict(runs[spec.name][0]["state_dict"])
         networks[spec.name] = net.eval()
-    inferer = base.get_parsed_content("validate#inferer")
+    inferer = make_parser(config_file, cost).get_parsed_content("validate#inferer")
     log("== timing inference (interleaved)")
     seconds = interleaved_inference_seconds(
         networks, inferer, timing_split.image, repeats=1 if args.smoke else args.repeats
@@ -184,7 +202,7 @@ def run_benchmark(
         log(f"== peak memory of {spec.name} (fresh process)")
         memory[spec.name] = peak_inference_memory_mb(
             config_file,
-            {**overrides, **spec.overrides},
+            {**cost, **spec.overrides},
             timing_split.image,
             os.path.join(workdir, "memory"),
             args.threads,

@@ -78,7 +78,7 @@ def train_with_curves(
     organs: Sequence[str],
     iterations: int,
     eval_every: int,
-    predictor: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    predictor: Callable[[torch.nn.Module, EvaluationSplit], torch.Tensor] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train one network for ``iterations`` iterations and score the held-out splits every ``eval_every``.
@@ -93,7 +93,8 @@ def train_with_curves(
         organs: class names.
         iterations: training iterations (one epoch of that length).
         eval_every: iterations between curve points (the final iteration is always a point).
-        predictor: ``(network, image) -> class map``; default: the bundle's ``validate#inferer`` + argmax.
+        predictor: ``(network, split) -> class map (1, 1, *S)``; default: the bundle's ``validate#inferer`` on
+            ``split.image`` + argmax.
         log: progress output.
 
     Returns:
@@ -110,8 +111,8 @@ def train_with_curves(
     if predictor is None:
         inferer = parser.get_parsed_content("validate#inferer")
 
-        def predictor(net: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-            return predict_classes(net, inferer, image, device)
+        def predictor(net: torch.nn.Module, split: EvaluationSplit) -> torch.Tensor:
+            return predict_classes(net, inferer, split.image, device)
 
     curve: dict[str, list] = {"iterations": []} | {s.name: [] for s in splits}
     losses: list[float] = []
@@ -127,7 +128,7 @@ def train_with_curves(
         it = engine.state.iteration
         curve["iterations"].append(it)
         for split in splits:
-            scores = score_prediction(predictor(network, split.image), split, organs)
+            scores = score_prediction(predictor(network, split), split, organs)
             curve[split.name].append(scores["mean_dice"])
         timing["eval"] += time.perf_counter() - start
         log(f"   [{spec.name}] iteration {it}: " + ", ".join(f"{s.name} {curve[s.name][-1]:.3f}" for s in splits))
@@ -139,7 +140,7 @@ def train_with_curves(
     train_seconds = time.perf_counter() - start - timing["eval"]  # curve points scored during the run excluded
     if not curve["iterations"] or curve["iterations"][-1] != trainer.state.iteration:
         score(trainer)  # the final weights are always a curve point
-    final = {split.name: score_prediction(predictor(network, split.image), split, organs) for split in splits}
+    final = {split.name: score_prediction(predictor(network, split), split, organs) for split in splits}
     done = max(1, trainer.state.iteration)
     return {
         "network": spec.name,
@@ -150,7 +151,7 @@ def train_with_curves(
         "seconds_per_iteration": train_seconds / done,
         "parameters": sum(p.numel() for p in network.parameters()),
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-        "prediction": {split.name: predictor(network, split.image)[0, 0].to(torch.uint8) for split in splits},
+        "prediction": {split.name: predictor(network, split)[0, 0].to(torch.uint8) for split in splits},
     }
 
 

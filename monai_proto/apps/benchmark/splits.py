@@ -35,6 +35,7 @@ class EvaluationSplit:
         body: ``(*S)`` boolean body mask, the trivial reference.
         spacing: voxel size in mm per spatial axis.
         item: the data-list entry it came from.
+        options: what a benchmark's predictor needs to know about the split (e.g. ``{"shots": 5}``).
     """
 
     name: str
@@ -44,6 +45,7 @@ class EvaluationSplit:
     body: torch.Tensor
     spacing: tuple[float, ...] = ()
     item: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
 
     @property
     def region_box(self) -> tuple[slice, ...]:
@@ -101,6 +103,7 @@ def load_splits(
     dataset_dir: str,
     pixdim: Sequence[float],
     sections: Mapping[str, str] | None = None,
+    options: Mapping[str, Mapping] | None = None,
 ) -> list[EvaluationSplit]:
     """Load the evaluation splits through a bundle's deterministic preprocessing.
 
@@ -110,6 +113,7 @@ def load_splits(
         dataset_dir: MSD-style data set folder.
         pixdim: the bundle's grid, for the body mask (computed from the HU image on the same grid).
         sections: split name -> data-list section. Default ``{"A-slab": "validation", "B": "test"}``.
+        options: split name -> :attr:`EvaluationSplit.options`.
 
     Returns:
         one :class:`EvaluationSplit` per entry (the first item of each section).
@@ -136,6 +140,7 @@ def load_splits(
                 body=body_mask(hu),
                 spacing=spacing,
                 item=item,
+                options=dict((options or {}).get(name, {})),
             )
         )
     return splits
