@@ -96,6 +96,7 @@ def make_predictor_factory(crops: dict[str, list[dict]], organs: list[str]):
     def factory(parser, spec):
         inferer = parser.get_parsed_content("validate#inferer")
         inferer.support_margin = None  # the crops are the support
+        cache: dict = {}
 
         @torch.no_grad()
         def predict(network: torch.nn.Module, split: EvaluationSplit) -> torch.Tensor:
@@ -104,7 +105,12 @@ def make_predictor_factory(crops: dict[str, list[dict]], organs: list[str]):
             net.eval()
             device = next(net.parameters()).device
             shots = int(split.options.get("shots", 1))
-            features = inferer.window(split.image.to(device), net.extract_features)
+            # the query's features are computed once per volume and weights (the 1- and 5-shot splits share them)
+            first = next(net.parameters())
+            key = (str(split.item.get("image")), id(net), first._version, first.data_ptr())
+            if cache.get("key") != key:
+                cache["key"], cache["features"] = key, inferer.window(split.image.to(device), net.extract_features)
+            features = cache["features"]
             probabilities = []
             for organ in organs:
                 chosen = crops[organ][:shots]
