@@ -142,6 +142,22 @@ def test_losses_switch_off_to_baselines():
         MPCLUnsupervisedLoss(confidence_threshold=1.5)
 
 
+@pytest.mark.parametrize("term", ["contrastive", "compactness", "separation", "diversity", "prototype_ce"])
+def test_each_pso_term_is_computed_and_weighted(term):
+    torch.manual_seed(0)
+    net = tiny_net()
+    x = torch.rand(2, 1, 16, 16)
+    y = (x * 3).long().clamp(0, 2)
+    out = net(x)
+    net.initialize_prototypes(out.embeddings, y, out.intensities)
+    out = net(x)
+    weights = dict.fromkeys(["contrastive", "compactness", "separation", "diversity", "prototype_ce"], 0.0)
+    loss = MPCLSupervisedLoss(**{f"{k}_weight": 0.5 if k == term else 0.0 for k in weights}, diversity_margin=-1.0)
+    total = loss(out, y)
+    assert loss.last_terms[term] > 0
+    assert float(total) == pytest.approx(loss.last_terms["segmentation"] + 0.5 * loss.last_terms[term], rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------ EMA and ramp-up
 def test_ema_update():
     student, teacher = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
@@ -210,25 +226,123 @@ def test_supervised_only_mode_skips_unlabeled_loader():
 
 
 # ---------------------------------------------------------------------------- prototype-collapse guard
-def test_prototype_diversity_stays_below_bound():
-    """A class made of three intensity modes with different textures needs several prototypes; after
-    training, the logged mean pairwise cosine of its prototypes stays below the bound."""
+def test_prototype_diversity_stays_below_bound_at_the_shipped_settings():
+    """A class made of three intensity modes with different textures needs several prototypes; trained with the
+    bundle's loss weights and bank momentum, the collapse guard keeps the logged mean pairwise cosine of its
+    prototypes below the bound (without the guard they collapse)."""
     torch.manual_seed(0)
     images = torch.zeros(2, 1, 24, 24)
     images[:, :, 2:22, 2:8] = 0.2
     images[:, :, 2:22, 9:15] = 0.5
     images[:, :, 2:22, 16:22] = 0.9
     images[:, :, :, ::2] *= 0.7  # a texture on top of the intensity
-    net = tiny_net(out_channels=2, prototype_momentum=0.5)
-    labels_fn = MPCLSupervisedLoss(diversity_weight=1.0)
-    trainer = _trainer(net, MPCLUnsupervisedLoss(), [PrototypeBankHandler()], iterations=20, images=images)
-    trainer.loss_function = labels_fn
+    net = tiny_net(out_channels=2, prototype_momentum=0.95)
+    handler = PrototypeBankHandler()
+    trainer = _trainer(net, MPCLUnsupervisedLoss(), [handler], iterations=20, images=images)
     labeled = [{"image": images[i], "label": (images[i] > 0).long()} for i in range(2)]
     trainer.set_data(DataLoader(labeled, batch_size=2))
     trainer.run()
     diversity = trainer.state.metrics["prototype_diversity"]
     assert diversity < 0.9, diversity
     assert torch.isclose(torch.tensor(diversity), net.bank.diversity()[1])
+
+
+def test_collapse_guard_reseeds_a_duplicated_prototype():
+    torch.manual_seed(0)
+    net = tiny_net(out_channels=2)
+    x = torch.rand(2, 1, 16, 16)
+    y = (x > 0.5).long()
+    out = net(x)
+    net.initialize_prototypes(out.embeddings, y, out.intensities)
+    with torch.no_grad():
+        net.bank.prototypes[1] = net.bank.prototypes[1, :1].expand(3, -1)  # class 1 collapsed to one vector
+    assert net.bank.diversity()[1] > 0.999
+    assert net.reseed_prototypes(out.embeddings, y, out.intensities, duplicate_threshold=0.95) == 2
+    assert net.bank.diversity()[1] < 0.95
+    torch.testing.assert_close(net.bank.prototypes.norm(dim=-1), torch.ones(2, 3))
+    # an idle prototype (no voxel in its bin for max_idle updates) is re-seeded too
+    net.bank.idle[0, 2] = 5
+    assert net.reseed_prototypes(out.embeddings, y, out.intensities, None, max_idle=5) == 1
+    assert net.bank.idle[0, 2] == 0
+
+
+def test_contrastive_negatives_are_other_classes_only():
+    from monai_proto.losses.prototype import VoxelPrototypeContrastiveLoss
+
+    prototypes = torch.tensor([[[1.0, 0.0], [0.8, 0.6]], [[0.0, 1.0], [-1.0, 0.0]]])  # (K=2, M=2, C)
+    embedding, labels, bins = torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([0])
+    cos = torch.tensor([1.0, 0.8, 0.0, -1.0]) / 0.1
+    every = VoxelPrototypeContrastiveLoss(0.1)(embedding, prototypes, labels, bins)
+    others = VoxelPrototypeContrastiveLoss(0.1, exclude_same_class=True)(embedding, prototypes, labels, bins)
+    torch.testing.assert_close(every, torch.logsumexp(cos, 0) - cos[0])
+    torch.testing.assert_close(others, torch.logsumexp(cos[[0, 2, 3]], 0) - cos[0])  # p[0, 1] is no negative
+    assert MPCLSupervisedLoss().contrastive.exclude_same_class
+
+
+def test_dka_aligns_both_directions_above_the_threshold():
+    torch.manual_seed(0)
+    shape = (1, 3, 4, 4)
+    confident = torch.zeros(shape)
+    confident[:, 2] = 10.0  # the teacher says class 2 with confidence ~1
+    initialized = torch.ones(3, dtype=torch.bool)
+
+    def output(seg, proto):
+        return MPCLOutput(seg, None, proto, None, initialized, None)
+
+    loss = MPCLUnsupervisedLoss(consistency_weight=0.0, confidence_threshold=0.9)
+    # teacher segmentation -> student prototype branch
+    student_seg, student_proto = torch.zeros(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+    loss(output(student_seg, student_proto), output(confident, torch.zeros(shape))).backward()
+    assert student_proto.grad.abs().sum() > 0 and student_seg.grad.abs().sum() == 0
+    # teacher prototype branch -> student segmentation
+    student_seg, student_proto = torch.zeros(shape, requires_grad=True), torch.zeros(shape, requires_grad=True)
+    loss(output(student_seg, student_proto), output(torch.zeros(shape), confident)).backward()
+    assert student_seg.grad.abs().sum() > 0 and student_proto.grad.abs().sum() == 0
+    # below the threshold nothing is aligned
+    loss.set_confidence_threshold(1.0)
+    unsure = output(torch.zeros(shape, requires_grad=True), torch.zeros(shape, requires_grad=True))
+    assert loss(unsure, output(torch.zeros(shape), torch.zeros(shape))) == 0
+    with pytest.raises(ValueError, match="1.5"):
+        loss.set_confidence_threshold(1.5)
+
+
+def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
+    """The teacher's confident pseudo-labels reach the bank (a class absent from the labelled batch moves) and
+    their count per class is written at the end of the epoch; the threshold is read from the ramped loss."""
+    torch.manual_seed(0)
+    net = tiny_net(out_channels=3)
+    x = torch.rand(1, 1, 16, 16)
+    labelled = net(x)
+    label = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    label[..., :8] = 1  # classes 0 and 1 labelled; class 2 never
+    net.initialize_prototypes(labelled.embeddings, label, labelled.intensities)
+    with torch.no_grad():
+        net.bank.initialized[2] = True
+    teacher_logits = torch.zeros(1, 3, 16, 16)
+    teacher_logits[:, 2, 4:12, 4:12] = 10.0  # 64 confident voxels of class 2
+    unlabelled = net(torch.rand(1, 1, 16, 16))
+    teacher = MPCLOutput(teacher_logits, None, teacher_logits, None, torch.ones(3, dtype=torch.bool), None)
+    loss = MPCLUnsupervisedLoss(confidence_threshold=0.9)
+    handler = PrototypeBankHandler(
+        net, init_iteration=1, threshold_source=loss, duplicate_threshold=None, max_idle=None, class_names="abc"
+    )
+
+    class Engine:
+        class state:
+            iteration = 2
+            metrics: dict = {}
+            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+
+    before = net.bank.prototypes[2].clone()
+    loss.set_confidence_threshold(0.7)
+    assert handler.threshold() == 0.7
+    handler(Engine)
+    assert not torch.allclose(net.bank.prototypes[2], before)  # learnt from the unlabelled image
+    handler.epoch_completed(Engine)
+    metrics = Engine.state.metrics
+    assert metrics["pseudo_c_count"] == 64 and metrics["pseudo_c_fraction"] == pytest.approx(64 / 256)
+    assert metrics["pseudo_a_count"] == 0  # uniform logits elsewhere: no confident voxel
+    assert metrics["pseudo_foreground_fraction"] == pytest.approx(64 / 256)
 
 
 # ------------------------------------------------------------------------------------ data / no leaks

@@ -64,8 +64,9 @@ class MPCLSupervisedLoss(_Loss):
     Precision" (2026), defaults calibrated on MPER (ICASSP 2025). With ``y`` a voxel's class and ``m`` its
     intensity bin inside that class (IHPG, per-class quantiles of the image intensity):
 
-    - contrastive: InfoNCE over all bank prototypes with ``p[y, m]`` (the intensity-matched prototype) as the
-      positive (:class:`~monai_proto.losses.prototype.VoxelPrototypeContrastiveLoss`);
+    - contrastive: InfoNCE with ``p[y, m]`` (the intensity-matched prototype) as the positive and the other
+      classes' prototypes as negatives; the class's other intensity prototypes are left out of the denominator
+      (:class:`~monai_proto.losses.prototype.VoxelPrototypeContrastiveLoss` with ``exclude_same_class=True``);
     - compactness: ``(1 - cos(e, p[y, m]))^2`` (:class:`~monai_proto.losses.prototype.PrototypeCompactnessLoss`);
     - separation: the batch's class prototypes (mean of a class's bin prototypes) pushed apart across classes,
       ``relu(cos - separation_margin)`` over pairs of classes present;
@@ -126,7 +127,7 @@ class MPCLSupervisedLoss(_Loss):
         }
         self.max_voxels = max_voxels
         self.dice_ce = DiceCELoss(**({"to_onehot_y": True, "softmax": True} | (dice_ce_kwargs or {})))
-        self.contrastive = VoxelPrototypeContrastiveLoss(temperature=temperature)
+        self.contrastive = VoxelPrototypeContrastiveLoss(temperature=temperature, exclude_same_class=True)
         self.compactness = PrototypeCompactnessLoss()
         self.separation = PrototypeDiversityLoss(margin=separation_margin)
         self.diversity = PrototypeDiversityLoss(margin=diversity_margin)
@@ -222,6 +223,17 @@ class MPCLUnsupervisedLoss(_Loss):
     def set_weight(self, value: float) -> None:
         """Set the overall weight (the ramp-up target of :class:`~monai_proto.handlers.schedules.RampHandler`)."""
         self.weight = float(value)
+
+    def set_confidence_threshold(self, value: float) -> None:
+        """Set the pseudo-label confidence threshold (ramped, e.g. 0.7 -> 0.9, by a ``RampHandler``; the
+        :class:`~monai_proto.handlers.prototype.PrototypeBankHandler` can read it from here).
+
+        Raises:
+            ValueError: for a value outside ``[0, 1]``.
+        """
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {value}.")
+        self.confidence_threshold = float(value)
 
     def _aligned(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, usable: torch.Tensor | None):
         confidence, pseudo = torch.softmax(teacher_logits.detach().float(), dim=1).max(dim=1)

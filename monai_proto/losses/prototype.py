@@ -52,9 +52,14 @@ class VoxelPrototypeContrastiveLoss(_Loss):
     embeddings; the prototypes are used as given: a buffer (e.g. ``PrototypeBank.prototypes``) receives no
     gradient, an ``nn.Parameter`` (or any tensor requiring grad) does.
 
+    With ``exclude_same_class=True`` the other prototypes of the voxel's own class are left out of the
+    denominator, so only other classes are negatives (MPCL: a class's intensity prototypes describe one class
+    and must not repel its voxels).
+
     Args:
         temperature: softmax temperature (> 0). Defaults to 0.1.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-voxel ``(N,)``) over voxels. Defaults to ``"mean"``.
+        exclude_same_class: negatives from other classes only. Defaults to False (ProtoSeg: all prototypes).
 
     Raises:
         ValueError: when ``temperature <= 0`` or ``reduction`` is unknown.
@@ -64,11 +69,13 @@ class VoxelPrototypeContrastiveLoss(_Loss):
         self,
         temperature: float = 0.1,
         reduction: LossReduction | str = LossReduction.MEAN,
+        exclude_same_class: bool = False,
     ) -> None:
         super().__init__(reduction=LossReduction(reduction).value)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
         self.temperature = temperature
+        self.exclude_same_class = bool(exclude_same_class)
 
     def forward(
         self,
@@ -92,6 +99,11 @@ class VoxelPrototypeContrastiveLoss(_Loss):
         flat = F.normalize(prototypes.reshape(-1, prototypes.shape[-1]).to(embeddings.dtype), dim=-1)
         logits = F.normalize(embeddings, dim=-1) @ flat.t() / self.temperature  # (N, K*M)
         target = labels.long() * num_protos + assignments.long()
+        if self.exclude_same_class:
+            slot_class = torch.arange(flat.shape[0], device=logits.device) // num_protos  # (K*M,)
+            same = slot_class[None, :] == labels.long()[:, None]
+            other_of_same = same & (torch.arange(flat.shape[0], device=logits.device)[None, :] != target[:, None])
+            logits = logits.masked_fill(other_of_same, float("-inf"))
         return _reduce(F.cross_entropy(logits, target, reduction="none"), self.reduction)
 
 

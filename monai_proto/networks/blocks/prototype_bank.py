@@ -72,6 +72,8 @@ class PrototypeBank(nn.Module):
         init = F.normalize(torch.randn(num_classes, num_prototypes, embedding_dim), dim=-1)
         self.register_buffer("prototypes", init)
         self.register_buffer("initialized", torch.zeros(num_classes, dtype=torch.bool))
+        # updates in a row in which a present class gave a prototype no voxel (not saved with the weights)
+        self.register_buffer("idle", torch.zeros(num_classes, num_prototypes, dtype=torch.long), persistent=False)
 
     def logits(self, features: torch.Tensor, tau: float = 0.1, reduction: str = "max") -> torch.Tensor:
         """
@@ -157,6 +159,65 @@ class PrototypeBank(nn.Module):
         new = F.normalize(new, dim=-1)
         self.prototypes.copy_(torch.where(has_voxels.unsqueeze(-1), new, self.prototypes))
         self.initialized |= has_voxels.any(dim=1)
+        present = has_voxels.any(dim=1, keepdim=True)
+        self.idle.copy_(torch.where(has_voxels, 0, torch.where(present, self.idle + 1, self.idle)))
+
+    @torch.no_grad()
+    def reseed_collapsed(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        assignments: torch.Tensor,
+        duplicate_threshold: float | None = 0.95,
+        max_idle: int | None = None,
+    ) -> int:
+        """
+        Collapse guard: re-seed each prototype of an initialised class that duplicates an earlier prototype of
+        the class (cosine above ``duplicate_threshold``) or has received no voxel in ``max_idle`` updates in a
+        row while its class was present. Its new value is the (normalised) embedding, among this batch's voxels
+        assigned to it (or, when none is, all voxels of the class), that is least similar to the class's other
+        prototypes. Classes without voxels in the batch are left unchanged. No gradient.
+
+        Args:
+            embeddings: voxel embeddings ``(N, C)``.
+            labels: voxel classes ``(N,)``; labels outside ``[0, K)`` are ignored.
+            assignments: prototype indices ``(N,)``; values outside ``[0, M)`` are ignored.
+            duplicate_threshold: cosine above which a prototype counts as a duplicate; None disables the check.
+            max_idle: idle updates after which a prototype is re-seeded; None disables the check.
+
+        Returns:
+            the number of prototypes re-seeded.
+        """
+        self._check(embeddings, labels, assignments)
+        if self.num_prototypes < 2:
+            return 0
+        labels, assignments = labels.long(), assignments.long()
+        embeddings = F.normalize(embeddings.to(self.prototypes.dtype), dim=-1)
+        reseeded = 0
+        for k in torch.unique(labels[self._valid(labels)]).tolist():
+            if not bool(self.initialized[k]):
+                continue
+            protos = F.normalize(self.prototypes[k], dim=-1)
+            gram = protos @ protos.t()
+            flagged = torch.zeros(self.num_prototypes, dtype=torch.bool, device=protos.device)
+            if duplicate_threshold is not None:
+                earlier = torch.ones_like(gram, dtype=torch.bool).tril(-1)  # pairs (m, j) with j < m
+                flagged |= (gram.masked_fill(~earlier, -2.0) > duplicate_threshold).any(dim=1)
+            if max_idle is not None:
+                flagged |= self.idle[k] >= max_idle
+            in_class = labels == k
+            for m in torch.nonzero(flagged).flatten().tolist():
+                candidates = in_class & (assignments == m)
+                if not bool(candidates.any()):
+                    candidates = in_class
+                voxels = embeddings[candidates]
+                others = torch.cat([protos[:m], protos[m + 1 :]])
+                nearest_other = (voxels @ others.t()).max(dim=1).values
+                protos[m] = voxels[nearest_other.argmin()]
+                self.prototypes[k, m] = protos[m]
+                self.idle[k, m] = 0
+                reseeded += 1
+        return reseeded
 
     @torch.no_grad()
     def initialize_kmeans(

@@ -203,3 +203,21 @@ class MPCLNet(nn.Module):
         flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
         bins = intensity_bin_assignment(flat_intensities, flat_labels, self.out_channels, self.num_prototypes)
         self.bank.update(flat_embeddings, flat_labels, bins)
+
+    @torch.no_grad()
+    def reseed_prototypes(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        intensities: torch.Tensor,
+        duplicate_threshold: float | None = 0.95,
+        max_idle: int | None = None,
+    ) -> int:
+        """
+        Collapse guard of the bank (:meth:`PrototypeBank.reseed_collapsed`) with the voxels' IHPG intensity bins
+        as their assignments: a duplicated or idle prototype is re-seeded from the voxels of its own intensity
+        bin. Arguments as in :meth:`update_prototypes`; returns the number of prototypes re-seeded.
+        """
+        flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
+        bins = intensity_bin_assignment(flat_intensities, flat_labels, self.out_channels, self.num_prototypes)
+        return self.bank.reseed_collapsed(flat_embeddings, flat_labels, bins, duplicate_threshold, max_idle)
