@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_msd_dataset
 from ignite.engine import Events
+from monai.data import MetaTensor
 from torch.utils.data import DataLoader
 
 from monai_proto.data.semisupervised import LabelSlabCropd, load_semisupervised_datalists, split_labeled_unlabeled
@@ -321,6 +322,7 @@ def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
     teacher_logits = torch.zeros(1, 3, 16, 16)
     teacher_logits[:, 2, 4:12, 4:12] = 10.0  # 64 confident voxels of class 2
     unlabelled = net(torch.rand(1, 1, 16, 16))
+    teacher_logits = MetaTensor(teacher_logits)  # as from a MONAI data pipeline
     teacher = MPCLOutput(teacher_logits, None, teacher_logits, None, torch.ones(3, dtype=torch.bool), None)
     loss = MPCLUnsupervisedLoss(confidence_threshold=0.9)
     handler = PrototypeBankHandler(

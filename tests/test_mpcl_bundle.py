@@ -36,8 +36,23 @@ def run(args: list, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mpcl_bundle")
-    proc = run(["-m", "monai.bundle", "run", "training", "--config_file", TRAIN, *FAST, "--bundle_root", root], root)
+    # threshold ramp from 0: every unlabelled voxel is a pseudo-label in this short run, so the counts are logged
+    args = [
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        *FAST,
+        "--confidence_threshold_start",
+        "0.0",
+    ]
+    proc = run([*args, "--bundle_root", root], root)
     assert "val_mean_dice" in proc.stdout + proc.stderr
+    assert (
+        "pseudo_foreground_fraction" in proc.stdout + proc.stderr and "prototype_reseeds" in proc.stdout + proc.stderr
+    )
     assert "contrastive" in proc.stdout  # PSO terms active once the bank is initialised
     return root
 

@@ -128,7 +128,8 @@ class PrototypeBankHandler:
         student = output.get("unlabeled_pred")
         pseudo = None
         if threshold is not None and teacher is not None and student is not None:
-            confidence, pseudo = torch.softmax(teacher.logits.float(), dim=1).max(dim=1, keepdim=True)
+            logits = torch.as_tensor(teacher.logits).as_subclass(torch.Tensor)  # plain tensors for the counts
+            confidence, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1, keepdim=True)
             pseudo = torch.where(confidence >= threshold, pseudo, torch.full_like(pseudo, -1))
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts
