@@ -24,11 +24,12 @@ import os
 
 import numpy as np
 import torch
+from monai.transforms import Compose
 
 from monai_proto.apps.benchmark import NetworkSpec, add_arguments, run_benchmark
 from monai_proto.apps.benchmark.runner import make_parser
 from monai_proto.apps.benchmark.splits import EvaluationSplit
-from monai_proto.data import SelectLabelsd
+from monai_proto.data import SelectLabelsd, load_msd_datalist
 from monai_proto.networks.utils import unwrap_network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,10 +64,6 @@ def support_crops(parser, organs: list[str], class_ids: list[int]) -> dict[str, 
         *parser.get_parsed_content("train#deterministic_transforms"),
         parser.get_parsed_content("train#holdout"),
     ]
-    from monai.transforms import Compose
-
-    from monai_proto.data import load_msd_datalist
-
     item = load_msd_datalist(parser.get_parsed_content("dataset_dir"), "training")[0]
     data = Compose(transforms)(dict(item))
     image = torch.as_tensor(data["image"]).as_subclass(torch.Tensor).float()

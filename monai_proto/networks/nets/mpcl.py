@@ -155,6 +155,14 @@ class MPCLNet(nn.Module):
             )
         return flat_embeddings, flat_labels, flat_intensities
 
+    def _binned_voxels(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, intensities: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat embeddings and labels, with each voxel's IHPG intensity bin within its class."""
+        flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
+        bins = intensity_bin_assignment(flat_intensities, flat_labels, self.out_channels, self.num_prototypes)
+        return flat_embeddings, flat_labels, bins
+
     @torch.no_grad()
     def initialize_prototypes(
         self,
@@ -200,8 +208,7 @@ class MPCLNet(nn.Module):
                 (e.g. ``-1`` for unconfident voxels) are ignored.
             intensities: ``(B, 1, *S)`` image intensities.
         """
-        flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
-        bins = intensity_bin_assignment(flat_intensities, flat_labels, self.out_channels, self.num_prototypes)
+        flat_embeddings, flat_labels, bins = self._binned_voxels(embeddings, labels, intensities)
         self.bank.update(flat_embeddings, flat_labels, bins)
 
     @torch.no_grad()
@@ -218,6 +225,5 @@ class MPCLNet(nn.Module):
         as their assignments: a duplicated or idle prototype is re-seeded from the voxels of its own intensity
         bin. Arguments as in :meth:`update_prototypes`; returns the number of prototypes re-seeded.
         """
-        flat_embeddings, flat_labels, flat_intensities = self._voxels(embeddings, labels, intensities)
-        bins = intensity_bin_assignment(flat_intensities, flat_labels, self.out_channels, self.num_prototypes)
+        flat_embeddings, flat_labels, bins = self._binned_voxels(embeddings, labels, intensities)
         return self.bank.reseed_collapsed(flat_embeddings, flat_labels, bins, duplicate_threshold, max_idle)
