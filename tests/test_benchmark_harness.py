@@ -111,6 +111,9 @@ def test_iapl_benchmark_smoke(tmp_path):
             assert set(entries[net]["volume_ratio"]) == set(result["organs"])
         assert 0 < entries["body_mask"]["mean_dice"] < 1 and entries["empty"]["mean_dice"] == 0
     assert result["splits"]["A-slab"]["region_box"][2] == [45, 51]  # the slab on the smoke run's 6 mm grid
-    assert all(result["speed"][k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio"))
+    speed = result["speed"]
+    assert all(speed[k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio", "wall_train_time_ratio"))
+    assert set(speed["training_step_seconds"]) == {"IAPLNet", "UNet"}
+    assert speed["train_time_ratio"] == speed["training_step_seconds"]["IAPLNet"] / speed["training_step_seconds"]["UNet"]
     assert len(result["curves"]["IAPLNet"]["0"]["iterations"]) >= 2
     assert "SMOKE RUN" in (tmp_path / "iapl.md").read_text()

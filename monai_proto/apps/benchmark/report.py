@@ -113,17 +113,22 @@ def _markdown(result: Mapping, reading: str) -> str:
         "",
         f"Inference: sliding windows over {speed['volume']} ({speed['voxels']} voxels), median of {speed['repeats']} "
         "interleaved repeats; peak memory of one pass in a fresh process "
-        f"({speed['memory_kind']}); training seconds per iteration from the runs above (curve evaluation excluded).",
+        f"({speed['memory_kind']}); training step: median seconds of one training iteration on a fixed batch, "
+        f"{speed['training_step_repeats']} repeats interleaved, data loading "
+        "excluded (the training-time ratio); training s/iteration: wall time of the runs above, data loading "
+        "included, curve evaluation excluded, runs not interleaved.",
         "",
         "| | " + " | ".join(nets) + " |",
         "|---|" + "---|" * len(nets),
         "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in nets) + " |",
         "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in nets) + " |",
+        "| training step s | " + " | ".join(_fmt(speed["training_step_seconds"][n], 3) for n in nets) + " |",
         "| training s/iteration | " + " | ".join(_fmt(speed["seconds_per_iteration"][n], 2) for n in nets) + " |",
         "| parameters (M) | " + " | ".join(_fmt(speed["parameters"][n] / 1e6, 2) for n in nets) + " |",
         "",
         f"{result['method']} vs {result['baselines'][0]}: throughput {_fmt(speed['throughput_ratio'], 2)}x, "
-        f"peak memory {_fmt(speed['memory_ratio'], 2)}x, training time {_fmt(speed['train_time_ratio'], 2)}x.",
+        f"peak memory {_fmt(speed['memory_ratio'], 2)}x, training time {_fmt(speed['train_time_ratio'], 2)}x "
+        f"per step ({_fmt(speed['wall_train_time_ratio'], 2)}x in wall time of the runs).",
         "",
         f"![curves and overlays]({result['name']}.png)",
         "",

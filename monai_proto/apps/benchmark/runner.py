@@ -181,6 +181,38 @@ def interleaved_inference_seconds(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def interleaved_training_step_seconds(
+    trainers: Mapping[str, object], repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of one training iteration of each trainer, on one fixed batch each, repeats interleaved.
+
+    Each trainer runs its own ``_iteration`` (batch preparation, forward, loss, backward, optimiser step: what a
+    training iteration costs beyond loading data) on the first batch of its own data loader. Data loading is
+    left out: it is the same pipeline for every network and would only dilute the ratio. Interleaving spreads
+    any slowdown of a shared machine over all networks alike, which the wall time of separate training runs
+    does not.
+
+    Args:
+        trainers: name -> a MONAI trainer (``SupervisedTrainer`` or a subclass) that has not been run.
+        repeats: timed iterations per trainer.
+        warmup: untimed iterations per trainer first.
+    """
+    batches = {name: next(iter(trainer.data_loader)) for name, trainer in trainers.items()}
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    for i in range(warmup + repeats):
+        for name, trainer in trainers.items():
+            device = trainer.state.device
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            trainer._iteration(trainer, batches[name])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
