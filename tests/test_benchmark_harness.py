@@ -114,6 +114,7 @@ def test_iapl_benchmark_smoke(tmp_path):
     speed = result["speed"]
     assert all(speed[k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio", "wall_train_time_ratio"))
     assert set(speed["training_step_seconds"]) == {"IAPLNet", "UNet"}
-    assert speed["train_time_ratio"] == speed["training_step_seconds"]["IAPLNet"] / speed["training_step_seconds"]["UNet"]
+    steps = speed["training_step_seconds"]
+    assert speed["train_time_ratio"] == steps["IAPLNet"] / steps["UNet"]
     assert len(result["curves"]["IAPLNet"]["0"]["iterations"]) >= 2
     assert "SMOKE RUN" in (tmp_path / "iapl.md").read_text()

@@ -30,6 +30,8 @@ def trained(tmp_path_factory, run_bundle):
 
 def test_training_writes_checkpoints(trained):
     assert {"model_final.pt", "latest_checkpoint_epoch=1.pt"} <= {p.name for p in (trained / "models").glob("*.pt")}
+    # no validation in this run (1 epoch, interval 2): models/model.pt, what MONAI Label serves, is the final model
+    assert (trained / "models" / "model.pt").read_bytes() == (trained / "models" / "model_final.pt").read_bytes()
 
 
 def test_inference_on_dicom_query(trained, run_bundle):
