@@ -245,7 +245,12 @@ def _monai_proto_exports() -> dict[str, object]:
     """Classes and functions listed in the ``__all__`` of every ``monai_proto`` module (importing them all)."""
     exports: dict[str, object] = {}
     for info in pkgutil.walk_packages(monai_proto.__path__, prefix="monai_proto."):
-        module = importlib.import_module(info.name)
+        try:
+            module = importlib.import_module(info.name)
+        except ModuleNotFoundError as e:  # the MONAI Label app's modules need the `label` extra (own environment)
+            if e.name == "monailabel" and info.name.startswith("monai_proto.apps.monailabel."):
+                continue
+            raise
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):

@@ -30,7 +30,7 @@ def server_command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_server(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", required=True, help="folder of NIfTI/NRRD studies, or a DICOMweb URL")
     ap.add_argument("--bundles", default=default_bundles_dir(), help="folder of bundles (default: %(default)s)")
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_server())
