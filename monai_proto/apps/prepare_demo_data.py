@@ -46,6 +46,7 @@ import numpy as np
 __all__ = [
     "PACKAGE_NAME",
     "PACKAGE_VERSION",
+    "MRI_SOURCE_FILES",
     "SOURCE_FILES",
     "download_sdist",
     "main",
@@ -81,6 +82,18 @@ SCANS = {
 #: level; every default organ crosses it). It is stored in ``dataset.json`` as a world-coordinate range, so it
 #: holds on any resampled grid.
 A_SLAB_SLICES = (90, 102)
+
+#: The MRI demo data set (``monai_proto/data/demo_mri``, ``--dataset mri``): one abdominal MRI of the same source
+#: distribution with TotalSegmentator's ``total_mr`` labels (other class numbers than CT: select classes by name).
+MRI_SOURCE_FILES: dict[str, str] = {
+    "tests/reference_files/example_mr_sm.nii.gz": "imagesTr/mri_mr.nii.gz",
+    "tests/reference_files/example_seg_mr.nii.gz": "labelsTr/mri_seg.nii.gz",
+    "LICENSE": "LICENSE.TotalSegmentator",
+}
+MRI_SCANS = {"mri": {"image": "imagesTr/mri_mr.nii.gz", "label": "labelsTr/mri_seg.nii.gz"}}
+#: Held-out slab of the MRI (117 x 91 x 20 at 3 mm): slices [10, 14) of its RAS grid, where all six default organs
+#: are present (spleen 81-153 voxels per slice, pancreas 60-131); their labels never train.
+MRI_SLAB_SLICES = (10, 14)
 
 # folders and files this tool owns in the output folder (cleared by --overwrite)
 _OUTPUT_ENTRIES = (
@@ -144,17 +157,18 @@ def download_sdist(dest_dir: str, version: str = PACKAGE_VERSION) -> str:
     return os.path.join(dest_dir, found[0])
 
 
-def read_total_class_map(source: str, filename: str = CLASS_MAP_MEMBER) -> dict[int, str]:
+def read_total_class_map(source: str, filename: str = CLASS_MAP_MEMBER, task: str = "total") -> dict[int, str]:
     """
-    Parse TotalSegmentator's ``class_map["total"]`` (id -> name) from the source text of
-    ``map_to_binary.py`` without importing the package (its dependencies are not needed).
+    Parse TotalSegmentator's ``class_map[task]`` (id -> name; ``"total"`` for CT, ``"total_mr"`` for MRI) from
+    the source text of ``map_to_binary.py`` without importing the package (its dependencies are not needed).
 
     Args:
         source: the Python source of ``map_to_binary.py``.
         filename: name used in error messages.
+        task: the class map's key.
 
     Raises:
-        ValueError: when no literal ``class_map = {...}`` with a ``"total"`` entry is found.
+        ValueError: when no literal ``class_map = {...}`` with a ``task`` entry is found.
     """
     tree = ast.parse(source, filename=filename)
     for node in tree.body:
@@ -165,9 +179,9 @@ def read_total_class_map(source: str, filename: str = CLASS_MAP_MEMBER) -> dict[
             and node.targets[0].id == "class_map"
         ):
             class_map = ast.literal_eval(node.value)
-            if "total" not in class_map:
-                raise ValueError(f"{filename}: class_map has no 'total' entry (keys: {sorted(class_map)}).")
-            return {int(k): str(v) for k, v in sorted(class_map["total"].items())}
+            if task not in class_map:
+                raise ValueError(f"{filename}: class_map has no {task!r} entry (keys: {sorted(class_map)}).")
+            return {int(k): str(v) for k, v in sorted(class_map[task].items())}
     raise ValueError(f"{filename}: no top-level literal assignment 'class_map = {{...}}' found.")
 
 
@@ -230,7 +244,9 @@ def _classes_present(label_path: str) -> list[int]:
     return [int(v) for v in np.unique(data) if v != 0]
 
 
-def _notice_text(sdist_name: str, members: dict[str, str], copied_dicom: Sequence[str]) -> str:
+def _notice_text(
+    sdist_name: str, members: dict[str, str], copied_dicom: Sequence[str], task: str = "total", dataset: str = "ct"
+) -> str:
     lines = [
         "monai-proto demo data",
         "=====================",
@@ -240,7 +256,7 @@ def _notice_text(sdist_name: str, members: dict[str, str], copied_dicom: Sequenc
         "folder tests/reference_files/. They are distributed under the Apache License, Version 2.0;",
         "the licence text of that package is included as LICENSE.TotalSegmentator.",
         "",
-        "The label files are TotalSegmentator's own automatic predictions (class map 'total' of",
+        f"The label files are TotalSegmentator's own automatic predictions (class map '{task}' of",
         "totalsegmentator/map_to_binary.py, stored in labels.json); they are NOT manual annotations",
         "and must not be treated as a ground truth of clinical quality.",
         "",
@@ -257,7 +273,8 @@ def _notice_text(sdist_name: str, members: dict[str, str], copied_dicom: Sequenc
     lines += [
         "",
         "Rebuild and verify with:",
-        f"  python -m monai_proto.apps.prepare_demo_data --output DIR [--sdist {sdist_name}]",
+        f"  python -m monai_proto.apps.prepare_demo_data --output DIR{' --dataset mri' if dataset == 'mri' else ''} "
+        f"[--sdist {sdist_name}]",
         "",
         f"Reference: {REFERENCE}",
         "",
@@ -276,14 +293,56 @@ def slab_region(image_path: str, start: int, stop: int, axis: int = 2) -> dict:
     return {"axis": axis, "range_mm": [round(lo, 3), round(hi, 3)], "slices": [start, stop]}
 
 
-def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite: bool = False) -> dict:
+def _dataset_description(dataset: str) -> dict:
+    if dataset == "ct":
+        return {
+            "source_files": SOURCE_FILES,
+            "scans": SCANS,
+            "task": "total",
+            "slab": ("scanA", A_SLAB_SLICES),
+            "test": [dict(SCANS["scanB"])],
+            "name": "TotalSegmentatorDemo",
+            "modality": "CT",
+            "description": (
+                f"Two CT scans from the {PACKAGE_NAME} {PACKAGE_VERSION} source distribution "
+                "(tests/reference_files): scanA abdomen-pelvis, non-contrast, 3 mm NIfTI; scanB upper-abdomen "
+                "slab, contrast-enhanced, 20 DICOM slices. Labels are TotalSegmentator's automatic "
+                "predictions ('total' class map), not manual annotations. Scan A trains outside its 'holdout' slab "
+                "(slices 90-101 of its RAS grid) and is validated inside it; scan B is the test scan."
+            ),
+        }
+    if dataset == "mri":
+        return {
+            "source_files": MRI_SOURCE_FILES,
+            "scans": MRI_SCANS,
+            "task": "total_mr",
+            "slab": ("mri", MRI_SLAB_SLICES),
+            "test": None,  # the same scan with its held-out slab: there is no second MRI
+            "name": "TotalSegmentatorDemoMRI",
+            "modality": "MR",
+            "description": (
+                f"One abdominal MRI from the {PACKAGE_NAME} {PACKAGE_VERSION} source distribution "
+                "(tests/reference_files/example_mr_sm.nii.gz, 117 x 91 x 20 voxels of 3 mm). Labels are "
+                "TotalSegmentator's automatic predictions ('total_mr' class map, numbered unlike CT), not manual "
+                "annotations. The scan trains outside its 'holdout' slab (slices 10-13 of its RAS grid) and is "
+                "validated inside it; the test list is the same scan (there is no second MRI), so only the slab "
+                "measures generalisation."
+            ),
+        }
+    raise ValueError(f"dataset {dataset!r} is not one of 'ct', 'mri'.")
+
+
+def prepare_demo_data(
+    output_dir: str, sdist_path: str | None = None, overwrite: bool = False, dataset: str = "ct"
+) -> dict:
     """
-    Build the demo data set from the TotalSegmentator source distribution.
+    Build a demo data set from the TotalSegmentator source distribution.
 
     Args:
         output_dir: folder to write; created if needed.
         sdist_path: path of ``totalsegmentator-2.18.0.tar.gz``; downloaded with pip when None.
         overwrite: replace this tool's files in a non-empty ``output_dir``. Defaults to False.
+        dataset: ``"ct"`` (scans A and B, ``monai_proto/data/demo``) or ``"mri"`` (``monai_proto/data/demo_mri``).
 
     Returns:
         The content written to ``provenance.json``.
@@ -293,6 +352,7 @@ def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite:
         FileNotFoundError: the source distribution or one of its expected members is missing.
         ValueError: the source distribution is not the expected package version or a label is unreadable.
     """
+    spec = _dataset_description(dataset)
     output_dir = os.path.abspath(output_dir)
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         if not overwrite:
@@ -316,7 +376,9 @@ def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite:
                     f"{sdist_path}: expected {PACKAGE_NAME} {PACKAGE_VERSION} but PKG-INFO says "
                     f"{meta.get('Name')} {meta.get('Version')}."
                 )
-            class_map = read_total_class_map(sdist.read(CLASS_MAP_MEMBER).decode("utf-8"), CLASS_MAP_MEMBER)
+            class_map = read_total_class_map(
+                sdist.read(CLASS_MAP_MEMBER).decode("utf-8"), CLASS_MAP_MEMBER, task=spec["task"]
+            )
 
             files: dict[str, dict[str, str]] = {}
             copied_dicom: list[str] = []
@@ -329,7 +391,7 @@ def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite:
                     f.write(data)
                 files[target] = {"source": f"{sdist.top}/{member}", "sha256": _sha256_bytes(data)}
 
-            for member, target in SOURCE_FILES.items():
+            for member, target in spec["source_files"].items():
                 if member.endswith("/"):
                     copied_dicom = sdist.list_folder(member)
                     for name in copied_dicom:
@@ -342,43 +404,40 @@ def prepare_demo_data(output_dir: str, sdist_path: str | None = None, overwrite:
             sdist.close()
 
     label_table = {"0": "background", **{str(k): v for k, v in class_map.items()}}
-    present = {scan: _classes_present(os.path.join(output_dir, paths["label"])) for scan, paths in SCANS.items()}
+    scans = spec["scans"]
+    present = {scan: _classes_present(os.path.join(output_dir, paths["label"])) for scan, paths in scans.items()}
     labels_json = {
-        "source": f"{PACKAGE_NAME} {PACKAGE_VERSION}, {CLASS_MAP_MEMBER}, class_map['total']",
+        "source": f"{PACKAGE_NAME} {PACKAGE_VERSION}, {CLASS_MAP_MEMBER}, class_map['{spec['task']}']",
         "labels": label_table,
         "present": {scan: ids for scan, ids in present.items()},
-        "files": {scan: paths for scan, paths in SCANS.items()},
+        "files": {scan: paths for scan, paths in scans.items()},
     }
     _write_json(os.path.join(output_dir, "labels.json"), labels_json)
 
-    # scan A trains outside its held-out slab and is validated inside it; scan B is the unseen test scan
-    holdout = slab_region(os.path.join(output_dir, SCANS["scanA"]["image"]), *A_SLAB_SLICES)
-    scan_a = dict(SCANS["scanA"], holdout=holdout)
+    # the training scan trains outside its held-out slab and is validated inside it
+    slab_scan, slab_slices = spec["slab"]
+    holdout = slab_region(os.path.join(output_dir, scans[slab_scan]["image"]), *slab_slices)
+    train_scan = dict(scans[slab_scan], holdout=holdout)
+    test = spec["test"] if spec["test"] is not None else [dict(train_scan)]
     dataset_json = {
-        "name": "TotalSegmentatorDemo",
-        "description": (
-            f"Two CT scans from the {PACKAGE_NAME} {PACKAGE_VERSION} source distribution "
-            "(tests/reference_files): scanA abdomen-pelvis, non-contrast, 3 mm NIfTI; scanB upper-abdomen "
-            "slab, contrast-enhanced, 20 DICOM slices. Labels are TotalSegmentator's automatic "
-            "predictions ('total' class map), not manual annotations. Scan A trains outside its 'holdout' slab "
-            "(slices 90-101 of its RAS grid) and is validated inside it; scan B is the test scan."
-        ),
+        "name": spec["name"],
+        "description": spec["description"],
         "reference": REFERENCE,
         "licence": "Apache-2.0 (see LICENSE.TotalSegmentator and NOTICE)",
         "release": f"{PACKAGE_NAME} {PACKAGE_VERSION}",
         "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
+        "modality": {"0": spec["modality"]},
         "labels": label_table,
         "numTraining": 1,
-        "numTest": 1,
-        "training": [dict(scan_a)],
-        "validation": [dict(scan_a)],
-        "test": [dict(SCANS["scanB"])],
+        "numTest": len(test),
+        "training": [dict(train_scan)],
+        "validation": [dict(train_scan)],
+        "test": test,
     }
     _write_json(os.path.join(output_dir, "dataset.json"), dataset_json)
 
     with open(os.path.join(output_dir, "NOTICE"), "w", encoding="utf-8", newline="\n") as f:
-        f.write(_notice_text(sdist_name, SOURCE_FILES, copied_dicom))
+        f.write(_notice_text(sdist_name, spec["source_files"], copied_dicom, spec["task"], dataset))
 
     provenance = {
         "package": PACKAGE_NAME,
@@ -402,8 +461,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sdist", default=None, help=f"path of totalsegmentator-{PACKAGE_VERSION}.tar.gz (default: pip download)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace this tool's files in a non-empty --output")
+    parser.add_argument(
+        "--dataset",
+        choices=("ct", "mri"),
+        default="ct",
+        help="ct: monai_proto/data/demo; mri: monai_proto/data/demo_mri",
+    )
     args = parser.parse_args(argv)
-    provenance = prepare_demo_data(args.output, args.sdist, overwrite=args.overwrite)
+    provenance = prepare_demo_data(args.output, args.sdist, overwrite=args.overwrite, dataset=args.dataset)
     total = sum(os.path.getsize(os.path.join(args.output, *p.split("/"))) for p in provenance["files"])
     print(f"wrote {len(provenance['files'])} source files ({total / 1e6:.2f} MB) and metadata to {args.output}")
     return 0

@@ -27,9 +27,18 @@ __all__ = ["DEFAULT_ORGANS", "TOTALSEG_LABELS", "demo_data_dir", "label_ids_for"
 DEFAULT_ORGANS: tuple[str, ...] = ("spleen", "liver", "stomach", "pancreas", "aorta", "inferior_vena_cava")
 
 
-def demo_data_dir() -> str:
-    """Absolute path of the embedded demo data set (the folder holding its ``dataset.json``)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+def demo_data_dir(modality: str = "ct") -> str:
+    """Absolute path of an embedded demo data set (the folder holding its ``dataset.json``).
+
+    Args:
+        modality: ``"ct"``: scans A and B (``demo``); ``"mri"``: one abdominal MRI (``demo_mri``). Bundle configs
+            call ``demo_data_dir(@modality)``, so ``--modality mri`` alone switches to the MRI task.
+    """
+    folders = {"ct": "demo", "mri": "demo_mri"}
+    key = str(modality).lower()
+    if key not in folders:
+        raise ValueError(f"no embedded demo data for modality {modality!r}: use one of {sorted(folders)}.")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), folders[key])
 
 
 @lru_cache(maxsize=8)
