@@ -53,7 +53,16 @@ def run_bundle_command(args: Sequence[str], cwd: str | os.PathLike, timeout: flo
     cmd = [sys.executable, *map(str, args)]
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.run(cmd, check=False, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd,
+        check=False,
+        cwd=str(cwd),
+        env=env,
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+    )
     return BundleResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
 

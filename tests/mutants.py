@@ -388,7 +388,8 @@ def run_mutant(mutant: Mutant, timeout: int = 1800) -> tuple[str, float]:
             cwd=tmp,
             env=env,
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",
             timeout=timeout,
         )
         seconds = time.perf_counter() - start

@@ -65,7 +65,14 @@ def run_bundle_tool(args: list[str], cwd: Path, timeout: float = 300) -> str:
     """Run ``python -m monai.bundle <args>`` in ``cwd``; fail with the output tail on a non-zero exit."""
     cmd = [sys.executable, "-m", "monai.bundle", *map(str, args)]
     proc = subprocess.run(
-        cmd, cwd=str(cwd), env=dict(os.environ), capture_output=True, text=True, timeout=timeout, check=False
+        cmd,
+        cwd=str(cwd),
+        env=dict(os.environ),
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        check=False,
     )
     output = proc.stdout + "\n" + proc.stderr
     assert proc.returncode == 0, f"command: {' '.join(cmd)}\nexit code: {proc.returncode}\n{output[-6000:]}"

@@ -9,6 +9,7 @@ be the input's bright region, in the input's own voxel grid.
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def _volume() -> sitk.Image:
     return img
 
 
-def _write(img: sitk.Image, fmt: str, folder: Path) -> Path:
+def _write_in_c_locale(img: sitk.Image, fmt: str, folder: Path) -> Path:
     if fmt != "dicom":
         path = folder / f"vol{fmt}"
         sitk.WriteImage(img, str(path))
@@ -61,6 +62,15 @@ def _write(img: sitk.Image, fmt: str, folder: Path) -> Path:
         writer.SetFileName(str(series / f"{z:03d}.dcm"))
         writer.Execute(s)
     return series
+
+
+def _write(*args, **kwargs):
+    """SimpleITK's DICOM writer leaves the process in the C locale (text then decodes as ASCII): restore it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_in_c_locale(*args, **kwargs)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def _read(path: Path) -> sitk.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import re
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_every_config_switches_preset_with_one_key(bundle, config):
                     assert float(out[k].max()) < 3.0 and float(out[k].min()) < 0, "not a z-score"
 
 
-def _series(folder: Path, modality: str) -> Path:
+def _series_in_c_locale(folder: Path, modality: str) -> Path:
     folder.mkdir()
     img = sitk.GetImageFromArray(np.zeros((3, 8, 8), dtype=np.int16))
     writer = sitk.ImageFileWriter()
@@ -97,6 +98,15 @@ def _series(folder: Path, modality: str) -> Path:
         writer.SetFileName(str(folder / f"{z}.dcm"))
         writer.Execute(s)
     return folder
+
+
+def _series(*args, **kwargs):
+    """SimpleITK's DICOM writer leaves the process in the C locale (text then decodes as ASCII): restore it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _series_in_c_locale(*args, **kwargs)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_dicom_modality_mismatch_names_the_file(tmp_path):

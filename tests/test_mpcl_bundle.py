@@ -28,7 +28,9 @@ FAST = ["--epochs", "1", "--iterations_per_epoch", "2", "--prototype_init_iterat
 
 
 def run(args: list, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, encoding="utf-8", errors="replace", timeout=400
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, (proc.stdout + proc.stderr)[-6000:]
     return proc
 
