@@ -1,1 +1,1 @@
-from .bundle import default_bundle_root
+from .bundle import MissingCheckpointError, default_bundle_root, require_checkpoint

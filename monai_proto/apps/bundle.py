@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["default_bundle_root"]
+__all__ = ["MissingCheckpointError", "default_bundle_root", "require_checkpoint"]
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -43,3 +43,40 @@ def default_bundle_root(fallback: str = ".", argv: Sequence[str] | None = None) 
         return os.path.abspath(fallback)
     folder = os.path.dirname(os.path.abspath(files[0]))
     return os.path.dirname(folder) if os.path.basename(folder) == "configs" else folder
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A bundle's inference or evaluation was started before its checkpoint exists."""
+
+
+def _running_bundle_cli() -> bool:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", "") in ("monai.bundle.__main__", "monai.bundle")
+
+
+def require_checkpoint(ckpt_path: str, bundle_root: str) -> str:
+    """Return ``ckpt_path`` if it is a file; else stop with one line naming the file and the command that makes it.
+
+    In a bundle's ``inference.json`` / ``evaluate.json``: ``"initialize": [..., "$monai_proto.apps.require_checkpoint(
+    @ckpt_path, @bundle_root)"]``, so a missing checkpoint stops the run before any engine starts. Under
+    ``python -m monai.bundle`` the line is printed and the process exits with status 1 (no traceback); called from
+    a program (MONAI Label, a notebook) it raises :class:`MissingCheckpointError` with the same message.
+
+    Raises:
+        MissingCheckpointError: ``ckpt_path`` does not exist (outside the ``monai.bundle`` command line).
+    """
+    if os.path.isfile(ckpt_path):
+        return ckpt_path
+    configs = _config_files_from_argv(sys.argv)
+    config_dir = os.path.dirname(os.path.abspath(configs[0])) if configs else os.path.join(bundle_root, "configs")
+    train = os.path.join(config_dir, "train.json")
+    message = (
+        f"{ckpt_path} does not exist: train the bundle first with "
+        f"'python -m monai.bundle run training --config_file {train} --bundle_root {bundle_root}' "
+        "(or pass --ckpt_path to a trained checkpoint)."
+    )
+    if _running_bundle_cli():
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1)
+    raise MissingCheckpointError(message)
