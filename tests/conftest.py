@@ -115,3 +115,21 @@ def write_msd_dataset(
         content["test"] = test
     (root / "dataset.json").write_text(json.dumps(content, indent=2), encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def totalsegmentator_sdist() -> str:
+    """The TotalSegmentator source distribution the demo data come from, fetched once by the package's own
+    download code (``pip download``, the package registry only) into ``~/.cache/monai-proto`` (or
+    ``$MONAI_PROTO_SDIST`` when set). Tests that need it fail, not skip, when it cannot be fetched."""
+    from monai_proto.apps.prepare_demo_data import PACKAGE_VERSION, download_sdist
+
+    given = os.environ.get("MONAI_PROTO_SDIST")
+    if given:
+        return given
+    cache = Path(os.path.expanduser("~")) / ".cache" / "monai-proto" / "sdist"
+    cached = cache / f"totalsegmentator-{PACKAGE_VERSION}.tar.gz"
+    if not cached.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        return download_sdist(str(cache))
+    return str(cached)

@@ -40,7 +40,6 @@ from monai_proto.data.transforms import (
     SelectLabelsd,
 )
 
-SDIST = "/tmp/tsdl/totalsegmentator-2.18.0.tar.gz"
 DEMO = demo_data_dir()
 KEYS = ["image", "label"]
 
@@ -323,10 +322,10 @@ def test_load_msd_datalist_errors(tmp_path):
 # ---------------------------------------------------------------- rebuilding from the sdist
 
 
-@pytest.mark.skipif(not os.path.isfile(SDIST), reason=f"{SDIST} not available")
-def test_prepare_demo_data_reproduces_embedded_copy(tmp_path):
+def test_prepare_demo_data_reproduces_embedded_copy(tmp_path, totalsegmentator_sdist):
+    sdist = totalsegmentator_sdist
     out = tmp_path / "demo"
-    assert prepare_main(["--output", str(out), "--sdist", SDIST]) == 0
+    assert prepare_main(["--output", str(out), "--sdist", sdist]) == 0
     with open(os.path.join(DEMO, "provenance.json")) as f:
         embedded = json.load(f)
     with open(out / "provenance.json") as f:
@@ -339,4 +338,4 @@ def test_prepare_demo_data_reproduces_embedded_copy(tmp_path):
     for name in ("labels.json", "dataset.json", "NOTICE", "provenance.json"):  # metadata is deterministic
         assert _sha256(str(out / name)) == _sha256(os.path.join(DEMO, name)), name
     with pytest.raises(FileExistsError, match="not empty"):
-        prepare_main(["--output", str(out), "--sdist", SDIST])
+        prepare_main(["--output", str(out), "--sdist", sdist])

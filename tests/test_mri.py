@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +15,6 @@ from monai_proto.data import DEFAULT_ORGANS, demo_data_dir, label_ids_for, load_
 
 REPO = Path(__file__).resolve().parents[1]
 MRI = Path(demo_data_dir("mri"))
-SDIST = "/tmp/tsdl/totalsegmentator-2.18.0.tar.gz"
 
 
 def test_mri_classes_are_selected_by_name_from_its_own_table():
@@ -42,10 +40,9 @@ def test_mri_files_match_their_provenance():
     assert "total_mr" in (MRI / "NOTICE").read_text()
 
 
-@pytest.mark.skipif(not os.path.isfile(SDIST), reason=f"{SDIST} not available")
-def test_prepare_demo_data_rebuilds_the_mri_copy(tmp_path):
+def test_prepare_demo_data_rebuilds_the_mri_copy(tmp_path, totalsegmentator_sdist):
     out = tmp_path / "demo_mri"
-    assert prepare_main(["--output", str(out), "--dataset", "mri", "--sdist", SDIST]) == 0
+    assert prepare_main(["--output", str(out), "--dataset", "mri", "--sdist", totalsegmentator_sdist]) == 0
     for name in ("labels.json", "dataset.json", "NOTICE", "provenance.json", "imagesTr/mri_mr.nii.gz"):
         assert (out / name).read_bytes() == (MRI / name).read_bytes(), name
 
