@@ -185,7 +185,7 @@ def main() -> None:
         split_transforms=[SelectLabelsd("label", class_ids)],
         timing_split="B 1-shot",
         cost_overrides={
-            "validate#inferer#support": f"$torch.load({support_file!r})",
+            "validate#inferer#support": f"$torch.load({support_file!r}, weights_only=True)",
             "validate#inferer#support_margin": None,
         },
     )

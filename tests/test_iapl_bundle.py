@@ -145,7 +145,8 @@ def test_training_checkpoints(trained, tmp_path):
         state = model_state(trained / "models" / name)
         assert_loads_strict(state, TRAIN)
     final = torch.load(trained / "models" / "model_final.pt", weights_only=True)
-    assert set(final) == {"model", "optimizer"}
+    # everything a resumed run needs (tests/test_resume.py): weights, optimiser, schedule, epoch and iteration
+    assert set(final) == {"model", "optimizer", "lr_scheduler", "trainer"}
     # the inference config builds the same network (filter threshold buffer included)
     assert_loads_strict(model_state(trained / "models" / "model_final.pt"), INFER)
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
 
-__all__ = ["MeanTeacherTrainer", "ema_update"]
+__all__ = ["MeanTeacherTrainer", "ema_update", "make_teacher"]
 
 #: keys of ``engine.state.output`` besides MONAI's IMAGE / LABEL / PRED / LOSS
 UNLABELED_IMAGE = "unlabeled_image"
@@ -32,6 +32,18 @@ LOSS_TERMS = "loss_terms"
 
 
 @torch.no_grad()
+def make_teacher(network: torch.nn.Module) -> torch.nn.Module:
+    """A frozen deep copy of ``network`` (unwrapped from DDP): the mean teacher at the start of training.
+
+    A bundle config makes it an item (``"teacher_network": "$monai_proto.engines.make_teacher(@network)"``) so that
+    the training checkpoint can hold it (``ResumableCheckpoint``) and a resumed run continues the same teacher.
+    """
+    teacher = copy.deepcopy(unwrap_network(network))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """
     Exponential moving average of the student's parameters into the teacher's (Tarvainen & Valpola, "Mean
@@ -136,7 +148,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
             **kwargs,
         )
         if teacher_network is None:
-            teacher_network = copy.deepcopy(unwrap_network(network))
+            teacher_network = make_teacher(network)
         for p in teacher_network.parameters():
             p.requires_grad_(False)
         self.teacher_network = teacher_network

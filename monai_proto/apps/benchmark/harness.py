@@ -38,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 IO_HANDLERS = (
     "ValidationHandler",
     "CheckpointSaver",
+    "ResumableCheckpoint",
     "PublishModelHandler",
     "StatsHandler",
     "TensorBoardStatsHandler",
