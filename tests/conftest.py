@@ -105,7 +105,7 @@ def write_msd_dataset(
         "name": "synthetic",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
-        "labels": labels or {"0": "background", "1": "spleen", "5": "liver"},
+        "labels": labels or {"0": "background", "1": "spleen", "2": "kidney_right", "5": "liver"},
         "numTraining": len(training),
         "training": training,
     }

@@ -4,7 +4,9 @@ from .episodes import BinarizeClassd, FewShotEpisodeDataset, build_volume_episod
 from .modality import MODALITIES, CheckModalityd, ModalityIntensityd, check_modality, dicom_modality
 from .semisupervised import LabelSlabCropd, load_semisupervised_datalists, split_labeled_unlabeled
 from .transforms import (
+    AtomicSaveImaged,
     CheckImageLabeld,
+    CheckLabelValuesd,
     HoldOutRegiond,
     LoadCheckedImaged,
     RandLabelIntensityShiftd,
@@ -12,5 +14,6 @@ from .transforms import (
     RandThinSlabd,
     SelectLabels,
     SelectLabelsd,
+    check_dicom_series,
     holdout_mask,
 )

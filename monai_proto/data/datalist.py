@@ -60,6 +60,23 @@ def split_datalist_deterministic(
     return train, val
 
 
+def _check_inside(items: Sequence[dict], dataset_dir: str, dataset_json: str, section: str) -> None:
+    root = os.path.realpath(dataset_dir)
+    for index, item in enumerate(items):
+        for key in ("image", "label"):
+            if key not in item:
+                continue
+            for path in item[key] if isinstance(item[key], (list, tuple)) else [item[key]]:
+                if not isinstance(path, (str, os.PathLike)):
+                    continue
+                real = os.path.realpath(path)
+                if os.path.commonpath([root, real]) != root:
+                    raise ValueError(
+                        f"{key} path {path} (item {index} of '{section}' in {dataset_json}) points outside the data "
+                        f"set folder {dataset_dir}; keep the files under it, or pass allow_outside=True."
+                    )
+
+
 def _check_paths(items: Sequence[dict], dataset_json: str, section: str) -> None:
     for index, item in enumerate(items):
         for key in ("image", "label"):
@@ -79,6 +96,7 @@ def load_msd_datalist(
     validation_fraction: float = 0.2,
     seed: int = 0,
     check_files: bool = True,
+    allow_outside: bool = False,
 ) -> list[dict]:
     """
     Read one section of ``<dataset_dir>/dataset.json`` with :py:func:`monai.data.load_decathlon_datalist`
@@ -96,14 +114,17 @@ def load_msd_datalist(
             section. Defaults to 0.2.
         seed: seed of that split. Defaults to 0.
         check_files: require every ``image``/``label`` path to exist. Defaults to True.
+        allow_outside: accept paths that resolve (symbolic links followed) outside ``dataset_dir`` (``../``,
+            absolute paths). Defaults to False: a data list is meant to describe its own folder, and a path out of
+            it is usually a mistake (or a data list reaching for files it should not).
 
     Returns:
         A list of dicts with absolute ``image`` (and ``label``) paths.
 
     Raises:
         FileNotFoundError: ``dataset.json`` or (with ``check_files``) a listed file is missing.
-        ValueError: unknown ``section``, the section is absent from ``dataset.json``, or the
-            training list is too short to split.
+        ValueError: unknown ``section``, the section is absent from ``dataset.json``, the training list is too
+            short to split, or (without ``allow_outside``) a path points outside ``dataset_dir``.
     """
     if section not in _SECTIONS:
         raise ValueError(f"section must be one of {_SECTIONS}, but got {section!r}.")
@@ -129,6 +150,8 @@ def load_msd_datalist(
         except ValueError as e:
             raise ValueError(f"{dataset_json} has no 'validation' section and its 'training' list: {e}") from e
         items = val if section == "validation" else train
+    if not allow_outside:
+        _check_inside(items, dataset_dir, dataset_json, section)
     if check_files:
         _check_paths(items, dataset_json, section)
     return items

@@ -14,7 +14,7 @@ from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
 from monai.transforms import MapTransform, SpatialCrop
 
-from monai_proto.data.datalist import _check_paths, load_msd_datalist
+from monai_proto.data.datalist import _check_inside, _check_paths, load_msd_datalist
 
 __all__ = ["LabelSlabCropd", "load_semisupervised_datalists", "slab_bounds", "split_labeled_unlabeled"]
 
@@ -109,6 +109,8 @@ def load_semisupervised_datalists(
         labeled = load_decathlon_datalist(dataset_json, True, "labeled", base_dir=dataset_dir)
         unlabeled = load_decathlon_datalist(dataset_json, False, "unlabeled", base_dir=dataset_dir)
         unlabeled = [{k: v for k, v in item.items() if k != "label"} for item in unlabeled]
+        _check_inside(labeled, dataset_dir, dataset_json, "labeled")
+        _check_inside(unlabeled, dataset_dir, dataset_json, "unlabeled")
         if check_files:
             _check_paths(labeled, dataset_json, "labeled")
             _check_paths(unlabeled, dataset_json, "unlabeled")

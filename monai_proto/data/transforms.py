@@ -24,7 +24,10 @@ data key failed. :class:`LoadCheckedImaged` turns these into ``FileNotFoundError
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -32,11 +35,14 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, SaveImaged, Transform
 from monai.utils import ImageMetaKey, TransformBackends
 
 __all__ = [
+    "AtomicSaveImaged",
     "CheckImageLabeld",
+    "CheckLabelValuesd",
+    "check_dicom_series",
     "HoldOutRegiond",
     "LoadCheckedImaged",
     "RandLabelIntensityShiftd",
@@ -145,6 +151,51 @@ class SelectLabelsd(MapTransform):
         return d
 
 
+class CheckLabelValuesd(MapTransform):
+    """
+    Check that a label map holds only the class ids of the data set's label table (and 0, background), before
+    classes are selected, and raise a ``ValueError`` naming the file and the unknown values otherwise.
+
+    A value outside the table (a label exported with another class map, a probability map saved as a label, an
+    interpolated label with fractional values) would otherwise be dropped into background silently by
+    :class:`SelectLabelsd`.
+
+    Args:
+        keys: keys of the label maps.
+        known_ids: class ids of the label table (e.g. ``list(load_label_table(dataset_dir))``).
+        allow_missing_keys: skip missing keys (images without labels at inference). Defaults to True.
+
+    Raises:
+        ValueError: in ``__init__`` for an empty or non-integer ``known_ids``; in ``__call__`` for a label with
+            values outside ``known_ids`` or non-integer values.
+    """
+
+    def __init__(self, keys: KeysCollection, known_ids: Sequence[int], allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        ids = [int(v) for v in known_ids]
+        if not ids or any(int(v) != v for v in known_ids):
+            raise ValueError(f"known_ids must be a non-empty sequence of integer class ids, but got {known_ids!r}.")
+        self.known_ids = torch.tensor(sorted(set(ids) | {0}), dtype=torch.float64)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = torch.unique(torch.as_tensor(label).detach().cpu().reshape(-1)).to(torch.float64)
+            fractional = values[values != values.round()]
+            unknown = values[~torch.isin(values, self.known_ids)]
+            if fractional.numel() or unknown.numel():
+                shown = [float(v) if v != v.round() else int(v) for v in unknown[:10]]
+                more = f" and {unknown.numel() - 10} more" if unknown.numel() > 10 else ""
+                what = "non-integer" if fractional.numel() else "unknown"
+                raise ValueError(
+                    f"label {describe_source(label, key)} holds {what} class value(s) {shown}{more}, outside the "
+                    f"data set's label table (ids {int(self.known_ids[1])}..{int(self.known_ids[-1])}, "
+                    f"{self.known_ids.numel() - 1} classes): wrong label file, or a label map from another data set."
+                )
+        return d
+
+
 class CheckImageLabeld(MapTransform):
     """
     Check that an image/label pair is usable for segmentation training and raise a ``ValueError``
@@ -153,8 +204,14 @@ class CheckImageLabeld(MapTransform):
     Place it after ``LoadImaged`` + ``EnsureChannelFirstd`` (arrays are ``CHW[D]``) and, for the
     foreground check, after :class:`SelectLabelsd`. Checks, in order:
 
+    - the image has ``spatial_dims`` spatial axes (when given: a 2D image given to a 3D bundle fails here);
     - the image has ``in_channels`` channels (when given);
+    - the image's voxel spacing (from its affine) is positive and finite; a spacing more anisotropic than
+      ``warn_anisotropy`` (largest / smallest, e.g. 0.3 x 0.3 x 10 mm) is logged as a warning naming the file,
+      since the resampling to the bundle's grid then interpolates across the coarse axis;
     - the image holds no NaN or Inf (when ``check_finite``);
+    - the image is not constant (when ``check_variance``: a zero-variance image holds nothing to segment, and
+      per-volume normalisation would divide by zero);
     - the label has one channel;
     - label and image have the same spatial shape;
     - label and image have the same affine (max. absolute difference 1e-3), when both are MetaTensors;
@@ -164,8 +221,12 @@ class CheckImageLabeld(MapTransform):
         image_key: key of the image. Defaults to ``"image"``.
         label_key: key of the label. Defaults to ``"label"``.
         in_channels: expected number of image channels; not checked when None. Defaults to None.
+        spatial_dims: expected number of spatial axes (2 or 3); not checked when None. Defaults to None.
         require_foreground: require a non-zero label voxel. Defaults to True.
         check_finite: require a finite image. Defaults to True.
+        check_variance: require an image that is not constant. Defaults to True.
+        warn_anisotropy: log a warning when the largest voxel spacing exceeds this multiple of the smallest;
+            None for no warning. Defaults to 8.0.
         affine_tolerance: largest accepted absolute difference of the two affines. Defaults to 1e-3.
         allow_missing_keys: skip the checks that need a missing key (e.g. images without labels at
             inference). Defaults to True.
@@ -183,8 +244,15 @@ class CheckImageLabeld(MapTransform):
         check_finite: bool = True,
         affine_tolerance: float = 1e-3,
         allow_missing_keys: bool = True,
+        spatial_dims: int | None = None,
+        check_variance: bool = True,
+        warn_anisotropy: float | None = 8.0,
     ) -> None:
         super().__init__([image_key, label_key], allow_missing_keys)
+        if spatial_dims is not None and spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2, 3 or None, but got {spatial_dims!r}.")
+        if warn_anisotropy is not None and warn_anisotropy < 1:
+            raise ValueError(f"warn_anisotropy must be >= 1 or None, but got {warn_anisotropy}.")
         if in_channels is not None and (
             isinstance(in_channels, bool) or int(in_channels) != in_channels or in_channels < 1
         ):
@@ -197,6 +265,31 @@ class CheckImageLabeld(MapTransform):
         self.require_foreground = require_foreground
         self.check_finite = check_finite
         self.affine_tolerance = affine_tolerance
+        self.spatial_dims = spatial_dims
+        self.check_variance = check_variance
+        self.warn_anisotropy = warn_anisotropy
+
+    def _check_spacing(self, image: MetaTensor, image_src: str) -> None:
+        n = image.ndim - 1
+        affine = image.affine.detach().cpu().double()
+        if affine.shape[0] < n + 1:
+            return
+        spacing = affine[:n, :n].norm(dim=0)
+        if not bool(torch.isfinite(spacing).all()) or bool((spacing <= 0).any()):
+            raise ValueError(
+                f"image {image_src} has an invalid voxel spacing {spacing.tolist()} (from its affine); "
+                "every spacing must be positive and finite."
+            )
+        ratio = float(spacing.max() / spacing.min())
+        if self.warn_anisotropy is not None and ratio > self.warn_anisotropy:
+            logging.getLogger(__name__).warning(
+                "image %s has a very anisotropic voxel spacing %s mm (largest / smallest = %.1f > %g): resampling "
+                "to the bundle's grid interpolates across the coarse axis; check thin structures along it.",
+                image_src,
+                " x ".join(f"{v:.3g}" for v in spacing.tolist()),
+                ratio,
+                self.warn_anisotropy,
+            )
 
     def _get(self, d: Mapping[Hashable, NdarrayOrTensor], key: str) -> NdarrayOrTensor | None:
         if key in d:
@@ -215,6 +308,11 @@ class CheckImageLabeld(MapTransform):
         if image is not None:
             if image.ndim < 2:
                 raise ValueError(f"image {image_src} has shape {tuple(image.shape)}; expected channel-first CHW[D].")
+            if self.spatial_dims is not None and image.ndim - 1 != self.spatial_dims:
+                raise ValueError(
+                    f"image {image_src} is {image.ndim - 1}D (channel-first shape {tuple(image.shape)}) but this "
+                    f"bundle segments {self.spatial_dims}D images (spatial_dims={self.spatial_dims})."
+                )
             if self.in_channels is not None and image.shape[0] != self.in_channels:
                 raise ValueError(
                     f"image {image_src} has {image.shape[0]} channel(s) (shape {tuple(image.shape)}) but "
@@ -225,6 +323,15 @@ class CheckImageLabeld(MapTransform):
                 if not bool(finite.all()):
                     n_bad = int((~finite).sum())
                     raise ValueError(f"image {image_src} contains {n_bad} NaN or Inf voxel(s).")
+            if self.check_variance and image.numel() > 0:
+                flat = torch.as_tensor(image).reshape(-1)
+                if bool((flat == flat[0]).all()):
+                    raise ValueError(
+                        f"image {image_src} has the same value ({float(flat[0]):g}) in every voxel (zero variance): "
+                        "there is nothing to segment; check the file or its export."
+                    )
+            if isinstance(image, MetaTensor):
+                self._check_spacing(image, image_src)
 
         if label is not None:
             if label.ndim < 2:
@@ -256,6 +363,68 @@ class CheckImageLabeld(MapTransform):
         return d
 
 
+def check_dicom_series(folder: str, gap_factor: float = 1.5) -> None:
+    """
+    Check that every DICOM series in ``folder`` has evenly spaced slices, and raise a ``ValueError`` naming the
+    folder, the series and the gap otherwise.
+
+    ITK (MONAI's default reader for a folder) stacks a series with a missing slice into a volume of uniform
+    spacing, after a warning on its own console: the anatomy beyond the gap is then shifted by a slice and the
+    geometry is wrong. Slice positions are read from the headers (``ImagePositionPatient`` projected on the slice
+    normal of ``ImageOrientationPatient``); files without them (or that are not DICOM) are ignored.
+
+    Args:
+        folder: a DICOM series folder.
+        gap_factor: a step larger than ``gap_factor`` times the median step is a gap. Defaults to 1.5.
+
+    Raises:
+        ValueError: a series has a gap (missing slices) or two slices at one position.
+    """
+    import pydicom
+
+    series: dict[str, list[float]] = {}
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*"))):
+        if not os.path.isfile(path):
+            continue
+        try:
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", "ImagePositionPatient", "ImageOrientationPatient"],
+            )
+        except Exception:  # not a DICOM file (a DICOMDIR's neighbours, a README, ...)
+            continue
+        position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+        if position is None or orientation is None or len(orientation) != 6:
+            continue
+        row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        normal = np.cross(row, col)
+        series.setdefault(str(ds.get("SeriesInstanceUID", "?")), []).append(
+            float(np.dot(normal, np.asarray(position, float)))
+        )
+    for uid, positions in series.items():
+        if len(positions) < 3:
+            continue
+        z = np.sort(np.asarray(positions))
+        steps = np.diff(z)
+        step = float(np.median(steps))
+        if np.any(steps < 1e-3 * max(step, 1e-6)):
+            i = int(np.argmin(steps))
+            raise ValueError(
+                f"DICOM series {uid} in {folder} has two slices at the same position ({z[i]:.2f} mm along the "
+                "slice normal): duplicated files or two series mixed in one folder."
+            )
+        gaps = np.nonzero(steps > gap_factor * step)[0]
+        if gaps.size:
+            i = int(gaps[0])
+            missing = int(round(steps[i] / step)) - 1
+            raise ValueError(
+                f"DICOM series {uid} in {folder} has a gap: slices are {step:.3g} mm apart but {steps[i]:.3g} mm lie "
+                f"between {z[i]:.2f} and {z[i + 1]:.2f} mm along the slice normal (about {max(missing, 1)} slice(s) "
+                f"missing, {gaps.size} gap(s) in all); the series would be stacked with the wrong geometry."
+            )
+
+
 class LoadCheckedImaged(LoadImaged):
     """
     :class:`monai.transforms.LoadImaged` whose errors name the data key and the file and have
@@ -266,7 +435,7 @@ class LoadCheckedImaged(LoadImaged):
 
     Raises:
         FileNotFoundError: a path (or one of a list of paths) does not exist.
-        ValueError: the file exists but cannot be read.
+        ValueError: the file exists but cannot be read, or a DICOM series has missing slices.
     """
 
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict[Hashable, object]:
@@ -276,6 +445,8 @@ class LoadCheckedImaged(LoadImaged):
             for path in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
                     raise FileNotFoundError(f"cannot read {key} file {path}: no such file or folder.")
+                if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+                    check_dicom_series(str(path))
             try:
                 loaded = self._loader(value, reader)
             except Exception as e:
@@ -583,3 +754,39 @@ class RandShallowConvIntensityd(RandomizableTransform, MapTransform):
                 out = MetaTensor(out, meta=getattr(image, "meta", None))
             d[key] = out.to(image.dtype)
         return d
+
+
+def _atomic_writer(writer_cls: type) -> type:
+    """A subclass of a MONAI ``ImageWriter`` whose ``write(filename)`` writes a temporary file in the same folder
+    (same extension, so the same format) and renames it onto ``filename``."""
+
+    class _Atomic(writer_cls):  # type: ignore[misc, valid-type]
+        def write(self, filename, *args, **kwargs):  # noqa: ANN001, ANN202 - the writer's own signature
+            filename = os.fspath(filename)
+            folder, base = os.path.split(os.path.abspath(filename))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix="-" + base, dir=folder)
+            os.close(fd)
+            try:
+                result = super().write(tmp, *args, **kwargs)
+                os.replace(tmp, filename)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return result
+
+    _Atomic.__name__ = _Atomic.__qualname__ = f"Atomic{writer_cls.__name__}"
+    return _Atomic
+
+
+class AtomicSaveImaged(SaveImaged):
+    """
+    MONAI's ``SaveImaged`` writing every file through a temporary file in the output folder and a rename, so a
+    run killed (or failing) while writing never leaves a truncated prediction in place of a good one, or a
+    partial file a later step would read. Same arguments as :class:`monai.transforms.SaveImaged`; the writer
+    is chosen by MONAI from ``output_ext`` as usual (NIfTI, NRRD, ...).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - SaveImaged's arguments
+        super().__init__(*args, **kwargs)
+        self.saver.writers = tuple(_atomic_writer(w) for w in self.saver.writers)

@@ -1,2 +1,2 @@
 from .episodic import EpisodePrepareBatch, EpisodicEvaluator, EpisodicTrainer
-from .mean_teacher import MeanTeacherTrainer, ema_update
+from .mean_teacher import MeanTeacherTrainer, ema_update, make_teacher

@@ -44,6 +44,7 @@ def make_teacher(network: torch.nn.Module) -> torch.nn.Module:
     return teacher
 
 
+@torch.no_grad()
 def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
     """
     Exponential moving average of the student's parameters into the teacher's (Tarvainen & Valpola, "Mean

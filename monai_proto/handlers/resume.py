@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch.distributed as dist
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import min_version, optional_import
 
@@ -72,6 +73,8 @@ class ResumableCheckpoint:
         save_final: also write ``final_filename`` when training completes.
         final_filename: name of the final checkpoint.
         map_location: where to load tensors (default: where they were saved).
+        save_rank: in a distributed run, the one rank that writes (every rank loads on ``resume``, so attach the
+            handler on every rank); None to write on every rank. Defaults to 0.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ResumableCheckpoint:
         save_final: bool = True,
         final_filename: str = "model_final.pt",
         map_location: Any = None,
+        save_rank: int | None = 0,
     ) -> None:
         if "trainer" in save_dict:
             raise ValueError("save_dict must not hold 'trainer': the trainer this handler is attached to is added.")
@@ -95,6 +99,7 @@ class ResumableCheckpoint:
         self.save_final = save_final
         self.final_filename = final_filename
         self.map_location = map_location
+        self.save_rank = save_rank
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
@@ -108,6 +113,9 @@ class ResumableCheckpoint:
                 )
             self.logger.info(f"resuming from {path}")
             CheckpointLoader(load_path=path, load_dict=objects, map_location=self.map_location).attach(engine)
+        if self.save_rank is not None and dist.is_available() and dist.is_initialized():
+            if dist.get_rank() != self.save_rank:
+                return  # every rank loads (above), one rank writes
         AtomicCheckpointSaver(
             save_dir=self.save_dir,
             save_dict=objects,
