@@ -58,7 +58,7 @@ def test_map_gradient_zero_outside_mask(spatial):
 
 
 def test_map_shape_mismatch_raises():
-    with pytest.raises(ValueError, match=r"\(1, 2, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"\[1, 2, 4, 4\]"):
         masked_average_pooling(torch.rand(1, 2, 4, 4), torch.rand(1, 1, 2, 2))
     with pytest.raises(ValueError):
         masked_average_pooling(torch.rand(2, 2, 4, 4), torch.rand(1, 1, 4, 4))

@@ -40,12 +40,9 @@ class FeatureBackbone(nn.Module):
     spatial size must be a multiple of it).
     """
 
-    spatial_dims: int
-    bottleneck_channels: int
-    bottleneck_stride: int
-    decoder_channels: tuple[int, ...]
-    decoder_strides: tuple[int, ...]
-    size_divisible: int
+    # attributes (set by subclasses; no class-level annotations, which TorchScript cannot read as strings):
+    # spatial_dims: int, bottleneck_channels: int, bottleneck_stride: int, decoder_channels: tuple[int, ...],
+    # decoder_strides: tuple[int, ...], size_divisible: int
 
     def forward(self, x: torch.Tensor) -> BackboneFeatures:  # pragma: no cover - interface
         raise NotImplementedError
@@ -132,8 +129,8 @@ class UNetFeatureBackbone(FeatureBackbone):
         x = self.bottom(x)
         bottleneck = x
         decoder_maps: list[torch.Tensor] = []
-        for up, skip in zip(self.decoder, skips[::-1]):
-            x = up(torch.cat([skip, x], dim=1))  # SkipConnection(mode="cat") order: input first
+        for i, up in enumerate(self.decoder):  # indexing, not zip: TorchScript iterates a ModuleList only alone
+            x = up(torch.cat([skips[len(skips) - 1 - i], x], dim=1))  # SkipConnection(mode="cat"): input first
             decoder_maps.append(x)
         return BackboneFeatures(bottleneck, decoder_maps)
 

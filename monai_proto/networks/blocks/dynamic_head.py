@@ -65,8 +65,7 @@ class DynamicPrototypeHead(nn.Module):
             ``(B, K, *S)`` logits.
         """
         params = self.controller(descriptors)  # (B, K, P)
-        batch, num_classes = params.shape[:2]
-        spatial = features.shape[2:]
+        batch, num_classes = params.shape[0], params.shape[1]
         weights: list[torch.Tensor] = []
         biases: list[torch.Tensor] = []
         offset = 0
@@ -83,11 +82,11 @@ class DynamicPrototypeHead(nn.Module):
         if num_voxels <= chunk:
             out = self._apply_layers(x, weights, biases)
         else:
-            out = torch.cat(
-                [self._apply_layers(x[..., s : s + chunk], weights, biases) for s in range(0, num_voxels, chunk)],
-                dim=-1,
-            )
-        return out.reshape(batch, num_classes, *spatial)
+            parts: list[torch.Tensor] = []
+            for s in range(0, num_voxels, chunk):
+                parts.append(self._apply_layers(x[..., s : s + chunk], weights, biases))
+            out = torch.cat(parts, dim=-1)
+        return out.reshape([batch, num_classes] + list(features.shape[2:]))
 
     def _apply_layers(self, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
         """The dynamic layers on ``(B, C, X)`` features: ``(B, K, X)`` logits."""

@@ -11,7 +11,7 @@ embeddings and query kernels) and per-query class logits; their product gives cl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -28,18 +28,18 @@ __all__ = [
 ]
 
 
-class KMaXPrediction(NamedTuple):
-    """Prediction of one decoder block at the block's resolution.
+# functional form: the field types stay objects under ``from __future__ import annotations``, as TorchScript needs
+KMaXPrediction = NamedTuple(
+    "KMaXPrediction",
+    [("mask_logits", torch.Tensor), ("class_logits", torch.Tensor), ("confidence", torch.Tensor)],
+)
+KMaXPrediction.__doc__ = """Prediction of one decoder block at the block's resolution.
 
     Attributes:
         mask_logits: ``(B, N, *S_s)`` voxel-to-query logits.
         class_logits: ``(B, N, K)`` query class logits.
         confidence: ``(B, K, *S_s)`` class-wise confidence, a distribution over the K classes at each voxel.
     """
-
-    mask_logits: torch.Tensor
-    class_logits: torch.Tensor
-    confidence: torch.Tensor
 
 
 def semantic_confidence(mask_logits: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
@@ -54,14 +54,13 @@ def semantic_confidence(mask_logits: torch.Tensor, class_logits: torch.Tensor) -
     """
     mask_prob = mask_logits.softmax(dim=1)
     class_prob = class_logits.softmax(dim=-1)
-    b, n = mask_prob.shape[:2]
-    spatial = mask_prob.shape[2:]
+    b, n = mask_prob.shape[0], mask_prob.shape[1]
     conf = torch.einsum("bnx,bnk->bkx", mask_prob.reshape(b, n, -1), class_prob)
-    return conf.reshape(b, class_prob.shape[-1], *spatial)
+    return conf.reshape([b, class_prob.shape[-1]] + list(mask_prob.shape[2:]))
 
 
 def foreground_cluster_mask(
-    assignment: torch.Tensor, previous_confidence: torch.Tensor, threshold: torch.Tensor | float
+    assignment: torch.Tensor, previous_confidence: torch.Tensor, threshold: float
 ) -> torch.Tensor:
     """Self-supervised foreground filtering of clusters (IAPL, section 3.2).
 
@@ -150,26 +149,25 @@ class KMaXTransformerBlock(nn.Module):
         self,
         queries: torch.Tensor,
         pixel_features: torch.Tensor,
-        pixel_embedding: torch.Tensor,
-        predictor: KMaXPredictor,
-        previous_confidence: torch.Tensor | None = None,
-        filter_threshold: torch.Tensor | float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assignment_logits: torch.Tensor,
+        previous_confidence: Optional[torch.Tensor] = None,
+        filter_threshold: float = 0.0,
+    ) -> torch.Tensor:
         """
         Args:
             queries: ``(B, N, D)`` cluster centres.
             pixel_features: ``(B, X, C)`` flattened voxel features of the stage.
-            pixel_embedding: ``(B, X, E)`` L2-normalised voxel embeddings of the stage.
-            predictor: the stage's mask/class predictor.
+            assignment_logits: ``(B, N, X)`` mask logits of the current queries (the stage predictor's
+                ``mask_logits(queries, pixel_embedding)``), from which the hard assignment is taken.
             previous_confidence: ``(B, K, X)`` confidence of the previous block of this stage, for the
                 foreground filtering; ``None`` disables it (first block of a stage).
             filter_threshold: foreground fraction a cluster needs to take part in the update.
 
         Returns:
-            updated queries ``(B, N, D)``, mask logits ``(B, N, X)``, class logits ``(B, N, K)``.
+            updated queries ``(B, N, D)``; the caller predicts masks and classes from them.
         """
         with torch.no_grad():  # the hard assignment is a non-differentiable clustering step
-            logits = predictor.mask_logits(queries, pixel_embedding)
+            logits = assignment_logits.detach()
             assignment = (logits == logits.amax(dim=1, keepdim=True)).to(queries.dtype)  # argmax over clusters
             if previous_confidence is not None:
                 keep = foreground_cluster_mask(assignment, previous_confidence, filter_threshold)
@@ -180,9 +178,7 @@ class KMaXTransformerBlock(nn.Module):
         update = torch.einsum("bnx,bxd->bnd", assignment, values) / counts.clamp_min(1.0)
         queries = self.norm_update(queries + self.update_proj(update))
         queries = self.norm_attn(queries + self.self_attn(queries, queries, queries, need_weights=False)[0])
-        queries = self.norm_ffn(queries + self.ffn(queries))
-        mask_logits, class_logits = predictor(queries, pixel_embedding)
-        return queries, mask_logits, class_logits
+        return self.norm_ffn(queries + self.ffn(queries))
 
 
 class KMaXDecoder(nn.Module):
@@ -243,7 +239,7 @@ class KMaXDecoder(nn.Module):
         )
         self.register_buffer("filter_threshold", torch.tensor(float(filter_threshold)))
 
-    def forward(self, features: Sequence[torch.Tensor]) -> list[KMaXPrediction]:
+    def forward(self, features: list[torch.Tensor]) -> list[KMaXPrediction]:
         """
         Args:
             features: one map per stage, coarse to fine, ``(B, in_channels[i], *S_i)``.
@@ -254,23 +250,21 @@ class KMaXDecoder(nn.Module):
         batch = features[0].shape[0]
         queries = self.queries.unsqueeze(0).expand(batch, -1, -1)
         outputs: list[KMaXPrediction] = []
-        for feature, embed, blocks, predictor in zip(features, self.pixel_embed, self.stages, self.predictors):
-            spatial = feature.shape[2:]
+        threshold = float(self.filter_threshold)
+        # ModuleLists are iterated alone (zip and enumerate over them are unrolled by TorchScript)
+        for i, (embed, blocks, predictor) in enumerate(zip(self.pixel_embed, self.stages, self.predictors)):
+            feature = features[i]
+            shape = [batch, -1] + list(feature.shape[2:])
             pixel_features = feature.flatten(2).transpose(1, 2)  # (B, X, C)
             pixel_embedding = F.normalize(embed(feature).flatten(2).transpose(1, 2), dim=-1)
-            confidence: torch.Tensor | None = None
+            confidence: Optional[torch.Tensor] = None
             mask_logits = class_logits = torch.empty(0)
             for block in blocks:
-                queries, mask_logits, class_logits = block(
-                    queries, pixel_features, pixel_embedding, predictor, confidence, self.filter_threshold
-                )
+                with torch.no_grad():
+                    assignment_logits = predictor.mask_logits(queries, pixel_embedding)
+                queries = block(queries, pixel_features, assignment_logits, confidence, threshold)
+                mask_logits, class_logits = predictor(queries, pixel_embedding)
                 confidence = semantic_confidence(mask_logits, class_logits)
             assert confidence is not None
-            outputs.append(
-                KMaXPrediction(
-                    mask_logits.reshape(batch, -1, *spatial),
-                    class_logits,
-                    confidence.reshape(batch, -1, *spatial),
-                )
-            )
+            outputs.append(KMaXPrediction(mask_logits.reshape(shape), class_logits, confidence.reshape(shape)))
         return outputs

@@ -36,9 +36,6 @@ class PrototypeBank(nn.Module):
         ValueError: when an argument is out of the ranges above.
     """
 
-    prototypes: torch.Tensor
-    initialized: torch.Tensor
-
     def __init__(
         self,
         num_classes: int,
@@ -87,10 +84,10 @@ class PrototypeBank(nn.Module):
 
     def _check(self, embeddings: torch.Tensor, *others: torch.Tensor) -> None:
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_dim:
-            raise ValueError(f"embeddings must be (N, {self.embedding_dim}), got {tuple(embeddings.shape)}.")
+            raise ValueError(f"embeddings must be (N, {self.embedding_dim}), got {list(embeddings.shape)}.")
         for other in others:
             if other.shape != embeddings.shape[:1]:
-                raise ValueError(f"labels/assignments must be ({embeddings.shape[0]},), got {tuple(other.shape)}.")
+                raise ValueError(f"labels/assignments must be ({embeddings.shape[0]},), got {list(other.shape)}.")
 
     @torch.no_grad()
     def assign(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

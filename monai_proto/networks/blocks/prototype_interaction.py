@@ -78,7 +78,7 @@ class PrototypeInteractionBlock(nn.Module):
         if support_prototypes.ndim != 3 or support_prototypes.shape != query_prototypes.shape:
             raise ValueError(
                 "support and query prototypes must both be (B, N, C), but got "
-                f"{tuple(support_prototypes.shape)} and {tuple(query_prototypes.shape)}."
+                f"{list(support_prototypes.shape)} and {list(query_prototypes.shape)}."
             )
         batch, num = support_prototypes.shape[:2]
         if classes is None and query_valid is None:

@@ -46,8 +46,8 @@ def intensity_bin_assignment(
         raise ValueError(f"num_bins must be at least 1, got {num_bins}.")
     if intensities.ndim != 1 or labels.shape != intensities.shape:
         raise ValueError(
-            f"intensities and labels must be 1D of equal length, got {tuple(intensities.shape)} "
-            f"and {tuple(labels.shape)}."
+            f"intensities and labels must be 1D of equal length, got {list(intensities.shape)} "
+            f"and {list(labels.shape)}."
         )
     labels = labels.long()
     bins = torch.full_like(labels, -1)

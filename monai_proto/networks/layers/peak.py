@@ -59,12 +59,12 @@ def peak_mask(
         raise ValueError(f"min_voxels must be at least 1, but got {min_voxels}.")
     if weights.ndim < 3 or strength.ndim != weights.ndim:
         raise ValueError(
-            f"weights and strength must be (B, K, *S) and (B, 1 or K, *S), got {tuple(weights.shape)} "
-            f"and {tuple(strength.shape)}."
+            f"weights and strength must be (B, K, *S) and (B, 1 or K, *S), got {list(weights.shape)} "
+            f"and {list(strength.shape)}."
         )
     if strength.shape[0] != weights.shape[0] or strength.shape[2:] != weights.shape[2:]:
         raise ValueError(
-            f"weights {tuple(weights.shape)} and strength {tuple(strength.shape)} differ in batch or spatial shape."
+            f"weights {list(weights.shape)} and strength {list(strength.shape)} differ in batch or spatial shape."
         )
     if strength.shape[1] not in (1, weights.shape[1]):
         raise ValueError(f"strength must have 1 or {weights.shape[1]} channels, but got {strength.shape[1]}.")
@@ -114,8 +114,8 @@ def peak_average_pooling(
     """
     if features.ndim < 3 or weights.ndim != features.ndim:
         raise ValueError(
-            f"features and weights must be (B, C, *S) and (B, K, *S), got {tuple(features.shape)} "
-            f"and {tuple(weights.shape)}."
+            f"features and weights must be (B, C, *S) and (B, K, *S), got {list(features.shape)} "
+            f"and {list(weights.shape)}."
         )
     if strength is None:
         strength = activation_strength(features.detach())

@@ -44,13 +44,13 @@ def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: f
     """
     if features.ndim < 3 or weights.ndim != features.ndim:
         raise ValueError(
-            f"features and weights must be (B, C, *S) and (B, K, *S), got {tuple(features.shape)} "
-            f"and {tuple(weights.shape)}."
+            f"features and weights must be (B, C, *S) and (B, K, *S), got {list(features.shape)} "
+            f"and {list(weights.shape)}."
         )
     if features.shape[0] != weights.shape[0] or features.shape[2:] != weights.shape[2:]:
         raise ValueError(
             "features and weights must share batch and spatial shapes, got features "
-            f"{tuple(features.shape)} and weights {tuple(weights.shape)}."
+            f"{list(features.shape)} and weights {list(weights.shape)}."
         )
     weights = weights.to(features.dtype)
     flat_features = features.flatten(2)  # (B, C, N)
@@ -96,15 +96,13 @@ def prototype_similarity(
         ValueError: when the shapes are not as above or the channel (or batch) sizes differ.
     """
     if features.ndim < 3:
-        raise ValueError(f"features must be (B, C, *S), got {tuple(features.shape)}.")
+        raise ValueError(f"features must be (B, C, *S), got {list(features.shape)}.")
     if prototypes.ndim not in (2, 3):
-        raise ValueError(f"prototypes must be (P, C) or (B, P, C), got {tuple(prototypes.shape)}.")
+        raise ValueError(f"prototypes must be (P, C) or (B, P, C), got {list(prototypes.shape)}.")
     if prototypes.shape[-1] != features.shape[1]:
-        raise ValueError(
-            f"channel sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}."
-        )
+        raise ValueError(f"channel sizes differ: features {list(features.shape)}, prototypes {list(prototypes.shape)}.")
     if prototypes.ndim == 3 and prototypes.shape[0] != features.shape[0]:
-        raise ValueError(f"batch sizes differ: features {tuple(features.shape)}, prototypes {tuple(prototypes.shape)}.")
+        raise ValueError(f"batch sizes differ: features {list(features.shape)}, prototypes {list(prototypes.shape)}.")
     prototypes = prototypes.to(features.dtype)
     if normalize:
         features = F.normalize(features, dim=1, eps=eps)
@@ -147,9 +145,9 @@ def multi_prototype_logits(
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}.")
     if reduction not in ("max", "logsumexp"):
-        raise ValueError(f"reduction must be 'max' or 'logsumexp', got {reduction!r}.")
+        raise ValueError(f"reduction must be 'max' or 'logsumexp', got '{reduction}'.")
     if prototypes.ndim not in (3, 4):
-        raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {tuple(prototypes.shape)}.")
+        raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
     flat_protos = prototypes.reshape(*prototypes.shape[:-3], num_classes * num_protos, prototypes.shape[-1])
     sim = prototype_similarity(features, flat_protos, normalize=True)  # (B, K*M, *S)
@@ -183,7 +181,7 @@ def sinkhorn_knopp(scores: torch.Tensor, num_iters: int = 3, epsilon: float = 0.
         ValueError: when ``scores`` is not 2D, ``num_iters < 1`` or ``epsilon <= 0``.
     """
     if scores.ndim != 2:
-        raise ValueError(f"scores must be (N, M), got {tuple(scores.shape)}.")
+        raise ValueError(f"scores must be (N, M), got {list(scores.shape)}.")
     if num_iters < 1:
         raise ValueError(f"num_iters must be at least 1, got {num_iters}.")
     if epsilon <= 0:
@@ -271,7 +269,7 @@ def flatten_voxels(features: torch.Tensor) -> torch.Tensor:
         ValueError: when ``features`` has fewer than 3 dimensions.
     """
     if features.ndim < 3:
-        raise ValueError(f"features must be (B, C, *S), got {tuple(features.shape)}.")
+        raise ValueError(f"features must be (B, C, *S), got {list(features.shape)}.")
     return features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1])
 
 
@@ -297,7 +295,7 @@ def spherical_kmeans(
         ValueError: for an empty ``points``, ``num_centres < 1`` or ``num_iters < 0``.
     """
     if points.ndim != 2 or points.shape[0] < 1:
-        raise ValueError(f"points must be (N, C) with N >= 1, got {tuple(points.shape)}.")
+        raise ValueError(f"points must be (N, C) with N >= 1, got {list(points.shape)}.")
     if num_centres < 1 or num_iters < 0:
         raise ValueError(f"need num_centres >= 1 and num_iters >= 0, got {num_centres} and {num_iters}.")
     points = F.normalize(points, dim=-1)
@@ -351,7 +349,7 @@ def partition_mask(
     if mask.ndim == features.ndim:
         mask = mask[:, 0]
     if mask.shape[0] != features.shape[0] or mask.shape[1:] != features.shape[2:]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match features {tuple(features.shape)}.")
+        raise ValueError(f"mask {list(mask.shape)} does not match features {list(features.shape)}.")
     batch, channels = features.shape[:2]
     flat_mask = mask.reshape(batch, -1) > 0
     flat_features = features.reshape(batch, channels, -1)

@@ -164,14 +164,14 @@ class PrototypeFewShotNet(nn.Module):
         if features.shape[1] != sum(self.level_channels):
             raise ValueError(
                 f"features must have {sum(self.level_channels)} channels {self.level_channels}, "
-                f"but got {tuple(features.shape)}."
+                f"but got {list(features.shape)}."
             )
         return list(torch.split(features, list(self.level_channels), dim=1))
 
     def one_hot(self, label: torch.Tensor) -> torch.Tensor:
         """``(B, 1, *S)`` class-index label (0 background, ``ignore_index`` in no class) -> ``(B, K, *S)`` float."""
         if label.ndim < 3 or label.shape[1] != 1:
-            raise ValueError(f"label must be (B, 1, *S) class indices, but got {tuple(label.shape)}.")
+            raise ValueError(f"label must be (B, 1, *S) class indices, but got {list(label.shape)}.")
         index = label[:, 0].round().long()
         valid = index != self.ignore_index
         if index.numel() and valid.any():
@@ -244,7 +244,7 @@ class PrototypeFewShotNet(nn.Module):
             logits ``(B, K, *S)``.
         """
         if prototypes.ndim != 5 or prototypes.shape[1] != len(levels):
-            raise ValueError(f"prototypes must be (B, {len(levels)}, K, M, C), but got {tuple(prototypes.shape)}.")
+            raise ValueError(f"prototypes must be (B, {len(levels)}, K, M, C), but got {list(prototypes.shape)}.")
         logits = [multi_prototype_logits(f, prototypes[:, i], tau=self.tau) for i, f in enumerate(levels)]
         return torch.stack(logits).mean(dim=0)
 

@@ -19,18 +19,23 @@ from monai_proto.networks.layers.prototype import masked_average_pooling
 __all__ = ["IAPLOutput", "IAPLNet"]
 
 
-def _area_downsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     """``F.interpolate(x, size, mode="area")``, as an average pooling when every input size is a multiple of ``size``.
 
     Both give the same values for integer factors; the pooling form also exports to ONNX, where
     ``adaptive_avg_pool3d`` (what ``mode="area"`` lowers to) has no translation in the dynamo-based exporter.
+    Written with plain loops and functional pooling so that TorchScript compiles it.
     """
-    in_size = tuple(int(i) for i in x.shape[2:])
-    out_size = tuple(int(o) for o in size)
-    if all(o > 0 and i % o == 0 for i, o in zip(in_size, out_size)):
-        kernel = [i // o for i, o in zip(in_size, out_size)]
-        return Pool[Pool.AVG, len(kernel)](kernel_size=kernel, stride=kernel)(x)
-    return F.interpolate(x, size=out_size, mode="area")
+    kernel: list[int] = []
+    for d in range(len(size)):
+        i, o = int(x.shape[2 + d]), int(size[d])
+        if o > 0 and i % o == 0:
+            kernel.append(i // o)
+    if len(kernel) == len(size) == 3:
+        return F.avg_pool3d(x, kernel, kernel)
+    if len(kernel) == len(size) == 2:
+        return F.avg_pool2d(x, kernel, kernel)
+    return F.interpolate(x, size=size, mode="area")
 
 
 class IAPLOutput(NamedTuple):
@@ -167,7 +172,7 @@ class IAPLNet(nn.Module):
         else:
             table = torch.as_tensor(class_embeddings, dtype=torch.float32)
             if table.ndim != 2 or table.shape[0] != out_channels:
-                raise ValueError(f"class_embeddings must be ({out_channels}, E), but got {tuple(table.shape)}.")
+                raise ValueError(f"class_embeddings must be ({out_channels}, E), but got {list(table.shape)}.")
             self.register_buffer("class_embeddings", table)
             self.class_embedding_proj = nn.Linear(table.shape[1], prototype_dim)
         fine_channels = self.backbone.decoder_channels[-1]
@@ -212,7 +217,7 @@ class IAPLNet(nn.Module):
         Returns:
             ``(B, K, prototype_dim)``.
         """
-        weights = _area_downsample(confidence, embeddings.shape[2:])
+        weights = _area_downsample(confidence, list(embeddings.shape[2:]))
         return masked_average_pooling(embeddings, weights)
 
     def class_descriptors(self, instance_prototypes: torch.Tensor, common_prototypes: torch.Tensor) -> torch.Tensor:
@@ -220,22 +225,27 @@ class IAPLNet(nn.Module):
         common = common_prototypes.unsqueeze(0).expand_as(instance_prototypes)
         return torch.cat([self.instance_norm(instance_prototypes), self.common_norm(common)], dim=-1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | IAPLOutput:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
         Args:
             x: ``(B, in_channels, *S)``, ``S`` divisible by ``backbone.size_divisible``.
 
         Returns:
-            ``(B, out_channels, *S)`` logits in eval mode, :class:`IAPLOutput` in train mode.
+            ``(B, out_channels, *S)`` logits in eval mode (and in a TorchScript module), :class:`IAPLOutput` in
+            train mode.
         """
         features = self.backbone(x)
-        maps = [features.bottleneck, *features.decoder]
+        maps: list[torch.Tensor] = [features.bottleneck]
+        maps.extend(features.decoder)
         predictions = self.decoder([maps[i] for i in self.decoder_stages])
         embeddings = self.instance_proj(features.bottleneck)
         instance_prototypes = self.instance_prototypes(embeddings, predictions[-1].confidence)
         common_prototypes = self.get_common_prototypes()
         descriptors = self.class_descriptors(instance_prototypes, common_prototypes)
         logits = self.head(self.head_input(features.decoder[-1]), descriptors)
-        if not self.training:
-            return logits
-        return IAPLOutput(logits, predictions, instance_prototypes, common_prototypes, embeddings)
+        if not torch.jit.is_scripting():  # the training outputs exist in Python only
+            if self.training:
+                return IAPLOutput(  # type: ignore[return-value]
+                    logits, predictions, instance_prototypes, common_prototypes, embeddings
+                )
+        return logits

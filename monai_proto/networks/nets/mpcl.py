@@ -115,18 +115,23 @@ class MPCLNet(nn.Module):
         """Prototype-branch class logits ``(B, K, *S)`` of embeddings ``(B, C_e, *S)``: ``max_m cos / tau``."""
         return multi_prototype_logits(embeddings, self.bank.prototypes, tau=self.tau, reduction="max")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | MPCLOutput:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
         Args:
             x: images ``(B, in_channels, *S)``, ``S`` divisible by the backbone's ``size_divisible``.
 
         Returns:
-            ``(B, out_channels, *S)`` segmentation logits in eval mode, an :class:`MPCLOutput` in train mode.
+            ``(B, out_channels, *S)`` segmentation logits in eval mode (and in a TorchScript module), an
+            :class:`MPCLOutput` in train mode.
         """
         decoded = self.backbone(x).decoder[-1]
         logits = self.segmentation_head(decoded)
-        if not self.training:
-            return logits
+        if not torch.jit.is_scripting():  # the training outputs exist in Python only
+            if self.training:
+                return self._training_output(x, decoded, logits)  # type: ignore[return-value]
+        return logits
+
+    def _training_output(self, x: torch.Tensor, decoded: torch.Tensor, logits: torch.Tensor) -> MPCLOutput:
         embeddings = F.normalize(self.prototype_head(decoded), dim=1)
         return MPCLOutput(
             logits=logits,
@@ -150,8 +155,8 @@ class MPCLNet(nn.Module):
         flat_intensities = intensities.reshape(-1)
         if not flat_embeddings.shape[0] == flat_labels.shape[0] == flat_intensities.shape[0]:
             raise ValueError(
-                f"embeddings {tuple(embeddings.shape)}, labels {tuple(labels.shape)} and intensities "
-                f"{tuple(intensities.shape)} must have the same batch and spatial shape."
+                f"embeddings {list(embeddings.shape)}, labels {list(labels.shape)} and intensities "
+                f"{list(intensities.shape)} must have the same batch and spatial shape."
             )
         return flat_embeddings, flat_labels, flat_intensities
 
