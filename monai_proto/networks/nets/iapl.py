@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.layers.factories import Act, Conv, Norm, Pool
+from monai.networks.layers.factories import Act, Conv, Norm
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
 from monai_proto.networks.blocks.dynamic_head import DynamicPrototypeHead
