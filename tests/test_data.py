@@ -244,11 +244,16 @@ def test_monai_loader_errors_name_the_file(tmp_path):
 def test_check_image_label_arguments():
     with pytest.raises(ValueError, match="in_channels"):
         CheckImageLabeld(in_channels=0)
-    image = torch.zeros(1, 4, 4, 4)
+    image = torch.rand(1, 4, 4, 4)
     CheckImageLabeld(require_foreground=False)({"image": image, "label": torch.zeros(1, 4, 4, 4)})
     CheckImageLabeld()({"image": image})  # label missing: allowed by default (inference)
     with pytest.raises(ValueError, match="<key 'label'"):
         CheckImageLabeld()({"image": image, "label": torch.zeros(1, 4, 4, 4)})
+    with pytest.raises(ValueError, match="zero variance"):
+        CheckImageLabeld()({"image": torch.zeros(1, 4, 4, 4)})
+    CheckImageLabeld(check_variance=False)({"image": torch.zeros(1, 4, 4, 4)})
+    with pytest.raises(ValueError, match="is 2D .* 3D images"):
+        CheckImageLabeld(spatial_dims=3)({"image": torch.rand(1, 4, 4)})
 
 
 # ---------------------------------------------------------------- MSD data lists

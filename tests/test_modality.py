@@ -88,7 +88,7 @@ def test_every_config_switches_preset_with_one_key(bundle, config):
 
 def _series_in_c_locale(folder: Path, modality: str) -> Path:
     folder.mkdir()
-    img = sitk.GetImageFromArray(np.zeros((3, 8, 8), dtype=np.int16))
+    img = sitk.GetImageFromArray(np.arange(3 * 8 * 8, dtype=np.int16).reshape(3, 8, 8))  # not constant
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for z in range(3):
