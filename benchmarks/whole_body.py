@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "whole_body"))
     args = ap.parse_args(argv)
     shape, spacing = tuple(args.shape), tuple(args.spacing)
-    result: dict = {"shape": list(shape), "spacing": list(spacing), "device": "cuda" if torch.cuda.is_available() else "cpu",
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result: dict = {"shape": list(shape), "spacing": list(spacing), "device": device,
                     "threads": torch.get_num_threads(), "bundles": {}}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['device']}. Growth is the peak resident set above the same command's on a 64^3 volume (Python, "
         "torch, MONAI, the network); the bound is 3 x the input plus the output probabilities on the bundle's grid.",
         "",
-        "| bundle | network grid | seconds | peak RSS MB | 64^3 run MB | growth MB | bound MB | growth / bound | output shape |",
+        "| bundle | network grid | seconds | peak RSS MB | 64^3 run MB | growth MB | bound MB | growth / bound "
+        "| output shape |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for bundle, r in result["bundles"].items():
