@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import sys
 import threading
 import time
@@ -36,11 +34,6 @@ BUNDLES = {
 UNET = "UNet (MONAI)"
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _worker(
     name: str, size: tuple[int, ...], device_name: str, threads: int, amp: bool, queue
 ) -> None:  # pragma: no cover
@@ -49,7 +42,7 @@ def _worker(
         from monai.networks.nets import UNet
 
         import monai_proto  # noqa: F401 - bare _target_ names in the bundle configs
-        from monai_proto.apps.benchmark.runner import make_parser
+        from monai_proto.apps.benchmark.runner import current_rss_mb, make_parser
         from monai_proto.inferers import FittedSlidingWindowInferer
 
         torch.set_num_threads(threads)
@@ -103,13 +96,13 @@ def _worker(
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base_gpu = torch.cuda.memory_allocated()
-            before = _rss_mb()
+            before = current_rss_mb()
             peak = [before]
             stop = threading.Event()
 
             def poll() -> None:
                 while not stop.is_set():
-                    peak[0] = max(peak[0], _rss_mb())
+                    peak[0] = max(peak[0], current_rss_mb())
                     time.sleep(0.002)
 
             thread = threading.Thread(target=poll, daemon=True)
@@ -123,7 +116,7 @@ def _worker(
             thread.join()
         result = {
             "seconds": seconds,
-            "cpu_peak_mb": max(peak[0], _rss_mb()) - before,
+            "cpu_peak_mb": max(peak[0], current_rss_mb()) - before,
             "output_shape": list(out.shape),
             "output_device": str(out.device),
         }
@@ -137,21 +130,9 @@ def _worker(
 
 
 def measure(name: str, size: tuple[int, ...], device: str, threads: int, amp: bool) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(name, size, device, threads, amp, queue))
-    proc.start()
-    result = None
-    while result is None:
-        try:
-            result = queue.get(timeout=5)
-        except Exception:
-            if not proc.is_alive():
-                result = {"error": f"process ended with exit code {proc.exitcode} and no result"}
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(f"{name} at {size}: {result['error']}")
-    return result
+    from monai_proto.apps.benchmark.runner import run_in_fresh_process
+
+    return run_in_fresh_process(_worker, (name, size, device, threads, amp), f"{name} at {size}")
 
 
 def plot(result: dict, path: str) -> None:

@@ -32,6 +32,8 @@ __all__ = [
     "train_with_curves",
     "interleaved_inference_seconds",
     "peak_inference_memory_mb",
+    "run_in_fresh_process",
+    "current_rss_mb",
 ]
 
 
@@ -213,7 +215,8 @@ def interleaved_training_step_seconds(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _rss_mb() -> float:
+def current_rss_mb() -> float:
+    """Resident set size of this process, MB (Linux ``/proc``)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -237,13 +240,13 @@ def _memory_worker(config_file, overrides, image_file, threads, queue) -> None: 
                     {"peak_memory_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "kind": "GPU allocated"}
                 )
                 return
-            before = _rss_mb()
+            before = current_rss_mb()
             peak = [before]
             stop = threading.Event()
 
             def poll() -> None:  # ru_maxrss is a process-lifetime figure; poll the current RSS instead
                 while not stop.is_set():
-                    peak[0] = max(peak[0], _rss_mb())
+                    peak[0] = max(peak[0], current_rss_mb())
                     time.sleep(0.002)
 
             thread = threading.Thread(target=poll, daemon=True)
@@ -251,7 +254,7 @@ def _memory_worker(config_file, overrides, image_file, threads, queue) -> None: 
             inferer(image, network)
             stop.set()
             thread.join()
-            queue.put({"peak_memory_mb": max(peak[0], _rss_mb()) - before, "kind": "RSS growth"})
+            queue.put({"peak_memory_mb": max(peak[0], current_rss_mb()) - before, "kind": "RSS growth"})
     except Exception as e:  # report the failure instead of hanging the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
@@ -271,9 +274,23 @@ def peak_inference_memory_mb(
     os.makedirs(workdir, exist_ok=True)
     image_file = os.path.join(workdir, "memory_image.npy")
     np.save(image_file, image.numpy())
+    return run_in_fresh_process(
+        _memory_worker, (config_file, dict(overrides), image_file, threads), "memory measurement"
+    )
+
+
+def run_in_fresh_process(target: Callable, args: tuple, what: str) -> dict:
+    """Run ``target(*args, queue)`` in a spawned process and return the dict it puts on ``queue``.
+
+    A fresh process keeps one measurement's allocations (and the allocator's caches) out of another's. ``target``
+    reports a failure as ``{"error": message}``.
+
+    Raises:
+        RuntimeError: naming ``what``, when the process reports an error or ends without a result.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_worker, args=(config_file, dict(overrides), image_file, threads, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = None
     while result is None:
@@ -284,7 +301,7 @@ def peak_inference_memory_mb(
                 result = {"error": f"the measuring process ended with exit code {proc.exitcode} and no result"}
     proc.join()
     if "error" in result:
-        raise RuntimeError(f"memory measurement failed: {result['error']}")
+        raise RuntimeError(f"{what} failed: {result['error']}")
     return result
 
 
