@@ -74,3 +74,47 @@ def test_iapl_trains_and_segments_the_mri_with_one_key(tmp_path, run_bundle):
     np.testing.assert_allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(out.GetDirection(), ref.GetDirection(), atol=1e-4)
     assert set(np.unique(sitk.GetArrayFromImage(out))) <= set(range(len(DEFAULT_ORGANS) + 1))
+
+
+@pytest.mark.slow
+def test_cross_modality_fewshot_ct_support_mri_query(tmp_path, run_bundle):
+    """``--modality mri --support_modality ct``: the support (scan A's liver) comes from the embedded CT with the CT
+    preset, the query is the MRI with the MRI preset, and the prediction has the MRI's geometry."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    import monai_proto  # noqa: F401
+
+    config = REPO / "bundles" / "iplsl_fewshot_segmentation" / "configs" / "inference.json"
+
+    def parser_for(**overrides) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config(str(config))
+        for key, value in overrides.items():
+            parser[key] = value
+        return parser
+
+    same = parser_for(modality="mri")
+    assert same.get_parsed_content("support_dataset_dir") == same.get_parsed_content("dataset_dir") == str(MRI)
+    cross = parser_for(modality="mri", support_modality="ct")
+    assert cross.get_parsed_content("support_dataset_dir") == demo_data_dir("ct")
+    assert cross.get_parsed_content("support_class_id") == label_ids_for("liver", demo_data_dir("ct"))[0]
+    support = cross.get_parsed_content("support_preprocessing")(cross.get_parsed_content("support_datalist")[0])
+    query = cross.get_parsed_content("preprocessing")(cross.get_parsed_content("datalist")[0])
+    assert "scanA_ct" in support["image"].meta["filename_or_obj"] and "mri_mr" in query["image"].meta["filename_or_obj"]
+    assert float(support["image"].min()) >= 0.0 and float(support["image"].max()) <= 1.0  # CT window, scaled
+    assert float(query["image"].min()) < -0.5 and abs(float(query["image"].mean())) < 1.0  # MRI z-score
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": cross.get_parsed_content("network_def").state_dict()}, ckpt)  # stand-in weights
+    out = tmp_path / "out"
+    result = run_bundle(
+        ["-m", "monai.bundle", "run", "--config_file", str(config), "--modality", "mri", "--support_modality", "ct",
+         "--ckpt_path", str(ckpt), "--output_dir", str(out), "--bundle_root", str(tmp_path / "root"), "--amp", "False"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.describe()
+    written = sorted(out.glob("*.nii.gz"))
+    assert len(written) == 1 and written[0].name.startswith("mri_mr_seg"), written
+    pred = sitk.ReadImage(str(written[0]))
+    ref = sitk.ReadImage(str(MRI / "imagesTr" / "mri_mr.nii.gz"))
+    assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetOrigin(), ref.GetOrigin(), atol=1e-3)
