@@ -12,6 +12,7 @@ from .transforms import (
     RandLabelIntensityShiftd,
     RandShallowConvIntensityd,
     RandThinSlabd,
+    ResampleToSourced,
     SelectLabels,
     SelectLabelsd,
     check_dicom_series,

@@ -182,7 +182,7 @@ class FewShotInferTask(ProtoBundleInferTask):
         """Build (or find in the cache) the inferer of the request's support; returns its cache key.
 
         The bundle config is re-parsed here, before the pre-transforms are made, so that the pre-transforms and the
-        post-transforms' ``Invertd`` come from one parse (``Invertd`` checks the identity of the transforms).
+        post-transforms come from one parse.
         """
         image_id, label, value = self._support(data)
         key = (image_id, label, os.path.getmtime(label), value, str(data.get("device")))
