@@ -3,8 +3,8 @@
 Each bundle's own ``inference.json`` pre-transforms read a tiny CT-like volume written as NIfTI, NRRD, MetaImage
 and a DICOM series (SimpleITK writers, real MONAI readers); a prediction made from the pre-processed image goes
 through the bundle's post-transforms (``ResampleToSourced`` + ``AtomicSaveImaged``) as NIfTI and as NRRD
-(``output_ext``), and SimpleITK reads the result back: size, spacing, origin and direction must equal the input's, and the mask must
-be the input's bright region, in the input's own voxel grid.
+(``output_ext``), and SimpleITK reads the result back: size, spacing, origin and direction must equal the
+input's, and the mask must be the input's bright region, in the input's own voxel grid.
 """
 
 from __future__ import annotations
