@@ -6,6 +6,8 @@ Each (network, size) pair runs in a fresh process (spawned), so one measurement'
 another's. The network and its sliding-window inferer come from the bundle's own ``inference.json`` (random
 weights: cost does not depend on them), with windows computed on ``--device`` and stitched on the CPU
 (``sw_device=<device>, device="cpu"``), which is what keeps the compute device's memory independent of the volume.
+One untimed pass over a 64^3 volume first chooses the kernels and fills the allocator's pools, so that the timed
+pass and its memory growth are those of the volume.
 The volume is synthetic (normal noise) on the network's own grid, so the size is the number of voxels the network
 sees after resampling. Peak memory is the growth of the process's resident set (CPU) or of allocated GPU memory
 during one pass, polled every 2 ms; ``bound_mb`` is the issue's budget: 3 x the input plus the output
@@ -92,6 +94,7 @@ def _worker(
             )
         image = torch.randn(1, 1, *size)  # on the CPU: only windows go to the compute device
         with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+            inferer(torch.randn(1, 1, 64, 64, 64), network, **kwargs)  # warm-up: kernels chosen, pools allocated
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
