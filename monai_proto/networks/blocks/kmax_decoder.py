@@ -60,7 +60,7 @@ def semantic_confidence(mask_logits: torch.Tensor, class_logits: torch.Tensor) -
 
 
 def foreground_cluster_mask(
-    assignment: torch.Tensor, previous_confidence: torch.Tensor, threshold: float
+    assignment: torch.Tensor, previous_confidence: torch.Tensor, threshold: torch.Tensor
 ) -> torch.Tensor:
     """Self-supervised foreground filtering of clusters (IAPL, section 3.2).
 
@@ -71,7 +71,7 @@ def foreground_cluster_mask(
     Args:
         assignment: ``(B, N, X)`` hard one-hot voxel-to-cluster assignment (X flattened voxels).
         previous_confidence: ``(B, K, X)`` class confidence of the previous block, K including background 0.
-        threshold: fraction in [0, 1].
+        threshold: fraction in [0, 1]: a 0-d tensor (the decoder's buffer: no device sync), or a float in Python.
 
     Returns:
         ``(B, N)`` float mask, 1 for kept clusters.
@@ -150,8 +150,8 @@ class KMaXTransformerBlock(nn.Module):
         queries: torch.Tensor,
         pixel_features: torch.Tensor,
         assignment_logits: torch.Tensor,
+        filter_threshold: torch.Tensor,
         previous_confidence: Optional[torch.Tensor] = None,
-        filter_threshold: float = 0.0,
     ) -> torch.Tensor:
         """
         Args:
@@ -159,9 +159,9 @@ class KMaXTransformerBlock(nn.Module):
             pixel_features: ``(B, X, C)`` flattened voxel features of the stage.
             assignment_logits: ``(B, N, X)`` mask logits of the current queries (the stage predictor's
                 ``mask_logits(queries, pixel_embedding)``), from which the hard assignment is taken.
+            filter_threshold: 0-d tensor, the foreground fraction a cluster needs to take part in the update.
             previous_confidence: ``(B, K, X)`` confidence of the previous block of this stage, for the
                 foreground filtering; ``None`` disables it (first block of a stage).
-            filter_threshold: foreground fraction a cluster needs to take part in the update.
 
         Returns:
             updated queries ``(B, N, D)``; the caller predicts masks and classes from them.
@@ -250,7 +250,6 @@ class KMaXDecoder(nn.Module):
         batch = features[0].shape[0]
         queries = self.queries.unsqueeze(0).expand(batch, -1, -1)
         outputs: list[KMaXPrediction] = []
-        threshold = float(self.filter_threshold)
         # ModuleLists are iterated alone (zip and enumerate over them are unrolled by TorchScript)
         for i, (embed, blocks, predictor) in enumerate(zip(self.pixel_embed, self.stages, self.predictors)):
             feature = features[i]
@@ -258,12 +257,13 @@ class KMaXDecoder(nn.Module):
             pixel_features = feature.flatten(2).transpose(1, 2)  # (B, X, C)
             pixel_embedding = F.normalize(embed(feature).flatten(2).transpose(1, 2), dim=-1)
             confidence: Optional[torch.Tensor] = None
+            with torch.no_grad():  # the stage's first assignment; later blocks reuse the previous block's logits
+                assignment_logits = predictor.mask_logits(queries, pixel_embedding)
             mask_logits = class_logits = torch.empty(0)
             for block in blocks:
-                with torch.no_grad():
-                    assignment_logits = predictor.mask_logits(queries, pixel_embedding)
-                queries = block(queries, pixel_features, assignment_logits, confidence, threshold)
+                queries = block(queries, pixel_features, assignment_logits, self.filter_threshold, confidence)
                 mask_logits, class_logits = predictor(queries, pixel_embedding)
+                assignment_logits = mask_logits.detach()
                 confidence = semantic_confidence(mask_logits, class_logits)
             assert confidence is not None
             outputs.append(KMaXPrediction(mask_logits.reshape(shape), class_logits, confidence.reshape(shape)))
