@@ -37,7 +37,7 @@ def _config(bundle: str, name: str, **overrides) -> ConfigParser:
     return parser
 
 
-def _labelled_pipeline(bundle: str, dataset_dir: Path):
+def _labelled_pipeline(bundle: str):
     """The bundle's evaluation pre-processing and one item of its evaluation data list (demo data set)."""
     parser = _config(bundle, "evaluate")
     validate = parser["validate"]
@@ -122,7 +122,7 @@ def _good_item(item: dict, folder: Path) -> dict:
 
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_good_input_passes(bundle, tmp_path):
-    pipeline, item = _labelled_pipeline(bundle, tmp_path)
+    pipeline, item = _labelled_pipeline(bundle)
     out = pipeline(_good_item(item, tmp_path))
     assert out["image"].shape[1:] == out["label"].shape[1:] and float(out["label"].max()) >= 1
     image = _inference_pipeline(bundle)({"image": _good_item(item, tmp_path)["image"]})["image"]
@@ -132,7 +132,7 @@ def test_good_input_passes(bundle, tmp_path):
 @pytest.mark.parametrize("bundle", BUNDLES)
 @pytest.mark.parametrize("case", LABELLED_CASES)
 def test_bad_input_names_file_and_problem(bundle, case, tmp_path):
-    pipeline, item = _labelled_pipeline(bundle, tmp_path)
+    pipeline, item = _labelled_pipeline(bundle)
     data = _good_item(item, tmp_path)
     key, path, words = _bad_file(case, tmp_path)
     data[key] = path

@@ -38,8 +38,6 @@ def _losses(bundle: str, root: Path, seed: int) -> list[float]:
         "amp": False,
     }
     for key, value in overrides.items():
-        if key in ("iterations_per_epoch",) and key not in parser:
-            continue
         parser[key] = value
     if "num_samples" in parser:
         parser["num_samples"] = 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from monai.data import load_decathlon_datalist
 
@@ -60,34 +60,31 @@ def split_datalist_deterministic(
     return train, val
 
 
-def _check_inside(items: Sequence[dict], dataset_dir: str, dataset_json: str, section: str) -> None:
-    root = os.path.realpath(dataset_dir)
+def _item_paths(items: Sequence[dict]) -> Iterator[tuple[int, str, str]]:
+    """``(index, key, path)`` of every ``image``/``label`` path of a data list (a key may hold a list of paths)."""
     for index, item in enumerate(items):
         for key in ("image", "label"):
-            if key not in item:
-                continue
-            for path in item[key] if isinstance(item[key], (list, tuple)) else [item[key]]:
-                if not isinstance(path, (str, os.PathLike)):
-                    continue
-                real = os.path.realpath(path)
-                if os.path.commonpath([root, real]) != root:
-                    raise ValueError(
-                        f"{key} path {path} (item {index} of '{section}' in {dataset_json}) points outside the data "
-                        f"set folder {dataset_dir}; keep the files under it, or pass allow_outside=True."
-                    )
+            if key in item:
+                for path in item[key] if isinstance(item[key], (list, tuple)) else [item[key]]:
+                    yield index, key, path
+
+
+def _check_inside(items: Sequence[dict], dataset_dir: str, dataset_json: str, section: str) -> None:
+    root = os.path.realpath(dataset_dir)
+    for index, key, path in _item_paths(items):
+        if isinstance(path, (str, os.PathLike)) and os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise ValueError(
+                f"{key} path {path} (item {index} of '{section}' in {dataset_json}) points outside the data "
+                f"set folder {dataset_dir}; keep the files under it, or pass allow_outside=True."
+            )
 
 
 def _check_paths(items: Sequence[dict], dataset_json: str, section: str) -> None:
-    for index, item in enumerate(items):
-        for key in ("image", "label"):
-            if key not in item:
-                continue
-            paths = item[key] if isinstance(item[key], (list, tuple)) else [item[key]]
-            for path in paths:
-                if not os.path.exists(path):
-                    raise FileNotFoundError(
-                        f"{key} file {path} (item {index} of '{section}' in {dataset_json}) does not exist."
-                    )
+    for index, key, path in _item_paths(items):
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{key} file {path} (item {index} of '{section}' in {dataset_json}) does not exist."
+            )
 
 
 def load_msd_datalist(
