@@ -34,6 +34,32 @@ def test_training_writes_checkpoints(trained):
     assert (trained / "models" / "model.pt").read_bytes() == (trained / "models" / "model_final.pt").read_bytes()
 
 
+def test_training_sets_the_default_support(trained):
+    """The saved network holds, as its default support, the prototypes that inference computes from the bundle's
+    default example (scan A's liver) with the saved weights; ``--use_default_support True`` then gives the inferer
+    no support, so it uses them."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    import monai_proto  # noqa: F401
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.json"))
+    parser["bundle_root"] = str(trained)
+    parser["patch_size"] = [32, 32, 32]  # the training run's windows
+    net = parser.get_parsed_content("network_def").eval()
+    state = torch.load(trained / "models" / "model_final.pt", map_location="cpu", weights_only=True)["model"]
+    net.load_state_dict(state)
+    assert bool(net.has_default_support)
+    items = list(parser.get_parsed_content("support_dataset"))
+    inferer = parser.get_parsed_content("inferer")
+    with torch.no_grad():
+        expected = inferer.compute_prototypes(net, [i["image"] for i in items], [i["label"] for i in items])
+    torch.testing.assert_close(net.default_prototypes, expected, atol=1e-5, rtol=1e-4)
+    parser["use_default_support"] = True
+    assert parser.get_parsed_content("inferer", lazy=False).support is None
+
+
 def test_inference_on_dicom_query(trained, run_bundle):
     out = trained / "eval"
     args = [

@@ -21,12 +21,6 @@ import monai_proto  # noqa: F401 - bare _target_ names
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
 BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
-# the few-shot network needs a support besides the image: no single-input form yet (issue 14)
-SINGLE_INPUT = {
-    "iapl_segmentation": True,
-    "mpcl_semisupervised_segmentation": True,
-    "iplsl_fewshot_segmentation": False,
-}
 REQUIRED = ["configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md"]
 
 
@@ -71,11 +65,7 @@ def test_net_in_out_and_torchscript_export(bundle, zoo):
         "config_file": str(path / "configs" / "inference.json"),
         "bundle_root": str(path),
     }
-    if not SINGLE_INPUT[bundle]:
-        with pytest.raises(Exception, match="support"):
-            verify_net_in_out(**args)
-        pytest.xfail("few-shot network: no single-input form yet")
-    verify_net_in_out(**args)
+    verify_net_in_out(**args)  # the few-shot network: its single-input form, with its default support
     out = path / "models" / "verify_model.ts"
     ckpt_export(**args, filepath=str(out), ckpt_file=str(path / "models" / "model.pt"))
     scripted = torch.jit.load(str(out))

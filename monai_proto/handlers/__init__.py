@@ -2,3 +2,4 @@ from .prototype import PrototypeBankHandler
 from .publish import PublishModelHandler, atomic_copy
 from .resume import AtomicCheckpointSaver, ResumableCheckpoint, latest_checkpoint
 from .schedules import RampHandler, ramp_value
+from .support import DefaultSupportHandler

@@ -69,7 +69,8 @@ class SupportConditionedInferer(Inferer):
     :class:`~monai_proto.engines.episodic.EpisodePrepareBatch`) or once at construction (``support``: an iterable
     of preprocessed items ``{"image": (C, *S), "label": (1, *S)}``, e.g. a MONAI ``Dataset``); in the latter case
     the prototypes are computed at the first call with each network (weights as they are then) and cached per
-    network until :meth:`reset`.
+    network until :meth:`reset`. With neither, the network's default support is used (its ``default_prototypes``,
+    set in training by :class:`~monai_proto.handlers.DefaultSupportHandler` and saved with the weights).
 
     Args:
         roi_size: window size of both passes.
@@ -86,8 +87,8 @@ class SupportConditionedInferer(Inferer):
         sw_device / device: as in ``SlidingWindowInferer``. Defaults to None.
 
     Raises:
-        ValueError: when ``support_margin`` is negative; at call time, when no support is given or a support
-            label has no foreground.
+        ValueError: when ``support_margin`` is negative; at call time, when no support is given and the network
+            holds no default support, or a support label has no foreground.
     """
 
     def __init__(
@@ -193,9 +194,14 @@ class SupportConditionedInferer(Inferer):
             if support_label is None:
                 raise ValueError("support_image was given without support_label.")
             prototypes = self.compute_prototypes(net, support_image, support_label)
+        if prototypes is None and self.support is None:
+            if not bool(getattr(net, "has_default_support", False)):
+                raise ValueError(
+                    "no support: pass support_image/support_label, prototypes, or construct with support "
+                    "(the network holds no default support either)."
+                )
+            prototypes = net.default_prototypes
         if prototypes is None:
-            if self.support is None:
-                raise ValueError("no support: pass support_image/support_label, prototypes, or construct with support.")
             if net not in self._prototypes:
                 items = list(self.support)
                 self._prototypes[net] = self.compute_prototypes(

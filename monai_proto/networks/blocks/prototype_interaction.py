@@ -91,7 +91,7 @@ class PrototypeInteractionBlock(nn.Module):
                 same = classes[:, None] == classes[None, :]
             allowed = same.expand(batch, num, num)
             valid = torch.ones(batch, num, dtype=torch.bool, device=device) if query_valid is None else query_valid
-            blocked_from_query = ~(allowed & valid[:, None, :].bool())
+            blocked_from_query = ~(allowed & valid[:, None, :].to(torch.bool))
             blocked_from_support = ~allowed
         # both directions read the inputs, not each other's output: a symmetric exchange
         refined_support = self._attend(support_prototypes, query_prototypes, blocked_from_query)

@@ -110,7 +110,7 @@ def prototype_similarity(
     flat = features.flatten(2)  # (B, C, N)
     equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
     sim = torch.einsum(equation, flat, prototypes)
-    return sim.reshape(sim.shape[0], sim.shape[1], *features.shape[2:])
+    return sim.reshape([sim.shape[0], sim.shape[1]] + list(features.shape[2:]))
 
 
 def multi_prototype_logits(
@@ -149,9 +149,9 @@ def multi_prototype_logits(
     if prototypes.ndim not in (3, 4):
         raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
-    flat_protos = prototypes.reshape(*prototypes.shape[:-3], num_classes * num_protos, prototypes.shape[-1])
+    flat_protos = prototypes.reshape(list(prototypes.shape[:-3]) + [num_classes * num_protos, prototypes.shape[-1]])
     sim = prototype_similarity(features, flat_protos, normalize=True)  # (B, K*M, *S)
-    sim = sim.reshape(sim.shape[0], num_classes, num_protos, *sim.shape[2:]) / tau
+    sim = sim.reshape([sim.shape[0], num_classes, num_protos] + list(sim.shape[2:])) / tau
     if reduction == "max":
         return sim.max(dim=2).values
     return torch.logsumexp(sim, dim=2)

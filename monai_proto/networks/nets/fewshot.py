@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -15,11 +16,24 @@ from monai_proto.networks.layers.prototype import multi_prototype_logits
 
 __all__ = ["FewShotOutput", "PrototypeFewShotNet", "class_slots"]
 
-_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
-
-class FewShotOutput(NamedTuple):
-    """Training-path output of the few-shot networks, consumed by :class:`~monai_proto.losses.iplsl.IPLSLLoss`.
+# functional form: the field types stay objects under ``from __future__ import annotations``, as TorchScript needs
+FewShotOutput = NamedTuple(
+    "FewShotOutput",
+    [
+        ("logits", torch.Tensor),
+        ("align_logits", Optional[torch.Tensor]),
+        ("support_label", Optional[torch.Tensor]),
+        ("initial_logits", Optional[torch.Tensor]),
+        ("refined_logits", Optional[torch.Tensor]),
+        ("self_logits", Optional[torch.Tensor]),
+        ("support_prototypes", Optional[torch.Tensor]),
+        ("query_prototypes", Optional[torch.Tensor]),
+        ("query_valid", Optional[torch.Tensor]),
+    ],
+)
+FewShotOutput.__new__.__defaults__ = (None,) * 8
+FewShotOutput._field_defaults = dict.fromkeys(FewShotOutput._fields[1:])  # read by TorchScript
+FewShotOutput.__doc__ = """Training-path output of the few-shot networks, consumed by :class:`~monai_proto.losses.iplsl.IPLSLLoss`.
 
     All logits are ``(B, K, *S)`` at the query (``align_logits``: support) resolution, ``K = out_channels``
     (channel 0 the background). Prototypes are ``(B, L, K, M, C)``: ``L`` feature levels, ``M`` prototype slots per
@@ -37,16 +51,6 @@ class FewShotOutput(NamedTuple):
         query_prototypes: query prototypes after interaction (IPLSL).
         query_valid: ``(B, K, M)`` which query prototypes were pooled from enough predicted voxels (IPLSL).
     """
-
-    logits: torch.Tensor
-    align_logits: torch.Tensor | None = None
-    support_label: torch.Tensor | None = None
-    initial_logits: torch.Tensor | None = None
-    refined_logits: torch.Tensor | None = None
-    self_logits: torch.Tensor | None = None
-    support_prototypes: torch.Tensor | None = None
-    query_prototypes: torch.Tensor | None = None
-    query_valid: torch.Tensor | None = None
 
 
 def class_slots(background: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
@@ -75,10 +79,16 @@ class PrototypeFewShotNet(nn.Module):
       ``(query, prototypes)`` (the same from the image).
     - :meth:`forward` ``(query, support_image, support_label)`` or ``(query, support_prototypes=...)``: in
       training mode a :class:`FewShotOutput`, in ``eval()`` mode the logits tensor.
+    - the single-input form ``forward(query)`` (``eval()`` mode): segments with the **default support**, prototypes
+      held as the buffer ``default_prototypes`` ``(1, L, K, M, C)`` and saved with the weights
+      (:meth:`set_default_prototypes`; the bundles set them from their embedded example at every epoch's end).
+      This is the form that MONAI's bundle tools (``verify_net_in_out``, ``ckpt_export``), TorchScript
+      (``torch.jit.script`` compiles this path only), ONNX and a plain ``SlidingWindowInferer`` call. A support
+      given with the call replaces the default.
 
     Labels may hold ``ignore_index`` (held-out or padded voxels): such voxels belong to no class and enter no
-    prototype. Subclasses set ``level_channels`` and implement :meth:`_compute_features`,
-    :meth:`prototypes_from_features` and :meth:`_segment_features`.
+    prototype. Subclasses set ``level_channels``, call :meth:`_register_default_support` and implement
+    :meth:`_compute_features`, :meth:`prototypes_from_features` and :meth:`_segment_features`.
 
     Args:
         spatial_dims: number of spatial dimensions, 2 or 3.
@@ -92,9 +102,6 @@ class PrototypeFewShotNet(nn.Module):
     Raises:
         ValueError: when ``spatial_dims`` is not 2 or 3, ``in_channels < 1``, ``out_channels < 2`` or ``tau <= 0``.
     """
-
-    level_channels: tuple[int, ...]
-    num_background_prototypes: int = 1
 
     def __init__(
         self,
@@ -121,13 +128,73 @@ class PrototypeFewShotNet(nn.Module):
         self.tau = float(tau)
         self.ignore_index = int(ignore_index)
         self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        self.level_channels: tuple[int, ...] = ()
+        self.interpolation = "trilinear" if spatial_dims == 3 else "bilinear"
+
+    # ---------------------------------------------------------------------------------------- default support
+    def _register_default_support(self, levels: int, slots: int, channels: int) -> None:
+        """Register the default-support buffers: ``default_prototypes`` ``(1, levels, out_channels, slots,
+        channels)`` (zeros until set) and ``has_default_support`` (a 0-d bool)."""
+        self.register_buffer("default_prototypes", torch.zeros(1, levels, self.out_channels, slots, channels))
+        self.register_buffer("has_default_support", torch.zeros((), dtype=torch.bool))
+
+    @torch.jit.unused
+    def set_default_prototypes(self, prototypes: torch.Tensor) -> None:
+        """
+        Hold ``prototypes`` as the default support of the single-input form (saved with the weights).
+
+        Args:
+            prototypes: ``(B, L, K, M, C)`` as from :meth:`encode_support` or
+                :meth:`~monai_proto.inferers.support.SupportConditionedInferer.compute_prototypes`; several rows are
+                averaged; ``M`` may differ from the registered slot count (a k-shot support has ``k * M``).
+
+        Raises:
+            ValueError: when ``L``, ``K`` or ``C`` differ from the network's.
+        """
+        current = self.default_prototypes
+        if prototypes.ndim != 5 or [prototypes.shape[i] for i in (1, 2, 4)] != [current.shape[i] for i in (1, 2, 4)]:
+            raise ValueError(
+                f"default prototypes must be (B, {current.shape[1]}, {current.shape[2]}, M, {current.shape[4]}), "
+                f"but got {list(prototypes.shape)}."
+            )
+        value = prototypes.detach().mean(dim=0, keepdim=True).to(current)
+        if value.shape == current.shape:
+            current.copy_(value)  # in place: DistributedDataParallel keeps references to the buffers it broadcasts
+        else:
+            self.default_prototypes = value  # another slot count (k-shot): a new buffer
+        self.has_default_support.fill_(True)
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list, *args: Any
+    ) -> None:
+        """Accept a stored default support of another slot count (k-shot), and a checkpoint without one (made
+        before the default support existed: the network then has none)."""
+        key = prefix + "default_prototypes"
+        stored = state_dict.get(key)
+        if isinstance(stored, torch.Tensor) and stored.shape != self.default_prototypes.shape:
+            self.default_prototypes = torch.empty_like(stored, device=self.default_prototypes.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        for name in ("default_prototypes", "has_default_support"):
+            if prefix + name not in state_dict and prefix + name in missing_keys:
+                missing_keys.remove(prefix + name)
+
+    def default_support(self) -> torch.Tensor:
+        """The default support's prototypes ``(1, L, K, M, C)``; warns (eager mode) when none was set."""
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            if not bool(self.has_default_support):  # a plain Python check: traces and exports keep no branch
+                warnings.warn(
+                    f"{type(self).__name__} has no default support (its prototypes are zeros): pass a support, or "
+                    "load weights trained by a bundle, which hold the prototypes of its embedded example.",
+                    stacklevel=3,
+                )
+        return self.default_prototypes
 
     # ----------------------------------------------------------------------------------------------- features
-    def resize(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    def resize(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
         """Interpolate a feature map to ``size`` (linear in every spatial dimension)."""
-        if tuple(x.shape[2:]) == tuple(size):
+        if list(x.shape[2:]) == size:
             return x
-        return F.interpolate(x, size=tuple(size), mode=_INTERPOLATION[self.spatial_dims], align_corners=False)
+        return F.interpolate(x, size=size, mode=self.interpolation, align_corners=False)
 
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -145,18 +212,21 @@ class PrototypeFewShotNet(nn.Module):
         Returns:
             ``(B, sum(level_channels), *S)``.
         """
-        size = tuple(image.shape[2:])
+        size = list(image.shape[2:])
         div = int(self.backbone.size_divisible)
-        padded = [(-s) % div for s in size]
-        if any(padded):
+        padded = [(div - s % div) % div for s in size]
+        if sum(padded) > 0:
             pad: list[int] = []
-            for p in reversed(padded):
+            for p in padded[::-1]:
                 pad += [p // 2, p - p // 2]
             image = F.pad(image, pad, mode="replicate")
-        levels = [self.resize(f, image.shape[2:]) for f in self._compute_features(image)]
+        levels: list[torch.Tensor] = []
+        for f in self._compute_features(image):
+            levels.append(self.resize(f, list(image.shape[2:])))
         features = torch.cat(levels, dim=1)
-        if any(padded):
-            features = features[(slice(None), slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(padded, size)])]
+        for d in range(len(size)):
+            if padded[d] > 0:
+                features = features.narrow(2 + d, padded[d] // 2, size[d])
         return features
 
     def split_features(self, features: torch.Tensor) -> list[torch.Tensor]:
@@ -166,7 +236,7 @@ class PrototypeFewShotNet(nn.Module):
                 f"features must have {sum(self.level_channels)} channels {self.level_channels}, "
                 f"but got {list(features.shape)}."
             )
-        return list(torch.split(features, list(self.level_channels), dim=1))
+        return list(torch.split(features, [int(c) for c in self.level_channels], dim=1))
 
     def one_hot(self, label: torch.Tensor) -> torch.Tensor:
         """``(B, 1, *S)`` class-index label (0 background, ``ignore_index`` in no class) -> ``(B, K, *S)`` float."""
@@ -232,7 +302,7 @@ class PrototypeFewShotNet(nn.Module):
         shots = zip(support_image, support_label)
         return self.combine_shots([self.prototypes_from_features(self.extract_features(i), lbl) for i, lbl in shots])
 
-    def prototype_logits(self, levels: Sequence[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor:
+    def prototype_logits(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor:
         """
         Cosine logits averaged over the prototype levels: ``mean_l max_m cos(F_l(x), P_lkm) / tau``.
 
@@ -245,7 +315,9 @@ class PrototypeFewShotNet(nn.Module):
         """
         if prototypes.ndim != 5 or prototypes.shape[1] != len(levels):
             raise ValueError(f"prototypes must be (B, {len(levels)}, K, M, C), but got {list(prototypes.shape)}.")
-        logits = [multi_prototype_logits(f, prototypes[:, i], tau=self.tau) for i, f in enumerate(levels)]
+        logits: list[torch.Tensor] = []
+        for i in range(len(levels)):
+            logits.append(multi_prototype_logits(levels[i], prototypes[:, i], tau=self.tau))
         return torch.stack(logits).mean(dim=0)
 
     # ----------------------------------------------------------------------------------------------- segment
@@ -258,7 +330,7 @@ class PrototypeFewShotNet(nn.Module):
         """Query logits ``(B, K, *S)`` from stitched query features (:meth:`extract_features`) and fixed prototypes
         ``(B or 1, L, K, M, C)``: every query-level step (pooling, interaction, self-learning) sees the whole input."""
         if prototypes.shape[0] == 1 and features.shape[0] > 1:
-            prototypes = prototypes.expand(features.shape[0], *prototypes.shape[1:])
+            prototypes = prototypes.expand([features.shape[0]] + list(prototypes.shape[1:]))
         return self._segment_features(self.split_features(features), prototypes).logits
 
     def segment(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -268,25 +340,28 @@ class PrototypeFewShotNet(nn.Module):
     def forward(
         self,
         query: torch.Tensor,
-        support_image: torch.Tensor | None = None,
-        support_label: torch.Tensor | None = None,
-        support_prototypes: torch.Tensor | None = None,
-    ) -> torch.Tensor | FewShotOutput:
+        support_image: Optional[torch.Tensor] = None,
+        support_label: Optional[torch.Tensor] = None,
+        support_prototypes: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """
         Args:
             query: ``(B, in_channels, *S)``.
             support_image: ``(B, in_channels, *S')`` (training and plain inference).
             support_label: ``(B, 1, *S')`` class indices of the support.
             support_prototypes: precomputed ``(B or 1, L, K, M, C)``, instead of the support image and label
-                (inference only).
+                (inference only). With neither, ``eval()`` mode uses the default support (``default_prototypes``).
 
         Returns:
-            ``eval()`` mode: logits ``(B, out_channels, *S)``; training mode: :class:`FewShotOutput`.
+            ``eval()`` mode (and a TorchScript module): logits ``(B, out_channels, *S)``; training mode:
+            :class:`FewShotOutput`.
         """
-        if support_prototypes is not None and not self.training:
-            return self.segment(query, support_prototypes)
+        if torch.jit.is_scripting():  # the single-input (or fixed-prototype) form only
+            return self.segment(query, self.default_prototypes if support_prototypes is None else support_prototypes)
+        if not self.training and support_image is None:
+            return self.segment(query, self.default_support() if support_prototypes is None else support_prototypes)
         if support_image is None or support_label is None:
-            raise ValueError("forward needs support_image and support_label (or support_prototypes in eval mode).")
+            raise ValueError("forward needs support_image and support_label in training mode.")
         support_levels = self.split_features(self.extract_features(support_image))
         prototypes = self.prototypes_from_features(torch.cat(support_levels, 1), support_label)
         query_levels = self.split_features(self.extract_features(query))
@@ -297,7 +372,7 @@ class PrototypeFewShotNet(nn.Module):
         predicted = output.logits.detach().argmax(dim=1, keepdim=True)
         query_prototypes = self.prototypes_from_features(torch.cat(query_levels, 1), predicted)
         align_logits = self.prototype_logits(self._prototype_levels(support_levels), query_prototypes)
-        return output._replace(align_logits=align_logits, support_label=support_label)
+        return output._replace(align_logits=align_logits, support_label=support_label)  # type: ignore[return-value]
 
     def _prototype_levels(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
         """The levels that carry prototypes (all of them by default)."""

@@ -145,6 +145,7 @@ class IPLSLNet(PrototypeFewShotNet):
                 last,
             )
         self.level_channels = (low_channels, embedding_dim, embedding_dim)
+        self._register_default_support(2, self.num_background_prototypes, embedding_dim)
 
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         decoder = self.backbone(image).decoder
@@ -201,17 +202,21 @@ class IPLSLNet(PrototypeFewShotNet):
         # interactive prototype learning at the mid and high levels, between prototypes of the same class
         classes = torch.arange(num_classes, device=prototypes.device).repeat_interleave(slots)
         valid_tokens = query_valid.reshape(batch, num_classes * slots)
-        refined = [
-            block(
+        support_levels: list[torch.Tensor] = []
+        query_levels: list[torch.Tensor] = []
+        i = 0
+        for block in self.interaction:  # a ModuleList is iterated alone (TorchScript)
+            support_i, query_i = block(
                 prototypes[:, i].reshape(batch, -1, channels),
                 query_prototypes[:, i].reshape(batch, -1, channels),
                 classes,
                 valid_tokens,
             )
-            for i, block in enumerate(self.interaction)
-        ]
-        support_refined = torch.stack([r[0] for r in refined], dim=1).reshape(prototypes.shape)
-        query_refined = torch.stack([r[1] for r in refined], dim=1).reshape(prototypes.shape)
+            support_levels.append(support_i)
+            query_levels.append(query_i)
+            i += 1
+        support_refined = torch.stack(support_levels, dim=1).reshape(prototypes.shape)
+        query_refined = torch.stack(query_levels, dim=1).reshape(prototypes.shape)
         refined_logits = self.prototype_logits(semantic, support_refined)
         # query-guided self-learning: the query segments itself with its own prototypes where it has enough of them
         self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined)

@@ -67,6 +67,7 @@ class PANetFewShot(PrototypeFewShotNet):
         self.feature_level = feature_level
         self.embed = Conv[Conv.CONV, spatial_dims](self.backbone.decoder_channels[feature_level], embedding_dim, 1)
         self.level_channels = (embedding_dim,)
+        self._register_default_support(1, 1, embedding_dim)
 
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         return [self.embed(self.backbone(image).decoder[self.feature_level])]
