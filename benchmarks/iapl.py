@@ -8,6 +8,7 @@ augmentation, seeds, and the same loss family: sigmoid BCE + Dice with the held-
 
     python benchmarks/iapl.py                 # protocol run: 2 seeds, curves, A-slab and B
     python benchmarks/iapl.py --smoke         # harness check (a few iterations, coarse grid)
+    python benchmarks/iapl.py --modality mri --iterations 600   # the embedded MRI's held-out slab
     python benchmarks/iapl.py --backbone swinunetr --patch 96 --device cuda   # paper-sized setup on a GPU
 """
 
@@ -104,6 +105,8 @@ def main() -> None:
         split_notes={
             "A-slab": "Slices 90-101 of scan A (held out: labels never trained); the whole volume is predicted.",
             "B": "Scan B (contrast-enhanced, 20 slices of 2 mm, never trained on): cross-scan.",
+            "MRI-slab": "Slices 10-13 of the embedded MRI (117 x 91 x 20 at 3 mm; held out: labels never trained); "
+            "the whole volume is predicted; body mask = Otsu foreground.",
         },
         reading=READING,
     )

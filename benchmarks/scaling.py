@@ -76,6 +76,7 @@ def _worker(
                 divisor=parser.get_parsed_content("size_divisor"),
                 sw_device=device,
                 device="cpu",
+                segment_slab=parser.get_parsed_content("segment_slab"),
             )
             support = torch.randn(1, 1, 48, 48, 48)
             label = torch.zeros(1, 1, 48, 48, 48)

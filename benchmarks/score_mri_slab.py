@@ -19,27 +19,9 @@ import json
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
+from monai_proto.apps.benchmark import mri_body_mask
 from monai_proto.data import DEFAULT_ORGANS, demo_data_dir, label_ids_for, load_msd_datalist
-
-
-def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(x.ravel(), bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
-
-
-def body_mask(x: np.ndarray) -> np.ndarray:
-    fg = ndimage.binary_closing(x > otsu_threshold(x), iterations=2)
-    components, n = ndimage.label(fg)
-    sizes = ndimage.sum(fg, components, range(1, n + 1))
-    fg = components == 1 + int(np.argmax(sizes))
-    return np.stack([ndimage.binary_fill_holes(fg[..., z]) for z in range(fg.shape[2])], axis=-1)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,7 +41,7 @@ def main() -> None:
     pred = np.asarray(nib.as_closest_canonical(nib.load(args.prediction)).dataobj)
     if pred.shape != label.shape:
         raise ValueError(f"{args.prediction}: shape {pred.shape} differs from the MRI's {label.shape}.")
-    body = body_mask(image)[..., lo:hi]
+    body = mri_body_mask(image).numpy()[..., lo:hi]
     rows = {}
     for index, (organ, truth_id) in enumerate(zip(DEFAULT_ORGANS, label_ids_for(list(DEFAULT_ORGANS), folder)), 1):
         truth, predicted = label[..., lo:hi] == truth_id, pred[..., lo:hi] == index

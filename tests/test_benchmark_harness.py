@@ -14,6 +14,7 @@ import torch
 
 from monai_proto.apps.benchmark import (
     EvaluationSplit,
+    mri_body_mask,
     radiological,
     reference_scores,
     score_prediction,
@@ -118,3 +119,40 @@ def test_iapl_benchmark_smoke(tmp_path):
     assert speed["train_time_ratio"] == steps["IAPLNet"] / steps["UNet"]
     assert len(result["curves"]["IAPLNet"]["0"]["iterations"]) >= 2
     assert "SMOKE RUN" in (tmp_path / "iapl.md").read_text()
+
+
+def test_mri_body_mask_is_the_filled_otsu_foreground():
+    x = torch.zeros(1, 40, 40, 6)
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    body = ((yy - 20) ** 2 + (xx - 20) ** 2) < 15**2
+    x[0][body] = 100.0  # bright fat
+    x[0][((yy - 20) ** 2 + (xx - 20) ** 2) < 5**2] = 5.0  # a dark organ inside the body
+    x[0, 2:4, 2:4] = 100.0  # a small bright speck outside: not the largest component
+    mask = mri_body_mask(x)
+    assert mask.shape == (40, 40, 6)
+    assert bool(mask[20, 20].all())  # the dark organ is inside the body: holes are filled
+    assert not bool(mask[3, 3].any())
+    assert abs(int(mask[..., 0].sum()) - int(body.sum())) <= 0.05 * int(body.sum())
+
+
+def test_mri_split_is_the_held_out_slab_with_an_otsu_body_mask():
+    from monai.transforms import Compose
+
+    from monai_proto.apps.benchmark.runner import make_parser
+    from monai_proto.apps.benchmark.splits import load_splits
+
+    config = os.path.join(REPO, "bundles", "iapl_segmentation", "configs", "train.json")
+    parser = make_parser(config, {"modality": "mri"})
+    (split,) = load_splits(
+        Compose(parser.get_parsed_content("train#deterministic_transforms")),
+        parser.get_parsed_content("dataset_dir"),
+        parser.get_parsed_content("pixdim"),
+        {"MRI-slab": "validation"},
+        modality="mri",
+    )
+    assert split.region_box[2] == slice(10, 14)  # slices 10-13 of the MRI's 3 mm RAS grid
+    organs = split.label[0, 0] > 0
+    assert float((split.body & organs).sum()) >= 0.9 * float(organs.sum())  # the organs lie in the body
+    assert 0.1 < float(split.body.float().mean()) < 0.9  # neither empty nor the whole field of view
+    refs = reference_scores(split, list(parser.get_parsed_content("organs")))
+    assert 0 < refs["body_mask"]["mean_dice"] < 0.2

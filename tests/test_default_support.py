@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from test_iplsl import TINY, _episode
 
 from monai_proto.inferers.support import SupportConditionedInferer
@@ -76,7 +75,8 @@ def test_inferer_without_a_support_uses_the_default():
         prototypes = inferer.compute_prototypes(net, support, support_label)
     net.set_default_prototypes(prototypes)
     torch.testing.assert_close(inferer(query, net), inferer(query, net, prototypes=prototypes))
-    torch.testing.assert_close(inferer(query, net), inferer(query, net, support_image=support, support_label=support_label))
+    explicit = inferer(query, net, support_image=support, support_label=support_label)
+    torch.testing.assert_close(inferer(query, net), explicit)
 
 
 def test_scripted_single_input_form_holds_the_default_support():

@@ -257,6 +257,42 @@ def test_boundary_fusion_learns_from_low_level_features():
     assert not torch.allclose(out.logits, out.self_logits)
 
 
+@pytest.mark.parametrize("spatial_dims,size", [(2, (40, 36)), (3, (24, 20, 30))])
+def test_slab_wise_segmentation_equals_the_whole_volume_pass(spatial_dims, size):
+    """``segment_features_by_slabs`` (features kept where they were stitched, one slab at a time on the network's
+    device) gives the whole-volume logits: pooled means and counts summed over slabs, the peak threshold of every
+    mask from all its voxels, the boundary head with one neighbouring slice on each side."""
+    torch.manual_seed(0)
+    net = iplsl(spatial_dims).eval()
+    with torch.no_grad():  # a boundary head that acts, so the slabs' seams would show
+        net.boundary_head[-1].weight.normal_(std=0.5)
+    label = torch.zeros(1, 1, *size)
+    label[..., 5:15, 8:20] = 1
+    support = torch.rand(1, 1, *size) + label
+    query = torch.rand(2, 1, *size) + torch.roll(label, 3, dims=-1)
+    with torch.no_grad():
+        prototypes = net.encode_support(support, label).expand(2, -1, -1, -1, -1)
+        features = net.extract_features(query)
+        whole = net._segment_features(net.split_features(features), prototypes)
+        assert 0 < float(whole.query_valid.float().mean())  # self-learning acts on this query
+        for slab in (1, 7, size[-1] + 5):
+            slabs = net.segment_features_by_slabs(features, prototypes, slab)
+            torch.testing.assert_close(slabs, whole.logits, atol=1e-3, rtol=0)
+    # through the inferer: stitched on the CPU, segmented slab by slab
+    inferer = SupportConditionedInferer(roi_size=(32,) * spatial_dims, support_margin=None, divisor=8, device="cpu")
+    sliced = SupportConditionedInferer(
+        roi_size=(32,) * spatial_dims, support_margin=None, divisor=8, device="cpu", segment_slab=4
+    )
+    with torch.no_grad():
+        one = prototypes[:1]
+        expected = inferer(query, net, prototypes=one)
+        torch.testing.assert_close(sliced(query, net, prototypes=one), expected, atol=1e-3, rtol=0)
+        # the logits keep the query's geometry, which the post-processing puts the prediction back on
+        affine = torch.diag(torch.tensor([3.0] * spatial_dims + [1.0], dtype=torch.float64))
+        logits = sliced(MetaTensor(query[:1], affine=affine), net, prototypes=one)
+    assert isinstance(logits, MetaTensor) and torch.equal(logits.affine, affine)
+
+
 def test_reverse_alignment_segments_the_support_from_query_prototypes():
     query, support, support_label, query_label = _episode()
     torch.manual_seed(0)

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from monai.data import MetaTensor
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 from monai_proto.inferers.sliding import FittedSlidingWindowInferer
 from monai_proto.networks.utils import unwrap_network
@@ -84,7 +86,13 @@ class SupportConditionedInferer(Inferer):
         divisor: the network's input size divisor (windows of thin volumes are rounded up to it). Defaults to 16.
         padding_mode: padding of windows larger than the volume. Defaults to ``"replicate"``.
         ignore_index: label value in no class (e.g. held-out voxels of a support). Defaults to 255.
-        sw_device / device: as in ``SlidingWindowInferer``. Defaults to None.
+        sw_device / device: as in ``SlidingWindowInferer``: windows run on ``sw_device``, the query's features are
+            stitched on ``device`` (e.g. the CPU, so the compute device's memory does not grow with the volume).
+            Defaults to None.
+        segment_slab: when set and the network has ``segment_features_by_slabs`` (IPLSL), the whole-query step runs
+            slab by slab (this many slices) on the network's device, the features staying on ``device``; the result
+            equals the one-pass segmentation up to rounding. None segments in one pass on the network's device.
+            Defaults to None.
 
     Raises:
         ValueError: when ``support_margin`` is negative; at call time, when no support is given and the network
@@ -106,10 +114,14 @@ class SupportConditionedInferer(Inferer):
         ignore_index: int = 255,
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
+        segment_slab: int | None = None,
     ) -> None:
         super().__init__()
         if support_margin is not None and support_margin < 0:
             raise ValueError(f"support_margin must be >= 0 or None, but got {support_margin}.")
+        if segment_slab is not None and segment_slab < 1:
+            raise ValueError(f"segment_slab must be >= 1 or None, but got {segment_slab}.")
+        self.segment_slab = segment_slab
         self.roi_size = roi_size
         self.support_margin = support_margin
         self.support = support
@@ -211,4 +223,11 @@ class SupportConditionedInferer(Inferer):
         if prototypes.shape[0] > 1:
             prototypes = prototypes.mean(dim=0, keepdim=True)  # one support set for the whole query batch
         features = self.window(inputs, net.extract_features, **kwargs)
-        return net.segment_features(features, prototypes.to(features.device))
+        device = next(net.parameters()).device
+        if self.segment_slab is not None and hasattr(net, "segment_features_by_slabs"):
+            logits = net.segment_features_by_slabs(features, prototypes.to(device), self.segment_slab)
+        else:
+            logits = net.segment_features(features.to(device), prototypes.to(device))
+        if isinstance(inputs, MetaTensor) and not isinstance(logits, MetaTensor):  # keep the query's geometry
+            logits = convert_to_dst_type(logits, inputs, device=logits.device)[0]
+        return logits

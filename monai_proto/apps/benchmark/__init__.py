@@ -19,4 +19,4 @@ from .runner import (
     train_with_curves,
     verdict,
 )
-from .splits import EvaluationSplit, body_mask, describe_split, load_splits, region_slices
+from .splits import EvaluationSplit, body_mask, describe_split, load_splits, mri_body_mask, region_slices

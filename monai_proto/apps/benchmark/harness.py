@@ -58,6 +58,13 @@ def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks"), help="folder of the result files")
     ap.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations on a coarse grid: checks the harness only")
+    ap.add_argument(
+        "--modality",
+        choices=("ct", "mri"),
+        default="ct",
+        help="ct: splits A-slab and B of the CT demo data; mri: the held-out slab of the embedded MRI (MRI-slab), "
+        "Otsu body mask, results written as <name>_mri.*",
+    )
     return ap
 
 
@@ -129,7 +136,8 @@ def run_benchmark(
         reading: "Reading these figures" text.
         predictor_factory: ``(parser, spec) -> predictor`` when the bundle's inferer is not enough (few-shot);
             a predictor maps ``(network, split)`` to a class map ``(1, 1, *S)``.
-        sections: split name -> data-list section (default A-slab = validation, B = test).
+        sections: split name -> data-list section (default A-slab = validation, B = test; with
+            ``args.modality == "mri"``: MRI-slab = validation, the MRI's held-out slab).
         split_options: split name -> options its predictor reads (e.g. the number of shots).
         organs: the scored classes, in label order ``1..K``; default: the config's ``organs``.
         split_transforms: transforms applied after the config's ``train#deterministic_transforms`` when the
@@ -143,6 +151,11 @@ def run_benchmark(
         the result dictionary (as written to JSON).
     """
     torch.set_num_threads(args.threads)
+    modality = getattr(args, "modality", "ct")
+    if modality == "mri":  # the embedded MRI: one scan, scored on its held-out slab
+        name, title = f"{name}_mri", f"{title}, MRI"
+        common_overrides = {"modality": "mri", **dict(common_overrides or {})}
+        sections = dict(sections or {"MRI-slab": "validation"})
     iterations = 2 if args.smoke else args.iterations
     seeds = list(args.seeds[:1] if args.smoke else args.seeds)
     eval_every = max(1, iterations // max(1, args.eval_points))
@@ -166,6 +179,7 @@ def run_benchmark(
         base.get_parsed_content("pixdim"),
         sections,
         split_options,
+        modality,
     )
     log(f"== {title}: {iterations} iterations, seeds {seeds}, splits " + ", ".join(s.name for s in splits))
     specs = [method, *baselines]
@@ -246,6 +260,7 @@ def run_benchmark(
         "bundle": bundle,
         "name": name,
         "title": title + (" (SMOKE RUN: not a result)" if args.smoke else ""),
+        "modality": modality,
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "", *sys.argv[1:]]),
         "commit": _commit(),
         "hardware": _hardware(args.device),

@@ -6,6 +6,8 @@
   labels with :class:`~monai_proto.data.HoldOutRegiond`, evaluation scores only its voxels while the whole
   volume is predicted (the rest of A is context).
 - ``B``: the unseen scan (the demo data set's ``test`` entry), scored whole.
+- ``MRI-slab``: the held-out slab of the embedded MRI (``--modality mri``), like the A-slab; its body mask is the
+  foreground above an Otsu threshold (:func:`mri_body_mask`), as MRI has no Hounsfield scale.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientati
 from monai_proto.data import load_msd_datalist
 from monai_proto.data.transforms import holdout_mask
 
-__all__ = ["EvaluationSplit", "load_splits", "body_mask", "region_slices", "describe_split"]
+__all__ = [
+    "EvaluationSplit",
+    "load_splits",
+    "body_mask",
+    "mri_body_mask",
+    "otsu_threshold",
+    "region_slices",
+    "describe_split",
+]
 
 
 @dataclass
@@ -87,6 +97,45 @@ def body_mask(hu: torch.Tensor, threshold: float = -500.0) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(body))
 
 
+def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of an intensity array (the bin centre that maximises the between-class variance)."""
+    hist, edges = np.histogram(np.asarray(x).ravel(), bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
+
+
+def mri_body_mask(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Body mask of an MRI: the largest connected component above an Otsu threshold, closed, holes filled per
+    axial slice (fat is bright in a T1-like scan; without filling, the mask misses the darker organs).
+
+    Args:
+        image: ``(1, *S)`` (or ``(*S)``) raw MR intensities, RAS, axial slices along the last axis.
+
+    Returns:
+        ``(*S)`` boolean mask.
+    """
+    from scipy import ndimage
+
+    x = np.asarray(torch.as_tensor(image).cpu(), dtype=np.float32)
+    x = x[0] if x.ndim == 4 else x
+    # closing on an edge-padded copy: scipy's closing erodes from the array's border, which would eat the first
+    # and last slices of a thin volume (the MRI has 20)
+    padded = np.pad(x > otsu_threshold(x), 2, mode="edge")
+    foreground = ndimage.binary_closing(padded, iterations=2)[tuple(slice(2, -2) for _ in range(x.ndim))]
+    components, count = ndimage.label(foreground)
+    if count == 0:
+        return torch.zeros(x.shape, dtype=torch.bool)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    largest = components == int(np.argmax(sizes))
+    body = np.stack([ndimage.binary_fill_holes(largest[..., z]) for z in range(largest.shape[-1])], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(body))
+
+
 def _raw_loader(pixdim: Sequence[float]) -> Callable[[dict], dict]:
     return Compose(
         [
@@ -104,6 +153,7 @@ def load_splits(
     pixdim: Sequence[float],
     sections: Mapping[str, str] | None = None,
     options: Mapping[str, Mapping] | None = None,
+    modality: str = "ct",
 ) -> list[EvaluationSplit]:
     """Load the evaluation splits through a bundle's deterministic preprocessing.
 
@@ -114,6 +164,7 @@ def load_splits(
         pixdim: the bundle's grid, for the body mask (computed from the HU image on the same grid).
         sections: split name -> data-list section. Default ``{"A-slab": "validation", "B": "test"}``.
         options: split name -> :attr:`EvaluationSplit.options`.
+        modality: ``"ct"`` (body mask above -500 HU, :func:`body_mask`) or ``"mri"`` (Otsu, :func:`mri_body_mask`).
 
     Returns:
         one :class:`EvaluationSplit` per entry (the first item of each section).
@@ -137,7 +188,7 @@ def load_splits(
                 image=torch.as_tensor(data["image"]).as_subclass(torch.Tensor).unsqueeze(0).float(),
                 label=torch.as_tensor(label).as_subclass(torch.Tensor).unsqueeze(0).long(),
                 region=region,
-                body=body_mask(hu),
+                body=mri_body_mask(hu) if modality == "mri" else body_mask(hu),
                 spacing=spacing,
                 item=item,
                 options=dict((options or {}).get(name, {})),

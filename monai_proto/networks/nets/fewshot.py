@@ -33,7 +33,7 @@ FewShotOutput = NamedTuple(
 )
 FewShotOutput.__new__.__defaults__ = (None,) * 8
 FewShotOutput._field_defaults = dict.fromkeys(FewShotOutput._fields[1:])  # read by TorchScript
-FewShotOutput.__doc__ = """Training-path output of the few-shot networks, consumed by :class:`~monai_proto.losses.iplsl.IPLSLLoss`.
+FewShotOutput.__doc__ = """Training-path output of the few-shot networks, read by :class:`~monai_proto.losses.IPLSLLoss`
 
     All logits are ``(B, K, *S)`` at the query (``align_logits``: support) resolution, ``K = out_channels``
     (channel 0 the background). Prototypes are ``(B, L, K, M, C)``: ``L`` feature levels, ``M`` prototype slots per

@@ -24,6 +24,8 @@ The components follow the project's specification (``METHODS.md``, IPLSL section
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from monai.networks.layers import Conv
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
-from monai_proto.networks.layers.peak import peak_average_pooling
+from monai_proto.networks.layers.peak import activation_strength, peak_average_pooling
 from monai_proto.networks.layers.prototype import masked_average_pooling, partition_mask, prototype_similarity
 from monai_proto.networks.nets.fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
 
@@ -139,9 +141,12 @@ class IPLSLNet(PrototypeFewShotNet):
             last = conv(boundary_channels, out_channels, 1)
             nn.init.zeros_(last.weight)  # starts as the identity on the self-learning logits
             nn.init.zeros_(last.bias)
-            # no normalisation: the head runs on patches in training and on whole volumes at inference
+            # no normalisation (MONAI's Convolution adds an instance norm unless told not to): the head runs on
+            # patches in training and on whole volumes at inference, and slab by slab in segment_features_by_slabs
             self.boundary_head = nn.Sequential(
-                Convolution(spatial_dims, low_channels + out_channels, boundary_channels, kernel_size=3, act="prelu"),
+                Convolution(
+                    spatial_dims, low_channels + out_channels, boundary_channels, kernel_size=3, act="prelu", norm=None
+                ),
                 last,
             )
         self.level_channels = (low_channels, embedding_dim, embedding_dim)
@@ -193,13 +198,20 @@ class IPLSLNet(PrototypeFewShotNet):
         bound = max(float(self.min_self_voxels), self.min_self_fraction * float(predicted[0, 0].numel()))
         return prototypes, counts[..., 0] >= bound
 
-    def _segment_features(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> FewShotOutput:
-        low, semantic = levels[0], levels[1:]
-        batch, num_levels, num_classes, slots, channels = prototypes.shape
-        # initial prediction from the support prototypes alone
-        initial_logits = self.prototype_logits(semantic, prototypes)
-        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes)
-        # interactive prototype learning at the mid and high levels, between prototypes of the same class
+    def interact(
+        self, prototypes: torch.Tensor, query_prototypes: torch.Tensor, query_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interactive prototype learning at the mid and high levels, between prototypes of the same class.
+
+        Args:
+            prototypes: support prototypes ``(B, 2, K, M, C)``.
+            query_prototypes: the query's own prototypes ``(B, 2, K, M, C)``.
+            query_valid: ``(B, K, M)``, which query prototypes rest on enough voxels.
+
+        Returns:
+            the refined support and query prototypes, each ``(B, 2, K, M, C)``.
+        """
+        batch, _, num_classes, slots, channels = prototypes.shape
         classes = torch.arange(num_classes, device=prototypes.device).repeat_interleave(slots)
         valid_tokens = query_valid.reshape(batch, num_classes * slots)
         support_levels: list[torch.Tensor] = []
@@ -217,18 +229,31 @@ class IPLSLNet(PrototypeFewShotNet):
             i += 1
         support_refined = torch.stack(support_levels, dim=1).reshape(prototypes.shape)
         query_refined = torch.stack(query_levels, dim=1).reshape(prototypes.shape)
+        return support_refined, query_refined
+
+    def mix(self, self_prototypes: torch.Tensor, self_valid: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """Query-guided self-learning's prototypes: the query's own mixed with the support's where they are valid."""
+        mixed = self.self_weight * self_prototypes + (1.0 - self.self_weight) * support
+        return torch.where(self_valid[:, None, :, :, None], mixed, support)
+
+    def fuse_boundary(self, low: torch.Tensor, self_logits: torch.Tensor) -> torch.Tensor:
+        """Low-level boundary fusion (residual, zero at initialisation): the final logits."""
+        if self.boundary_head is None:
+            return self_logits
+        return self_logits + self.boundary_head(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
+
+    def _segment_features(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> FewShotOutput:
+        low, semantic = levels[0], levels[1:]
+        # initial prediction from the support prototypes alone
+        initial_logits = self.prototype_logits(semantic, prototypes)
+        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes)
+        support_refined, query_refined = self.interact(prototypes, query_prototypes, query_valid)
         refined_logits = self.prototype_logits(semantic, support_refined)
         # query-guided self-learning: the query segments itself with its own prototypes where it has enough of them
         self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined)
-        mixed = self.self_weight * self_prototypes + (1.0 - self.self_weight) * support_refined
-        mixed = torch.where(self_valid[:, None, :, :, None], mixed, support_refined)
-        self_logits = self.prototype_logits(semantic, mixed)
-        # low-level boundary fusion (residual, zero at initialisation)
-        logits = self_logits
-        if self.boundary_head is not None:
-            logits = self_logits + self.boundary_head(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
+        self_logits = self.prototype_logits(semantic, self.mix(self_prototypes, self_valid, support_refined))
         return FewShotOutput(
-            logits=logits,
+            logits=self.fuse_boundary(low, self_logits),
             initial_logits=initial_logits,
             refined_logits=refined_logits,
             self_logits=self_logits,
@@ -236,3 +261,102 @@ class IPLSLNet(PrototypeFewShotNet):
             query_prototypes=query_refined,
             query_valid=query_valid,
         )
+
+    # ------------------------------------------------------------------------------------- slab-wise form
+    @torch.jit.unused
+    def segment_features_by_slabs(
+        self, features: torch.Tensor, prototypes: torch.Tensor, slab: int = 16
+    ) -> torch.Tensor:
+        """
+        The logits of :meth:`segment_features` (the whole query's pooling, interaction and self-learning), computed
+        slab by slab along the last spatial axis: ``features`` may stay where they were stitched (e.g. the CPU) and
+        only one slab at a time, with its intermediate maps, is on the device of ``prototypes`` (the network's).
+        The query-level steps need sums over the whole volume (mean prototypes, voxel counts) and one order
+        statistic per mask (the peak prototypes' strength threshold): each is gathered over the slabs, keeping
+        one strength and one mask index per voxel; the boundary head sees one neighbouring slice on each side.
+
+        Args:
+            features: ``(B, sum(level_channels), *S)`` from :meth:`extract_features` (stitched), on any device.
+            prototypes: ``(B or 1, 2, K, M, C)`` support prototypes, on the network's device.
+            slab: slices per slab.
+
+        Returns:
+            logits ``(B, K, *S)`` on the device of ``features``; equal to :meth:`segment_features` up to rounding.
+        """
+        if slab < 1:
+            raise ValueError(f"slab must be >= 1, but got {slab}.")
+        if prototypes.shape[0] == 1 and features.shape[0] > 1:
+            prototypes = prototypes.expand([features.shape[0]] + list(prototypes.shape[1:]))
+        self.split_features(features[..., :1])  # checks the channels
+        query_prototypes, query_valid = self._pool_query_by_slabs(features, prototypes, prototypes, slab)
+        support_refined, _ = self.interact(prototypes, query_prototypes, query_valid)
+        self_prototypes, self_valid = self._pool_query_by_slabs(features, support_refined, support_refined, slab)
+        mixed = self.mix(self_prototypes, self_valid, support_refined)
+        depth = features.shape[-1]
+        out = torch.empty(
+            [features.shape[0], prototypes.shape[2]] + list(features.shape[2:]), dtype=features.dtype,
+            device=features.device,
+        )  # fmt: skip
+        halo = 0 if self.boundary_head is None else 1  # the boundary head's 3^d convolution
+        for start in range(0, depth, slab):
+            stop = min(start + slab, depth)
+            lo, hi = max(start - halo, 0), min(stop + halo, depth)
+            low, mid, high = self.split_features(features[..., lo:hi].to(prototypes.device))
+            logits = self.fuse_boundary(low, self.prototype_logits([mid, high], mixed))
+            out[..., start:stop] = logits[..., start - lo : stop - lo].to(out.device)
+        return out
+
+    @torch.jit.unused
+    def _pool_query_by_slabs(
+        self, features: torch.Tensor, logit_prototypes: torch.Tensor, support_prototypes: torch.Tensor, slab: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pool_query` of the logits ``prototype_logits(semantic, logit_prototypes)``, over slabs."""
+        device = support_prototypes.device
+        batch, _, num_classes, slots, _ = support_prototypes.shape
+        depth = features.shape[-1]
+        num_masks = slots + num_classes - 1  # the background parts, then the foreground classes
+        strengths, mask_ids = [], []
+
+        def masks_of(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            _, mid, high = self.split_features(features[..., start:stop].to(device))
+            logits = self.prototype_logits([mid, high], logit_prototypes)
+            predicted = F.one_hot(logits.argmax(dim=1), num_classes).movedim(-1, 1).to(mid.dtype)
+            nearest = prototype_similarity(mid, support_prototypes[:, 0, 0]).argmax(dim=1)
+            parts = F.one_hot(nearest, slots).movedim(-1, 1).to(mid.dtype) * predicted[:, :1]
+            return mid, high, torch.cat([parts, predicted[:, 1:]], dim=1)  # one mask per voxel
+
+        dtype = support_prototypes.dtype
+        mean_sums = torch.zeros(batch, num_masks, support_prototypes.shape[-1], device=device, dtype=dtype)
+        counts = torch.zeros(batch, num_masks, device=device, dtype=dtype)
+        for start in range(0, depth, slab):
+            mid, high, masks = masks_of(start, min(start + slab, depth))
+            mean_sums += torch.einsum("bkn,bcn->bkc", masks.flatten(2), mid.flatten(2))
+            counts += masks.flatten(2).sum(-1)
+            strengths.append(activation_strength(high).flatten(1).cpu())
+            mask_ids.append(masks.argmax(dim=1).flatten(1).cpu())
+        # the peak threshold of every mask: its ceil(fraction * n)-th strongest voxel (peak_mask's rule)
+        strength, ids = torch.cat(strengths, dim=1), torch.cat(mask_ids, dim=1)
+        thresholds = torch.full((batch, num_masks), math.inf, dtype=strength.dtype)
+        for b in range(batch):
+            for k in range(num_masks):
+                values = strength[b][ids[b] == k]
+                if values.numel():
+                    keep = min(max(math.ceil(values.numel() * self.peak_fraction), 1), values.numel())
+                    thresholds[b, k] = torch.topk(values, keep).values[-1]
+        thresholds = thresholds.to(device)
+        peak_sums = torch.zeros_like(mean_sums)
+        peak_counts = torch.zeros_like(counts)
+        for start in range(0, depth, slab):
+            _, high, masks = masks_of(start, min(start + slab, depth))
+            threshold = thresholds.reshape([batch, num_masks] + [1] * (masks.ndim - 2))
+            selected = masks * (activation_strength(high) >= threshold).to(masks.dtype)
+            peak_sums += torch.einsum("bkn,bcn->bkc", selected.flatten(2), high.flatten(2))
+            peak_counts += selected.flatten(2).sum(-1)
+        mean = mean_sums / (counts[..., None] + 1e-5)  # masked_average_pooling's eps
+        peak = peak_sums / (peak_counts[..., None] + 1e-5)
+        prototypes = torch.stack(
+            [class_slots(mean[:, :slots], mean[:, slots:]), class_slots(peak[:, :slots], peak[:, slots:])], dim=1
+        )
+        voxel_counts = class_slots(counts[:, :slots, None], counts[:, slots:, None])[..., 0]
+        bound = max(float(self.min_self_voxels), self.min_self_fraction * float(features[0, 0].numel()))
+        return prototypes, voxel_counts >= bound
