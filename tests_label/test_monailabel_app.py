@@ -112,3 +112,21 @@ def test_few_shot_segments_what_the_example_shows(served):
     # the default support is the most recently labelled study (scan A here)
     default, _ = client.infer("iplsl_fewshot_segmentation", "scanB_ct", {"device": "cpu", "support_value": 1})
     np.testing.assert_array_equal(np.asarray(nib.load(default).dataobj), results["spleen"])
+
+
+def test_few_shot_bundle_through_the_standard_bundle_task(served):
+    """MONAI Label's own ``BundleInferTask`` (``ProtoBundleInferTask`` only keeps MONAI Label's string paths away
+    from MONAI 1.6's ``Spacingd``) serves the few-shot bundle with no support in the request: the network segments
+    with its default support, the prototypes of the bundle's embedded example saved with the weights in training."""
+    from monai_proto.apps.monailabel.tasks import ProtoBundleInferTask
+
+    study = served["studies"]["scanB_ct"]
+    task = ProtoBundleInferTask(str(served["bundles"] / "iplsl_fewshot_segmentation"), conf={})
+    assert task.is_valid()
+    task.bundle_config["use_default_support"] = True
+    task.bundle_config.parse()
+    inferer = task.inferer({})
+    assert inferer.support is None  # no support set: the network's default support is used
+    result, _ = task({"image": str(study), "device": "cpu"})
+    mask = _same_geometry(Path(result), study)
+    assert set(np.unique(mask)) <= {0, 1}
