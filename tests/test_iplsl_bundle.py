@@ -36,8 +36,8 @@ def test_training_writes_checkpoints(trained):
 
 def test_training_sets_the_default_support(trained):
     """The saved network holds, as its default support, the prototypes that inference computes from the bundle's
-    default example (scan A's liver) with the saved weights; ``--use_default_support True`` then gives the inferer
-    no support, so it uses them."""
+    default example (scan A's liver outside the held-out slab) with the saved weights; ``--use_default_support
+    True`` then gives the inferer no support, so it uses them."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -51,7 +51,12 @@ def test_training_sets_the_default_support(trained):
     state = torch.load(trained / "models" / "model_final.pt", map_location="cpu", weights_only=True)["model"]
     net.load_state_dict(state)
     assert bool(net.has_default_support)
-    items = list(parser.get_parsed_content("support_dataset"))
+    # the default example as training pools it: scan A's liver outside the held-out slab
+    train = ConfigParser()
+    train.read_config(str(CONFIGS / "train.json"))
+    train["patch_size"] = [32, 32, 32]
+    items = list(train.get_parsed_content("default_support#dataset"))
+    assert any(bool((i["label"] == 255).any()) for i in items)  # the slab's labels are hidden
     inferer = parser.get_parsed_content("inferer")
     with torch.no_grad():
         expected = inferer.compute_prototypes(net, [i["image"] for i in items], [i["label"] for i in items])

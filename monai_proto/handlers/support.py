@@ -27,13 +27,13 @@ class DefaultSupportHandler:
     set at the end of every ``interval``-th epoch and when the run completes, with the weights as they are then.
 
     Attach it to the trainer **before** the validation and checkpoint handlers (ignite runs handlers in the order
-    they were attached), so every saved checkpoint, the best one included, holds the prototypes of its own
-    weights: ``forward(query)`` of the loaded network, its TorchScript or ONNX export and a plain
+    they were attached), so that with ``interval=1`` every saved checkpoint, the best one included, holds the
+    prototypes of its own weights: ``forward(query)`` of the loaded network, its TorchScript or ONNX export and a plain
     ``SlidingWindowInferer`` then segment the support's class without being given a support.
 
     Args:
         support: preprocessed items ``{"image": (C, *S), "label": (1, *S)}`` (e.g. a MONAI ``Dataset``), the
-            label binarised to the support's class.
+            label binarised to the support's class (held-out voxels may carry the inferer's ignore value).
         inferer: a :class:`~monai_proto.inferers.support.SupportConditionedInferer`, whose
             ``compute_prototypes`` crops, windows and pools the support as inference does.
         network: the few-shot network; default ``engine.network`` (unwrapped from DDP).
@@ -74,6 +74,11 @@ class DefaultSupportHandler:
         net.eval()
         try:
             prototypes = self.inferer.compute_prototypes(net, images, labels)
+        except ValueError as e:
+            raise ValueError(
+                f"the default support could not be pooled ({e}): its example must hold the support class; choose "
+                "another class or example (IPLSL bundle: default_support_class, default_support#datalist)."
+            ) from e
         finally:
             net.train(was_training)
         net.set_default_prototypes(prototypes)

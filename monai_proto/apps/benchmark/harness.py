@@ -153,6 +153,11 @@ def run_benchmark(
     torch.set_num_threads(args.threads)
     modality = getattr(args, "modality", "ct")
     if modality == "mri":  # the embedded MRI: one scan, scored on its held-out slab
+        if sections is not None:
+            raise ValueError(
+                f"{name}: --modality mri scores the MRI's held-out slab; this benchmark names its own splits "
+                f"({list(sections)}), built for the CT data (not supported on the MRI yet)."
+            )
         name, title = f"{name}_mri", f"{title}, MRI"
         common_overrides = {"modality": "mri", **dict(common_overrides or {})}
         sections = dict(sections or {"MRI-slab": "validation"})

@@ -144,35 +144,30 @@ class PrototypeFewShotNet(nn.Module):
         Hold ``prototypes`` as the default support of the single-input form (saved with the weights).
 
         Args:
-            prototypes: ``(B, L, K, M, C)`` as from :meth:`encode_support` or
+            prototypes: ``(B, L, K, M, C)`` of a 1-shot support, as from :meth:`encode_support` or
                 :meth:`~monai_proto.inferers.support.SupportConditionedInferer.compute_prototypes`; several rows are
-                averaged; ``M`` may differ from the registered slot count (a k-shot support has ``k * M``).
+                averaged.
 
         Raises:
-            ValueError: when ``L``, ``K`` or ``C`` differ from the network's.
+            ValueError: when the shape differs from ``(B, L, K, M, C)`` of the registered buffer. A k-shot support
+                with several background parts has ``k * M`` slots: the buffer keeps its shape, because MONAI's
+                loaders (``copy_model_state`` in ``ckpt_export``, ``CheckpointLoader(strict_shape=False)``) skip a
+                tensor of another shape without a word, which would leave a zero default support.
         """
         current = self.default_prototypes
-        if prototypes.ndim != 5 or [prototypes.shape[i] for i in (1, 2, 4)] != [current.shape[i] for i in (1, 2, 4)]:
+        if prototypes.ndim != 5 or list(prototypes.shape[1:]) != list(current.shape[1:]):
             raise ValueError(
-                f"default prototypes must be (B, {current.shape[1]}, {current.shape[2]}, M, {current.shape[4]}), "
+                f"default prototypes must be (B, {', '.join(str(v) for v in current.shape[1:])}) (a 1-shot support), "
                 f"but got {list(prototypes.shape)}."
             )
-        value = prototypes.detach().mean(dim=0, keepdim=True).to(current)
-        if value.shape == current.shape:
-            current.copy_(value)  # in place: DistributedDataParallel keeps references to the buffers it broadcasts
-        else:
-            self.default_prototypes = value  # another slot count (k-shot): a new buffer
+        # in place: DistributedDataParallel keeps references to the buffers it broadcasts
+        current.copy_(prototypes.detach().mean(dim=0, keepdim=True).to(current))
         self.has_default_support.fill_(True)
 
     def _load_from_state_dict(  # type: ignore[override]
         self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list, *args: Any
     ) -> None:
-        """Accept a stored default support of another slot count (k-shot), and a checkpoint without one (made
-        before the default support existed: the network then has none)."""
-        key = prefix + "default_prototypes"
-        stored = state_dict.get(key)
-        if isinstance(stored, torch.Tensor) and stored.shape != self.default_prototypes.shape:
-            self.default_prototypes = torch.empty_like(stored, device=self.default_prototypes.device)
+        """Accept a checkpoint without a default support (made before it existed: the network then has none)."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         for name in ("default_prototypes", "has_default_support"):
             if prefix + name not in state_dict and prefix + name in missing_keys:
@@ -357,11 +352,13 @@ class PrototypeFewShotNet(nn.Module):
             :class:`FewShotOutput`.
         """
         if torch.jit.is_scripting():  # the single-input (or fixed-prototype) form only
+            if support_image is not None:
+                raise RuntimeError("a TorchScript few-shot network takes support_prototypes, not a support image.")
             return self.segment(query, self.default_prototypes if support_prototypes is None else support_prototypes)
         if not self.training and support_image is None:
             return self.segment(query, self.default_support() if support_prototypes is None else support_prototypes)
         if support_image is None or support_label is None:
-            raise ValueError("forward needs support_image and support_label in training mode.")
+            raise ValueError("forward needs support_image and support_label together (both are needed in training).")
         support_levels = self.split_features(self.extract_features(support_image))
         prototypes = self.prototypes_from_features(torch.cat(support_levels, 1), support_label)
         query_levels = self.split_features(self.extract_features(query))

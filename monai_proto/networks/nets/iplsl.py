@@ -25,6 +25,8 @@ The components follow the project's specification (``METHODS.md``, IPLSL section
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -85,6 +87,8 @@ class IPLSLNet(PrototypeFewShotNet):
             of range, ``peak_fraction`` not in ``(0, 1]``, ``self_weight`` not in ``[0, 1]``, negative
             ``boundary_channels``, ``num_background_prototypes < 1`` or a negative self-learning bound.
     """
+
+    _version = 2  # 2 (bundle 0.4.0): the boundary head has no instance norm
 
     def __init__(
         self,
@@ -151,6 +155,19 @@ class IPLSLNet(PrototypeFewShotNet):
             )
         self.level_channels = (low_channels, embedding_dim, embedding_dim)
         self._register_default_support(2, self.num_background_prototypes, embedding_dim)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:  # type: ignore[override]
+        """Warn about weights saved by version 1, whose boundary head normalised its activations: the keys are the
+        same (that norm had no parameters), the function is not."""
+        version = local_metadata.get("version")
+        if version is not None and version < 2 and self.boundary_head is not None:
+            warnings.warn(
+                "these IPLSLNet weights were saved before the boundary head lost its instance norm (monai-proto IPLSL "
+                "bundle < 0.4.0): they load, but their predictions differ from the ones they were trained for; "
+                "retrain (or fine-tune) with this version.",
+                stacklevel=2,
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         decoder = self.backbone(image).decoder
