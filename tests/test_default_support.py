@@ -90,8 +90,9 @@ def test_inferer_without_a_support_uses_the_default():
     torch.testing.assert_close(inferer(query, net), explicit)
 
 
-def test_scripted_single_input_form_holds_the_default_support():
-    net = _net(IPLSLNet)
+@pytest.mark.parametrize("cls", [IPLSLNet, PANetFewShot])
+def test_scripted_single_input_form_holds_the_default_support(cls):
+    net = _net(cls)
     query, support, support_label, _ = _episode(batch=1)
     with torch.no_grad():
         net.set_default_prototypes(net.encode_support(support, support_label))
