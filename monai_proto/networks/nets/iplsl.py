@@ -350,7 +350,7 @@ class IPLSLNet(PrototypeFewShotNet):
             mean_sums += torch.einsum("bkn,bcn->bkc", masks.flatten(2), mid.flatten(2))
             counts += masks.flatten(2).sum(-1)
             strengths.append(activation_strength(high).flatten(1).cpu())
-            mask_ids.append(masks.argmax(dim=1).flatten(1).cpu())
+            mask_ids.append(masks.argmax(dim=1).flatten(1).to(torch.int16).cpu())  # a few masks: 2 bytes a voxel
         # the peak threshold of every mask: its ceil(fraction * n)-th strongest voxel (peak_mask's rule)
         strength, ids = torch.cat(strengths, dim=1), torch.cat(mask_ids, dim=1)
         thresholds = torch.full((batch, num_masks), math.inf, dtype=strength.dtype)
