@@ -147,3 +147,48 @@ def test_resample_to_source_matches_invertd_and_chunks(tmp_path):
         assert agree == 1.0 if name == "axis-aligned" else agree > 0.97, (name, agree)
     with pytest.raises(ValueError, match="original_affine"):
         ResampleToSourced("pred")({"image": torch.zeros(1, 4, 4, 4), "pred": data["pred"]})
+
+
+def _segmentation(names: list[str], layers: list[str] | None = None) -> sitk.Image:
+    """A 3D Slicer-style segmentation on ``_volume()``'s grid: segment i (value i + 1) is a box, named ``names[i]``."""
+    ref = _volume()
+    arr = np.zeros(sitk.GetArrayFromImage(ref).shape, dtype=np.uint8)
+    arr[3:9, 4:12, 6:18] = 1  # the large box
+    arr[4:6, 5:8, 8:11] = 2  # a small box inside it
+    seg = sitk.GetImageFromArray(arr)
+    seg.CopyInformation(ref)
+    for i, name in enumerate(names):
+        seg.SetMetaData(f"Segment{i}_ID", f"Segment_{i + 1}")
+        seg.SetMetaData(f"Segment{i}_Name", name)
+        seg.SetMetaData(f"Segment{i}_LabelValue", str(i + 1))
+        seg.SetMetaData(f"Segment{i}_Layer", (layers or ["0"] * len(names))[i])
+    return seg
+
+
+def test_slicer_segmentation_labels_train_by_segment_name(tmp_path):
+    """A ``.seg.nrrd`` from 3D Slicer as a training label: its segments (numbered 1, 2 by Slicer) are renumbered by
+    name into the data set's label table, then to the bundle's organs, as the data set's own label maps are."""
+    image = _write(_volume(), ".nii.gz", tmp_path)
+    label = tmp_path / "vol.seg.nrrd"
+    _write(_segmentation(["Liver", "spleen"]), ".seg.nrrd", tmp_path)
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / "iapl_segmentation" / "configs" / "train.json"))
+    organs = parser.get_parsed_content("organs")
+    transforms = parser.get_parsed_content("train#deterministic_transforms")
+    data = {"image": str(image), "label": str(label)}
+    for t in transforms:
+        data = t(data)
+    values, counts = np.unique(np.asarray(data["label"]), return_counts=True)
+    found = dict(zip(values.tolist(), counts.tolist()))
+    liver, spleen = organs.index("liver") + 1, organs.index("spleen") + 1
+    assert set(found) == {0, liver, spleen}, found  # Slicer's 1 and 2 became the bundle's liver and spleen
+    assert found[liver] > found[spleen]  # the large box is the liver
+    # a name the label table does not hold, and overlapping segments, are refused with the file named
+    for names, layers, match in (
+        (["Liver", "tumour"], None, "'tumour' is not a class"),
+        (["Liver", "spleen"], ["0", "1"], "layers"),
+    ):
+        _write(_segmentation(names, layers), ".seg.nrrd", tmp_path)
+        with pytest.raises(ValueError, match=match) as err:
+            transforms[0]({"image": str(image), "label": str(label)})
+        assert "vol.seg.nrrd" in str(err.value)

@@ -29,6 +29,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "ResampleToSourced",
     "SelectLabels",
     "SelectLabelsd",
+    "segments_to_label_table",
     "affine_row_on_grid",
     "describe_source",
     "holdout_mask",
@@ -428,18 +430,80 @@ def check_dicom_series(folder: str, gap_factor: float = 1.5) -> None:
             )
 
 
+def _normalised_name(name: str) -> str:
+    return "_".join(str(name).strip().lower().replace("-", " ").split())
+
+
+def segments_to_label_table(label: torch.Tensor, label_table: Mapping[int, str], source: str = "label") -> torch.Tensor:
+    """Renumber a 3D Slicer segmentation (``.seg.nrrd``) by segment name into a data set's label table.
+
+    Slicer numbers a segmentation's segments 1, 2, ... in the order they were made and stores their names in the
+    header (``Segment<i>_Name``, ``Segment<i>_LabelValue``, ``Segment<i>_Layer``, read by ITK into the image's
+    metadata). Each segment is given the id its name has in ``label_table`` (names compared case-insensitively,
+    spaces, hyphens and underscores alike), so a segmentation made in Slicer trains and scores like the data set's
+    own label maps. A label without segment metadata is returned unchanged.
+
+    Args:
+        label: the loaded label (a MetaTensor with the file's metadata).
+        label_table: the data set's table, id -> name (``load_label_table``).
+        source: the file, for error messages.
+
+    Raises:
+        ValueError: segments on several layers (overlapping segments: export them as one labelmap layer first), or
+            a segment name that the table does not hold.
+    """
+    meta = getattr(label, "meta", None) or {}
+    count = 0
+    while f"Segment{count}_Name" in meta:
+        count += 1
+    if count == 0:
+        return label
+    layers = {str(meta.get(f"Segment{i}_Layer", "0")) for i in range(count)}
+    if len(layers) > 1:
+        raise ValueError(
+            f"{source}: its {count} segments lie on {len(layers)} layers (overlapping segments); export them to one "
+            "labelmap layer in 3D Slicer (Segmentations > Export to files, or 'collapse to one layer') first."
+        )
+    ids = {_normalised_name(name): int(i) for i, name in label_table.items()}
+    mapping: dict[int, int] = {}
+    for i in range(count):
+        name = str(meta[f"Segment{i}_Name"])
+        if _normalised_name(name) not in ids:
+            known = ", ".join(sorted(n for n in label_table.values() if n != "background")[:12])
+            raise ValueError(
+                f"{source}: segment {name!r} is not a class of the data set's label table (known: {known}, ...); "
+                "rename the segment in 3D Slicer to the class name."
+            )
+        mapping[int(float(meta.get(f"Segment{i}_LabelValue", i + 1)))] = ids[_normalised_name(name)]
+    out = torch.zeros_like(label)
+    for value, class_id in mapping.items():
+        out[label == value] = class_id
+    unlisted = (label != 0) & (out == 0)
+    if bool(unlisted.any()):
+        out[unlisted] = label[unlisted]  # values no segment names: left for CheckLabelValuesd to report
+    return out
+
+
 class LoadCheckedImaged(LoadImaged):
     """
     :class:`monai.transforms.LoadImaged` whose errors name the data key and the file and have
     predictable types: ``FileNotFoundError("cannot read <key> file <path>: ...")`` for a missing
     path and ``ValueError("cannot read <key> file <path>: <reason>")`` for a file no reader can
-    read (nibabel's ``ImageFileError``, ITK's ``RuntimeError``, ...). All arguments are those of
-    ``LoadImaged``.
+    read (nibabel's ``ImageFileError``, ITK's ``RuntimeError``, ...).
+
+    With ``label_table`` (id -> name, :func:`~monai_proto.data.load_label_table`), a 3D Slicer segmentation
+    (``.seg.nrrd``) is renumbered by segment name into the table (:func:`segments_to_label_table`); other files
+    are unchanged. The other arguments are those of ``LoadImaged``.
 
     Raises:
         FileNotFoundError: a path (or one of a list of paths) does not exist.
-        ValueError: the file exists but cannot be read, or a DICOM series has missing slices.
+        ValueError: the file exists but cannot be read, or a DICOM series has missing slices, or a segmentation's
+            segment names are not in ``label_table``.
     """
+
+    def __init__(self, *args: Any, label_table: Mapping[int, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.label_table = None if label_table is None else {int(k): str(v) for k, v in dict(label_table).items()}
 
     def __call__(self, data: Mapping[Hashable, object], reader=None) -> dict[Hashable, object]:
         d = dict(data)
@@ -457,6 +521,11 @@ class LoadCheckedImaged(LoadImaged):
                 if isinstance(e, FileNotFoundError):
                     raise FileNotFoundError(f"cannot read {key} file {value}: {reason}") from e
                 raise ValueError(f"cannot read {key} file {value}: {type(e).__name__}: {reason}") from e
+            if self.label_table is not None:
+                if self._loader.image_only:
+                    loaded = segments_to_label_table(loaded, self.label_table, f"{key} file {value}")
+                elif isinstance(loaded, (tuple, list)):
+                    loaded = (segments_to_label_table(loaded[0], self.label_table, f"{key} file {value}"), *loaded[1:])
             # the rest follows monai.transforms.LoadImaged.__call__ (MONAI 1.6)
             if self._loader.image_only:
                 d[key] = loaded
