@@ -15,7 +15,7 @@ import torch
 
 from .prototype import masked_average_pooling
 
-__all__ = ["activation_strength", "peak_average_pooling", "peak_mask"]
+__all__ = ["activation_strength", "peak_average_pooling", "peak_keep_count", "peak_mask"]
 
 
 def activation_strength(features: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,22 @@ def activation_strength(features: torch.Tensor) -> torch.Tensor:
         strength maps ``(B, 1, *S)``.
     """
     return torch.linalg.vector_norm(features, dim=1, keepdim=True)
+
+
+def peak_keep_count(counts: torch.Tensor, fraction: float, min_voxels: int = 1) -> torch.Tensor:
+    """How many voxels of a mask of ``counts`` voxels are its peak: ``ceil(fraction * n)``, at least ``min_voxels``,
+    at most ``n``, and at least 1 (an index of the selection threshold must exist, even for an empty mask).
+
+    Args:
+        counts: voxel counts of the masks, an integer tensor of any shape.
+        fraction: kept fraction, in ``(0, 1]``.
+        min_voxels: smallest number of kept voxels of a non-empty mask.
+
+    Returns:
+        a ``long`` tensor of the shape of ``counts``.
+    """
+    keep = torch.clamp(torch.ceil(counts.to(torch.float64) * fraction).long(), min=min_voxels)
+    return torch.minimum(keep, counts.long()).clamp_min(1)
 
 
 def peak_mask(
@@ -72,8 +88,7 @@ def peak_mask(
     flat_strength = strength.flatten(2).to(torch.float32).expand_as(inside)
     ranked = torch.where(inside, flat_strength, torch.full_like(flat_strength, -math.inf))
     counts = inside.sum(dim=2)  # (B, K)
-    keep = torch.clamp(torch.ceil(counts.to(torch.float64) * fraction).long(), min=min_voxels)
-    keep = torch.minimum(keep, counts).clamp_min(1)  # index of the threshold must exist
+    keep = peak_keep_count(counts, fraction, min_voxels)
     sorted_strength = torch.sort(ranked, dim=2, descending=True).values
     threshold = sorted_strength.gather(2, (keep - 1).unsqueeze(-1))  # (B, K, 1)
     selected = inside & (ranked >= threshold)

@@ -321,11 +321,16 @@ class PrototypeFewShotNet(nn.Module):
     ) -> FewShotOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def expand_prototypes(self, prototypes: torch.Tensor, batch: int) -> torch.Tensor:
+        """One support set ``(1, L, K, M, C)`` shared by a query batch: ``(batch, L, K, M, C)``; others unchanged."""
+        if prototypes.shape[0] == 1 and batch > 1:
+            return prototypes.expand([batch] + list(prototypes.shape[1:]))
+        return prototypes
+
     def segment_features(self, features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Query logits ``(B, K, *S)`` from stitched query features (:meth:`extract_features`) and fixed prototypes
         ``(B or 1, L, K, M, C)``: every query-level step (pooling, interaction, self-learning) sees the whole input."""
-        if prototypes.shape[0] == 1 and features.shape[0] > 1:
-            prototypes = prototypes.expand([features.shape[0]] + list(prototypes.shape[1:]))
+        prototypes = self.expand_prototypes(prototypes, features.shape[0])
         return self._segment_features(self.split_features(features), prototypes).logits
 
     def segment(self, query: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:

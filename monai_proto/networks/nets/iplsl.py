@@ -36,7 +36,7 @@ from monai.networks.layers import Conv
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
-from monai_proto.networks.layers.peak import activation_strength, peak_average_pooling
+from monai_proto.networks.layers.peak import activation_strength, peak_average_pooling, peak_keep_count
 from monai_proto.networks.layers.prototype import masked_average_pooling, partition_mask, prototype_similarity
 from monai_proto.networks.nets.fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
 
@@ -206,14 +206,26 @@ class IPLSLNet(PrototypeFewShotNet):
         Returns:
             prototypes ``(B, 2, K, M, C)`` and ``valid`` ``(B, K, M)``.
         """
+        parts, foreground = self.query_masks(semantic[0], logits, support_prototypes)
+        prototypes = self.class_prototypes(semantic, foreground, parts)
+        counts = class_slots(parts.flatten(2).sum(-1, keepdim=True), foreground.flatten(2).sum(-1, keepdim=True))
+        return prototypes, counts[..., 0] >= self.min_self_count(int(parts[0, 0].numel()))
+
+    def query_masks(
+        self, mid: torch.Tensor, logits: torch.Tensor, support_prototypes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query's hard masks under ``logits`` ``(B, K, *S)``: the background split into the ``M`` parts of the
+        nearest support background prototype (mid level), ``(B, M, *S)``, and the ``K - 1`` foreground classes,
+        ``(B, K - 1, *S)``; every voxel lies in exactly one of them."""
         num_classes, slots = logits.shape[1], support_prototypes.shape[3]
         predicted = F.one_hot(logits.argmax(dim=1), num_classes).movedim(-1, 1).to(logits.dtype)
-        nearest = prototype_similarity(semantic[0], support_prototypes[:, 0, 0]).argmax(dim=1)
+        nearest = prototype_similarity(mid, support_prototypes[:, 0, 0]).argmax(dim=1)
         parts = F.one_hot(nearest, slots).movedim(-1, 1).to(logits.dtype) * predicted[:, :1]
-        prototypes = self.class_prototypes(semantic, predicted[:, 1:], parts)
-        counts = class_slots(parts.flatten(2).sum(-1, keepdim=True), predicted[:, 1:].flatten(2).sum(-1, keepdim=True))
-        bound = max(float(self.min_self_voxels), self.min_self_fraction * float(predicted[0, 0].numel()))
-        return prototypes, counts[..., 0] >= bound
+        return parts, predicted[:, 1:]
+
+    def min_self_count(self, num_voxels: int) -> float:
+        """Fewest voxels a query prototype must rest on, in a query of ``num_voxels`` voxels."""
+        return max(float(self.min_self_voxels), self.min_self_fraction * float(num_voxels))
 
     def interact(
         self, prototypes: torch.Tensor, query_prototypes: torch.Tensor, query_valid: torch.Tensor
@@ -302,9 +314,7 @@ class IPLSLNet(PrototypeFewShotNet):
         """
         if slab < 1:
             raise ValueError(f"slab must be >= 1, but got {slab}.")
-        if prototypes.shape[0] == 1 and features.shape[0] > 1:
-            prototypes = prototypes.expand([features.shape[0]] + list(prototypes.shape[1:]))
-        self.split_features(features[..., :1])  # checks the channels
+        prototypes = self.expand_prototypes(prototypes, features.shape[0])
         query_prototypes, query_valid = self._pool_query_by_slabs(features, prototypes, prototypes, slab)
         support_refined, _ = self.interact(prototypes, query_prototypes, query_valid)
         self_prototypes, self_valid = self._pool_query_by_slabs(features, support_refined, support_refined, slab)
@@ -337,10 +347,7 @@ class IPLSLNet(PrototypeFewShotNet):
         def masks_of(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             _, mid, high = self.split_features(features[..., start:stop].to(device))
             logits = self.prototype_logits([mid, high], logit_prototypes)
-            predicted = F.one_hot(logits.argmax(dim=1), num_classes).movedim(-1, 1).to(mid.dtype)
-            nearest = prototype_similarity(mid, support_prototypes[:, 0, 0]).argmax(dim=1)
-            parts = F.one_hot(nearest, slots).movedim(-1, 1).to(mid.dtype) * predicted[:, :1]
-            return mid, high, torch.cat([parts, predicted[:, 1:]], dim=1)  # one mask per voxel
+            return mid, high, torch.cat(self.query_masks(mid, logits, support_prototypes), dim=1)  # one per voxel
 
         dtype = support_prototypes.dtype
         mean_sums = torch.zeros(batch, num_masks, support_prototypes.shape[-1], device=device, dtype=dtype)
@@ -358,7 +365,7 @@ class IPLSLNet(PrototypeFewShotNet):
             for k in range(num_masks):
                 values = strength[b][ids[b] == k]
                 if values.numel():
-                    keep = min(max(math.ceil(values.numel() * self.peak_fraction), 1), values.numel())
+                    keep = int(peak_keep_count(torch.tensor(values.numel()), self.peak_fraction))
                     thresholds[b, k] = torch.topk(values, keep).values[-1]
         thresholds = thresholds.to(device)
         peak_sums = torch.zeros_like(mean_sums)
@@ -375,5 +382,4 @@ class IPLSLNet(PrototypeFewShotNet):
             [class_slots(mean[:, :slots], mean[:, slots:]), class_slots(peak[:, :slots], peak[:, slots:])], dim=1
         )
         voxel_counts = class_slots(counts[:, :slots, None], counts[:, slots:, None])[..., 0]
-        bound = max(float(self.min_self_voxels), self.min_self_fraction * float(features[0, 0].numel()))
-        return prototypes, voxel_counts >= bound
+        return prototypes, voxel_counts >= self.min_self_count(int(features[0, 0].numel()))
