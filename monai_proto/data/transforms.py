@@ -475,12 +475,9 @@ def segments_to_label_table(label: torch.Tensor, label_table: Mapping[int, str],
                 "rename the segment in 3D Slicer to the class name."
             )
         mapping[int(float(meta.get(f"Segment{i}_LabelValue", i + 1)))] = ids[_normalised_name(name)]
-    out = torch.zeros_like(label)
+    out = label.clone()  # values no segment names stay as they are, for CheckLabelValuesd to report
     for value, class_id in mapping.items():
         out[label == value] = class_id
-    unlisted = (label != 0) & (out == 0)
-    if bool(unlisted.any()):
-        out[unlisted] = label[unlisted]  # values no segment names: left for CheckLabelValuesd to report
     return out
 
 

@@ -75,6 +75,18 @@ def region_slices(region: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(0).values, idx.max(0).values))
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest connected component of a boolean array, or ``None`` when it has no foreground."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask)
+    if count == 0:
+        return None
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(np.argmax(sizes))
+
+
 def body_mask(hu: torch.Tensor, threshold: float = -500.0) -> torch.Tensor:
     """Body mask of a CT volume: voxels above ``threshold`` HU, largest connected component, holes filled.
 
@@ -88,12 +100,10 @@ def body_mask(hu: torch.Tensor, threshold: float = -500.0) -> torch.Tensor:
     from scipy import ndimage
 
     above = np.asarray(torch.as_tensor(hu)[0].cpu()) > threshold
-    components, count = ndimage.label(above)
-    if count == 0:
+    largest = _largest_component(above)
+    if largest is None:
         return torch.zeros(above.shape, dtype=torch.bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    body = ndimage.binary_fill_holes(components == int(np.argmax(sizes)))
+    body = ndimage.binary_fill_holes(largest)
     return torch.from_numpy(np.ascontiguousarray(body))
 
 
@@ -126,12 +136,9 @@ def mri_body_mask(image: torch.Tensor | np.ndarray) -> torch.Tensor:
     # and last slices of a thin volume (the MRI has 20)
     padded = np.pad(x > otsu_threshold(x), 2, mode="edge")
     foreground = ndimage.binary_closing(padded, iterations=2)[tuple(slice(2, -2) for _ in range(x.ndim))]
-    components, count = ndimage.label(foreground)
-    if count == 0:
+    largest = _largest_component(foreground)
+    if largest is None:
         return torch.zeros(x.shape, dtype=torch.bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    largest = components == int(np.argmax(sizes))
     body = np.stack([ndimage.binary_fill_holes(largest[..., z]) for z in range(largest.shape[-1])], axis=-1)
     return torch.from_numpy(np.ascontiguousarray(body))
 
