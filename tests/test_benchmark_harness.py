@@ -156,3 +156,42 @@ def test_mri_split_is_the_held_out_slab_with_an_otsu_body_mask():
     assert 0.1 < float(split.body.float().mean()) < 0.9  # neither empty nor the whole field of view
     refs = reference_scores(split, list(parser.get_parsed_content("organs")))
     assert 0 < refs["body_mask"]["mean_dice"] < 0.2
+
+
+def test_mri_refuses_splits_built_for_ct_and_the_few_shot_supports_follow_their_modality():
+    """``--modality mri`` scores only splits a benchmark names ``MRI...`` (a CT-named split would be the MRI scored
+    under a CT name); the few-shot benchmark's supports are cut from each modality's own training scan, through its
+    own preset, with the organ as 1 and the held-out slab ignored."""
+    import argparse
+    import importlib.util
+
+    from monai_proto.apps.benchmark import NetworkSpec, run_benchmark
+    from monai_proto.apps.benchmark.runner import make_parser
+
+    args = argparse.Namespace(modality="mri", threads=1)
+    with pytest.raises(ValueError, match="built for the CT data"):
+        run_benchmark(
+            name="x", title="x", bundle="x", config_file="x", method=NetworkSpec("IPLSLNet"), baselines=[], args=args,
+            sections={"A-slab 1-shot": "validation"},
+        )  # fmt: skip
+    spec = importlib.util.spec_from_file_location("iplsl_benchmark", os.path.join(REPO, "benchmarks", "iplsl.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    crops = {}
+    for modality in ("mri", "ct"):
+        overrides = {"modality": modality, **bench.SMOKE}
+        if modality == "mri":
+            overrides["train_organs"] = bench.MRI_TRAIN_ORGANS
+        parser = make_parser(bench.CONFIG, overrides)
+        assert parser.get_parsed_content("train_classes")  # every MRI training organ is in the MRI's label table
+        crops[modality] = bench.support_crops(parser, list(parser.get_parsed_content("test_organs")))
+    for modality, by_organ in crops.items():
+        assert set(by_organ) == {"liver", "spleen", "stomach"}
+        for organ, shots in by_organ.items():
+            assert len(shots) == bench.MAX_SHOTS
+            first = shots[0]["label"]
+            assert set(torch.unique(first).tolist()) <= {0, 1, 255} and (first == 1).any(), (modality, organ)
+    # the presets differ: CT scaled from a HU window to [0, 1], MRI z-scored per volume
+    ct, mr = crops["ct"]["liver"][0]["image"], crops["mri"]["liver"][0]["image"]
+    assert float(ct.min()) >= 0.0 and float(ct.max()) <= 1.0
+    assert float(mr.min()) < 0.0

@@ -257,40 +257,103 @@ def test_boundary_fusion_learns_from_low_level_features():
     assert not torch.allclose(out.logits, out.self_logits)
 
 
+def _padded(image: torch.Tensor, div: int) -> torch.Tensor:
+    """``image`` padded at the end of every spatial axis (replicate) to a multiple of ``div``, as the inferer does."""
+    pad: list[int] = []
+    for s in image.shape[:1:-1]:
+        pad += [0, -s % div]
+    return F.pad(image, pad, mode="replicate")
+
+
 @pytest.mark.parametrize("spatial_dims,size", [(2, (40, 36)), (3, (24, 20, 30))])
-def test_slab_wise_segmentation_equals_the_whole_volume_pass(spatial_dims, size):
-    """``segment_features_by_slabs`` (features kept where they were stitched, one slab at a time on the network's
-    device) gives the whole-volume logits: pooled means and counts summed over slabs, the peak threshold of every
-    mask from all its voxels, the boundary head with one neighbouring slice on each side."""
+def test_slab_wise_query_step_equals_the_whole_volume_pass(spatial_dims, size):
+    """``adapt_prototypes_by_slabs`` reads the mid and high levels at their own strides (2 and 4: 1/8 and 1/64 of the
+    voxels in 3D), upsamples one slab at a time with a one-voxel coarse margin, sums pooled means and counts over the
+    slabs, takes every mask's peak threshold from all its voxels and leaves the padding out: the prototypes it returns
+    give the one-pass logits."""
     torch.manual_seed(0)
     net = iplsl(spatial_dims).eval()
-    with torch.no_grad():  # a boundary head that acts, so the slabs' seams would show
+    with torch.no_grad():  # a boundary head that acts
         net.boundary_head[-1].weight.normal_(std=0.5)
     label = torch.zeros(1, 1, *size)
     label[..., 5:15, 8:20] = 1
     support = torch.rand(1, 1, *size) + label
     query = torch.rand(2, 1, *size) + torch.roll(label, 3, dims=-1)
+    padded = _padded(query, net.backbone.size_divisible)
+    assert padded.shape[2:] != query.shape[2:]  # the padding must be left out of the pooling
+    crop = (slice(None), slice(None), *[slice(0, s) for s in size])
     with torch.no_grad():
         prototypes = net.encode_support(support, label).expand(2, -1, -1, -1, -1)
-        features = net.extract_features(query)
+        features = net.extract_features(padded)[crop]
         whole = net._segment_features(net.split_features(features), prototypes)
         assert 0 < float(whole.query_valid.float().mean())  # self-learning acts on this query
+        levels = net.extract_semantic_levels(padded)
+        assert [lv.shape[2:] for lv in levels] == [torch.Size([s // st for s in padded.shape[2:]]) for st in (2, 4)]
+        low, mid, high = net.split_features(features)
         for slab in (1, 7, size[-1] + 5):
-            slabs = net.segment_features_by_slabs(features, prototypes, slab)
-            torch.testing.assert_close(slabs, whole.logits, atol=1e-3, rtol=0)
-    # through the inferer: stitched on the CPU, segmented slab by slab
-    inferer = SupportConditionedInferer(roi_size=(32,) * spatial_dims, support_margin=None, divisor=8, device="cpu")
-    sliced = SupportConditionedInferer(
-        roi_size=(32,) * spatial_dims, support_margin=None, divisor=8, device="cpu", segment_slab=4
-    )
+            adapted = net.adapt_prototypes_by_slabs(levels, prototypes, size, slab)
+            logits = net.fuse_boundary(low, net.prototype_logits([mid, high], adapted))
+            torch.testing.assert_close(logits, whole.logits, atol=1e-3, rtol=0)
+        by_slabs = net.prototype_logits_by_slabs(levels, adapted, 3)[crop]
+        torch.testing.assert_close(by_slabs, net.prototype_logits([mid, high], adapted), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_slab_path_of_the_inferer_keeps_no_full_resolution_features(spatial_dims, monkeypatch):
+    """The inferer's ``segment_slab`` path: coarse levels stitched, the whole-query step slab by slab, the boundary
+    head's residual added window by window. One window: the one-pass segmentation. Several windows: as close to
+    one forward pass over the whole volume as stitching full-resolution features is. Full-resolution features are
+    never computed for the whole volume, and the logits keep the query's geometry."""
+    torch.manual_seed(1)
+    net = iplsl(spatial_dims).eval()
     with torch.no_grad():
-        one = prototypes[:1]
-        expected = inferer(query, net, prototypes=one)
-        torch.testing.assert_close(sliced(query, net, prototypes=one), expected, atol=1e-3, rtol=0)
-        # the logits keep the query's geometry, which the post-processing puts the prediction back on
-        affine = torch.diag(torch.tensor([3.0] * spatial_dims + [1.0], dtype=torch.float64))
-        logits = sliced(MetaTensor(query[:1], affine=affine), net, prototypes=one)
+        net.boundary_head[-1].weight.normal_(std=0.5)
+    small, large = ((24, 16), (64, 48)) if spatial_dims == 2 else ((24, 16, 32), (48, 40, 32))
+    label = torch.zeros(1, 1, *small)
+    label[..., 5:15, 4:12] = 1
+    support = torch.rand(1, 1, *small) + label
+    one_pass = SupportConditionedInferer(roi_size=32, support_margin=None, divisor=8, device="cpu")
+    sliced = SupportConditionedInferer(roi_size=32, support_margin=None, divisor=8, device="cpu", segment_slab=4)
+    with torch.no_grad():
+        prototypes = net.encode_support(support, label)
+        query = torch.rand(1, 1, *small) + torch.roll(label, 3, dims=-1)  # one window
+        expected = net.segment(query, prototypes)
+        big = torch.rand(1, 1, *large)
+        big[(..., *[slice(4, s // 2) for s in large])] += 1
+        truth = net.segment(big, prototypes)  # one forward pass over the whole volume
+        stitched = one_pass(big, net, prototypes=prototypes)
+        with monkeypatch.context() as m:
+            m.setattr(net, "extract_features", lambda *a: pytest.fail("full-resolution features computed"))
+            torch.testing.assert_close(sliced(query, net, prototypes=prototypes), expected, atol=1e-4, rtol=0)
+            windowed = sliced(big, net, prototypes=prototypes)
+            affine = torch.diag(torch.tensor([3.0] * spatial_dims + [1.0], dtype=torch.float64))
+            logits = sliced(MetaTensor(query, affine=affine), net, prototypes=prototypes)
+    assert windowed.shape == truth.shape
+    error, reference = (windowed - truth).abs().mean(), (stitched - truth).abs().mean()
+    assert error <= 1.2 * reference, (float(error), float(reference))
+    assert (windowed.argmax(1) == stitched.argmax(1)).float().mean() > 0.95
     assert isinstance(logits, MetaTensor) and torch.equal(logits.affine, affine)
+    # windows off the coarse grid (scan interval 18): a warning, and the one-pass segmentation
+    off_grid = SupportConditionedInferer(roi_size=24, support_margin=None, divisor=8, device="cpu", segment_slab=4)
+    with torch.no_grad(), pytest.warns(UserWarning, match="stride-4 grid"):
+        fallback = off_grid(big, net, prototypes=prototypes)
+    with torch.no_grad():
+        reference_24 = SupportConditionedInferer(roi_size=24, support_margin=None, divisor=8, device="cpu")
+        torch.testing.assert_close(fallback, reference_24(big, net, prototypes=prototypes))
+
+
+def test_panet_through_the_slab_path_equals_one_pass():
+    """The PANet-style baseline has no whole-query step and no residual head: the slab path is its prototype logits
+    from the stitched stride-2 embedding."""
+    torch.manual_seed(0)
+    net = PANetFewShot(3, 1, 2, backbone_kwargs=TINY, embedding_dim=8).eval()
+    label = torch.zeros(1, 1, 24, 16, 32)
+    label[..., 5:15, 4:12, :] = 1
+    with torch.no_grad():
+        prototypes = net.encode_support(torch.rand(1, 1, 24, 16, 32) + label, label)
+        query = torch.rand(1, 1, 24, 16, 32)
+        sliced = SupportConditionedInferer(32, support_margin=None, divisor=8, device="cpu", segment_slab=5)
+        torch.testing.assert_close(sliced(query, net, prototypes=prototypes), net.segment(query, prototypes))
 
 
 def test_reverse_alignment_segments_the_support_from_query_prototypes():
@@ -444,3 +507,22 @@ def test_support_conditioned_inferer_segments_the_whole_volume_once():
     torch.testing.assert_close(inferer(query, net), first)  # the first network's cache is still its own
     with pytest.raises(ValueError, match="no support"):
         SupportConditionedInferer(16)(torch.rand(1, 1, 16, 16, 16), net)
+
+
+def test_bundle_inference_windows_fall_on_the_coarse_grid():
+    """The bundle's inferer takes the slab path (no full-resolution features) rather than warning and falling back:
+    its window and scan interval are multiples of IPLSL's coarsest stride, for thin and large volumes alike."""
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    bundle = Path(__file__).parents[1] / "bundles" / "iplsl_fewshot_segmentation"
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser["support_dataset"] = None
+    inferer = parser.get_parsed_content("inferer", instantiate=True)
+    network = parser.get_parsed_content("network_def")
+    stride = max(network.level_strides[i] for i in network.semantic_levels)
+    assert inferer.segment_slab is not None and stride == 4
+    for size in ([64, 64, 16], [176, 160, 48], [512, 512, 400]):
+        assert inferer._aligned(size, stride), size

@@ -13,17 +13,20 @@ doi 10.1016/j.artmed.2025.103183) and usable with any network following the inte
 
 from __future__ import annotations
 
+import copy
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
-from monai_proto.inferers.sliding import FittedSlidingWindowInferer
+from monai_proto.inferers.sliding import FittedSlidingWindowInferer, fitted_roi_size
 from monai_proto.networks.utils import unwrap_network
 
 __all__ = ["FixedPrototypeSegmenter", "SupportConditionedInferer"]
@@ -63,7 +66,9 @@ class SupportConditionedInferer(Inferer):
     3. Stitch the query's features over the whole volume by sliding windows, then segment them in one pass
        (``network.segment_features``): the query-level steps of a method (IPLSL's query pooling, interaction and
        self-learning) see the whole volume, not one window at a time (most windows of a scan hold no voxel of
-       the target organ, and a per-window self-learning step invents one).
+       the target organ, and a per-window self-learning step invents one). With ``segment_slab`` the same steps
+       run on coarse stitched maps, slab by slab, so that memory grows by a few bytes a voxel
+       (:meth:`_segment_by_slabs`).
 
     Windows shrink to a volume thinner than ``roi_size`` and are padded by replication
     (:class:`~monai_proto.inferers.sliding.FittedSlidingWindowInferer`), for support and query alike. The support
@@ -89,10 +94,15 @@ class SupportConditionedInferer(Inferer):
         sw_device / device: as in ``SlidingWindowInferer``: windows run on ``sw_device``, the query's features are
             stitched on ``device`` (e.g. the CPU, so the compute device's memory does not grow with the volume).
             Defaults to None.
-        segment_slab: when set and the network has ``segment_features_by_slabs`` (IPLSL), the whole-query step runs
-            slab by slab (this many slices) on the network's device, the features staying on ``device``; the result
-            equals the one-pass segmentation up to rounding. None segments in one pass on the network's device.
-            Defaults to None.
+        segment_slab: when set, the query is segmented without full-resolution features in memory: the prototype
+            levels are stitched at their own strides (IPLSL: mid 2, high 4, so 1/8 and 1/64 of the voxels in 3D) on
+            ``device``, the whole-query step runs slab by slab (this many slices) on the network's device, and a
+            voxel-wise head (IPLSL's boundary fusion) is added by a second window pass. Within one window this
+            equals the one-pass segmentation up to rounding; across windows it blends coarse maps instead of
+            upsampled ones (measured: as close to one forward pass over the whole volume as the one-pass form).
+            Windows must start on the coarsest stride's grid (window and scan interval divisible by it), else the
+            inferer warns and segments in one pass. None segments in one pass, the full-resolution features
+            stitched on ``device`` and then moved to the network's device. Defaults to None.
 
     Raises:
         ValueError: when ``support_margin`` is negative; at call time, when no support is given and the network
@@ -181,6 +191,68 @@ class SupportConditionedInferer(Inferer):
             shots.append(net.prototypes_from_features(features, label.to(features.device)))
         return net.combine_shots(shots)
 
+    def _aligned(self, size: Sequence[int], stride: int) -> bool:
+        """Whether every window of a volume of ``size`` starts and ends on the ``stride`` grid (MONAI's placement:
+        multiples of the scan interval, the last window flush with the end), so maps of that stride stitch exactly."""
+        roi = fitted_roi_size(ensure_tuple_rep(self.window.roi_size, len(size)), size, self.window.divisor)
+        overlap = ensure_tuple_rep(self.window.overlap, len(size))
+        for r, s, o in zip(roi, size, overlap):
+            interval = r if r >= s else max(int(r * (1 - o)), 1)  # MONAI's scan interval
+            if r % stride or interval % stride or s % stride:
+                return False
+        return True
+
+    def _segment_by_slabs(
+        self, inputs: torch.Tensor, net: nn.Module, prototypes: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor | None:
+        """
+        The query segmented without full-resolution features in memory (``segment_slab``):
+
+        1. stitch the prototype levels at their own strides (``net.extract_semantic_levels``) over the query, padded
+           (replicate) to the backbone's size divisor, on ``device``;
+        2. run the method's whole-query step slab by slab on the network's device
+           (``net.adapt_prototypes_by_slabs``), then the prototype logits (``net.prototype_logits_by_slabs``);
+        3. for a network with a voxel-wise head on top (``net.logit_residual``: IPLSL's boundary fusion), a second
+           sliding-window pass adds that head's residual, each window reading its box of the whole-query logits.
+
+        Returns None (the caller segments in one pass) when the windows do not fall on the coarse levels' grid.
+        """
+        size = [int(v) for v in inputs.shape[2:]]
+        div = int(net.backbone.size_divisible)
+        padded = [-(-v // div) * div for v in size]
+        stride = max(int(net.level_strides[i]) for i in net.semantic_levels)
+        if not self._aligned(padded, stride):
+            warnings.warn(
+                f"the sliding windows ({self.window.roi_size}, overlap {self.window.overlap}) do not start on the "
+                f"stride-{stride} grid of the network's coarse levels: segmenting in one pass on full-resolution "
+                "features (more memory); use a window and a scan interval divisible by the stride.",
+                stacklevel=3,
+            )
+            return None
+        query = torch.as_tensor(inputs)  # a plain tensor: the padded copy has no geometry to keep
+        pad: list[int] = []
+        for s, p in zip(size[::-1], padded[::-1]):
+            pad += [0, p - s]
+        if any(pad):
+            query = F.pad(query, pad, mode="replicate")
+        levels = self.window(query, net.extract_semantic_levels, **kwargs)
+        levels = [levels] if isinstance(levels, torch.Tensor) else list(levels)  # MONAI unpacks a 1-tuple
+        prototypes = net.adapt_prototypes_by_slabs(levels, prototypes, size, self.segment_slab)
+        logits = net.prototype_logits_by_slabs(levels, prototypes, self.segment_slab)
+        del levels
+        if getattr(net, "logit_residual", False):
+            device = prototypes.device
+
+            def residual(window: torch.Tensor, boxes: Sequence[Sequence[slice]]) -> torch.Tensor:
+                box_logits = torch.cat([logits[tuple(b)] for b in boxes]).to(device)
+                return net.window_residual(window, box_logits)
+
+            window = copy.copy(self.window)
+            window.with_coord = True
+            logits += torch.as_tensor(window(query, residual))
+        crop = tuple([slice(None), slice(None)] + [slice(0, v) for v in size])
+        return logits[crop]
+
     @torch.no_grad()
     def __call__(  # type: ignore[override]
         self,
@@ -222,11 +294,12 @@ class SupportConditionedInferer(Inferer):
             prototypes = self._prototypes[net]
         if prototypes.shape[0] > 1:
             prototypes = prototypes.mean(dim=0, keepdim=True)  # one support set for the whole query batch
-        features = self.window(inputs, net.extract_features, **kwargs)
         device = next(net.parameters()).device
-        if self.segment_slab is not None and hasattr(net, "segment_features_by_slabs"):
-            logits = net.segment_features_by_slabs(features, prototypes.to(device), self.segment_slab)
-        else:
+        logits = None
+        if self.segment_slab is not None and hasattr(net, "adapt_prototypes_by_slabs"):
+            logits = self._segment_by_slabs(inputs, net, prototypes.to(device), **kwargs)
+        if logits is None:
+            features = self.window(inputs, net.extract_features, **kwargs)
             logits = net.segment_features(features.to(device), prototypes.to(device))
         if isinstance(inputs, MetaTensor) and not isinstance(logits, MetaTensor):  # keep the query's geometry
             logits = convert_to_dst_type(logits, inputs, device=logits.device)[0]

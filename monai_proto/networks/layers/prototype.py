@@ -105,11 +105,13 @@ def prototype_similarity(
         raise ValueError(f"batch sizes differ: features {list(features.shape)}, prototypes {list(prototypes.shape)}.")
     prototypes = prototypes.to(features.dtype)
     if normalize:
-        features = F.normalize(features, dim=1, eps=eps)
         prototypes = F.normalize(prototypes, dim=-1, eps=eps)
     flat = features.flatten(2)  # (B, C, N)
     equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
     sim = torch.einsum(equation, flat, prototypes)
+    if normalize:  # F.normalize(features)'s max(|f|, eps), applied to the P maps instead of the C channels
+        squared = torch.einsum("bcn,bcn->bn", flat, flat)
+        sim = sim / squared.clamp_min(eps * eps).sqrt().unsqueeze(1)
     return sim.reshape([sim.shape[0], sim.shape[1]] + list(features.shape[2:]))
 
 

@@ -77,6 +77,10 @@ class PrototypeFewShotNet(nn.Module):
       :meth:`combine_shots`.
     - :meth:`segment_features` ``(features, prototypes) -> logits (B, K, *S)`` and :meth:`segment`
       ``(query, prototypes)`` (the same from the image).
+    - the slab path of that inferer, which holds no full-resolution features of the whole query:
+      :meth:`extract_semantic_levels` (the prototype levels at their own strides, ``level_strides``, stitched),
+      :meth:`adapt_prototypes_by_slabs` (the whole-query step, slab by slab), :meth:`prototype_logits_by_slabs`,
+      and, where ``logit_residual`` is set, :meth:`window_residual` (a voxel-wise head on top, window by window).
     - :meth:`forward` ``(query, support_image, support_label)`` or ``(query, support_prototypes=...)``: in
       training mode a :class:`FewShotOutput`, in ``eval()`` mode the logits tensor.
     - the single-input form ``forward(query)`` (``eval()`` mode): segments with the **default support**, prototypes
@@ -87,7 +91,8 @@ class PrototypeFewShotNet(nn.Module):
       given with the call replaces the default.
 
     Labels may hold ``ignore_index`` (held-out or padded voxels): such voxels belong to no class and enter no
-    prototype. Subclasses set ``level_channels``, call :meth:`_register_default_support` and implement
+    prototype. Subclasses set ``level_channels``, ``level_strides`` and ``semantic_levels`` (and ``logit_residual``
+    with :meth:`window_residual`), call :meth:`_register_default_support` and implement
     :meth:`_compute_features`, :meth:`prototypes_from_features` and :meth:`_segment_features`.
 
     Args:
@@ -129,6 +134,9 @@ class PrototypeFewShotNet(nn.Module):
         self.ignore_index = int(ignore_index)
         self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.level_channels: tuple[int, ...] = ()
+        self.level_strides: tuple[int, ...] = ()  # each level's own stride (its map before upsampling)
+        self.semantic_levels: tuple[int, ...] = ()  # the levels that carry prototypes
+        self.logit_residual = False  # whether a voxel-wise head adds to the prototype logits (window_residual)
         self.interpolation = "trilinear" if spatial_dims == 3 else "bilinear"
 
     # ---------------------------------------------------------------------------------------- default support
@@ -223,6 +231,114 @@ class PrototypeFewShotNet(nn.Module):
             if padded[d] > 0:
                 features = features.narrow(2 + d, padded[d] // 2, size[d])
         return features
+
+    @torch.jit.unused
+    def extract_semantic_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """
+        The levels that carry prototypes (``semantic_levels``) at their own strides, not upsampled: what the
+        support-conditioned inferer stitches over a whole volume (a level of stride 2 holds 1/8 of the voxels in 3D).
+
+        Args:
+            image: ``(B, in_channels, *S)``, ``S`` divisible by the backbone's ``size_divisible``.
+
+        Returns:
+            one ``(B, level_channels[i], *S / level_strides[i])`` map per level ``i`` of ``semantic_levels``.
+
+        Raises:
+            ValueError: when ``S`` is not divisible by ``size_divisible``.
+        """
+        div = int(self.backbone.size_divisible)
+        if any(int(s) % div for s in image.shape[2:]):
+            raise ValueError(f"the image's spatial size must be divisible by {div}, but got {list(image.shape[2:])}.")
+        levels = self._compute_features(image)
+        return tuple(levels[i] for i in self.semantic_levels)
+
+    @torch.jit.unused
+    def upsample_slab(
+        self,
+        levels: Sequence[torch.Tensor],
+        size: Sequence[int],
+        start: int,
+        stop: int,
+        device: torch.device,
+        select: Sequence[int] | None = None,
+    ) -> list[torch.Tensor]:
+        """
+        Slices ``start:stop`` (last spatial axis) of the stitched :meth:`extract_semantic_levels` maps, upsampled to
+        the input resolution on ``device``, as :meth:`extract_features` gives them for the whole volume (linear
+        interpolation, ``align_corners=False``). Only the coarse slices that the slab reads are upsampled in-plane,
+        then each output slice is the linear blend of its two coarse neighbours (linear interpolation is separable),
+        so the slab's memory is the slab's own plus a few coarse slices.
+
+        Args:
+            levels: the stitched levels of a volume of (padded) size ``level.shape[2:] * stride``, on any device.
+            size: the volume's own spatial size; the result is cropped to it in-plane.
+            start / stop: the slab along the last spatial axis, at the input resolution.
+            device: where the result is computed.
+            select: positions in ``levels`` to upsample; None for all.
+
+        Returns:
+            one ``(B, level_channels[i], *size[:-1], stop - start)`` map per selected level of ``semantic_levels``.
+        """
+        out: list[torch.Tensor] = []
+        for j in range(len(levels)) if select is None else select:
+            level, stride = levels[j], int(self.level_strides[self.semantic_levels[j]])
+            # F.interpolate's source position of every output slice, clamped at 0; its neighbour, clamped at the end
+            source = ((torch.arange(start, stop, dtype=torch.float64) + 0.5) / stride - 0.5).clamp_min(0)
+            below = source.floor().long()
+            weight = (source - below).tolist()
+            above = (below + 1).clamp_max(int(level.shape[-1]) - 1)
+            lo, hi = int(below[0]), int(above[-1]) + 1
+            planes = level[..., lo:hi].to(device=device, dtype=torch.float32)
+            planes = self.resize(planes, [int(v) * stride for v in level.shape[2:-1]] + [hi - lo])  # in-plane only
+            planes = planes[(slice(None), slice(None), *[slice(0, int(v)) for v in size[:-1]])]
+            slab = planes.new_empty(list(planes.shape[:-1]) + [stop - start])
+            for t, (b, a, w) in enumerate(zip(below.tolist(), above.tolist(), weight)):
+                torch.lerp(planes[..., b - lo], planes[..., a - lo], w, out=slab[..., t])
+            out.append(slab)
+        return out
+
+    @torch.jit.unused
+    def adapt_prototypes_by_slabs(
+        self, levels: Sequence[torch.Tensor], prototypes: torch.Tensor, size: Sequence[int], slab: int
+    ) -> torch.Tensor:
+        """
+        The method's whole-query step (IPLSL: query pooling, interaction, self-learning) from the stitched
+        :meth:`extract_semantic_levels` of a query, slab by slab: the prototypes that then segment every voxel
+        (:meth:`prototype_logits_by_slabs`). Without such a step (the PANet-style baseline) the support's.
+
+        Args:
+            levels: stitched query levels (see :meth:`upsample_slab`), on any device.
+            prototypes: ``(B or 1, L, K, M, C)`` support prototypes on the network's device.
+            size: the query's own spatial size (voxels beyond it, padding, enter no prototype).
+            slab: slices per slab (last spatial axis).
+
+        Returns:
+            ``(B, L, K, M, C)`` prototypes.
+        """
+        return self.expand_prototypes(prototypes, int(levels[0].shape[0]))
+
+    @torch.jit.unused
+    def prototype_logits_by_slabs(
+        self, levels: Sequence[torch.Tensor], prototypes: torch.Tensor, slab: int
+    ) -> torch.Tensor:
+        """
+        :meth:`prototype_logits` of the stitched :meth:`extract_semantic_levels` maps, slab by slab on the device of
+        ``prototypes``; the result ``(B, K, *S)`` (``S`` the levels' full-resolution size) on the levels' device.
+        """
+        size = [int(v) * int(self.level_strides[self.semantic_levels[0]]) for v in levels[0].shape[2:]]
+        out = torch.empty([int(levels[0].shape[0]), int(prototypes.shape[2])] + size, device=levels[0].device)
+        for start in range(0, size[-1], slab):
+            stop = min(start + slab, size[-1])
+            semantic = self.upsample_slab(levels, size, start, stop, prototypes.device)
+            out[..., start:stop] = self.prototype_logits(semantic, prototypes).to(out.device)
+        return out
+
+    @torch.jit.unused
+    def window_residual(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """For a network with ``logit_residual``: the residual its voxel-wise head adds to the prototype ``logits``
+        ``(B, K, *S)`` of a window ``image`` (IPLSL: low-level boundary fusion)."""
+        raise NotImplementedError
 
     def split_features(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Split the output of :meth:`extract_features` into its levels (``level_channels``)."""
@@ -377,5 +493,5 @@ class PrototypeFewShotNet(nn.Module):
         return output._replace(align_logits=align_logits, support_label=support_label)  # type: ignore[return-value]
 
     def _prototype_levels(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The levels that carry prototypes (all of them by default)."""
-        return levels
+        """The levels that carry prototypes (``semantic_levels``)."""
+        return [levels[i] for i in self.semantic_levels]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -146,7 +147,7 @@ class IPLSLNet(PrototypeFewShotNet):
             nn.init.zeros_(last.weight)  # starts as the identity on the self-learning logits
             nn.init.zeros_(last.bias)
             # no normalisation (MONAI's Convolution adds an instance norm unless told not to): the head runs on
-            # patches in training and on whole volumes at inference, and slab by slab in segment_features_by_slabs
+            # patches in training, on whole volumes at inference and on windows in the slab path (window_residual)
             self.boundary_head = nn.Sequential(
                 Convolution(
                     spatial_dims, low_channels + out_channels, boundary_channels, kernel_size=3, act="prelu", norm=None
@@ -154,6 +155,10 @@ class IPLSLNet(PrototypeFewShotNet):
                 last,
             )
         self.level_channels = (low_channels, embedding_dim, embedding_dim)
+        strides = self.backbone.decoder_strides
+        self.level_strides = (int(strides[-1]), int(strides[mid_level]), int(strides[high_level]))
+        self.semantic_levels = (1, 2)  # mid and high; the low level only feeds the boundary head
+        self.logit_residual = self.boundary_head is not None
         self._register_default_support(2, self.num_background_prototypes, embedding_dim)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:  # type: ignore[override]
@@ -172,9 +177,6 @@ class IPLSLNet(PrototypeFewShotNet):
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         decoder = self.backbone(image).decoder
         return [decoder[-1], self.embed_mid(decoder[self.mid_level]), self.embed_high(decoder[self.high_level])]
-
-    def _prototype_levels(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
-        return levels[1:]  # mid, high; the low level only feeds the boundary head
 
     def class_prototypes(
         self, semantic: list[torch.Tensor], foreground: torch.Tensor, background_parts: torch.Tensor
@@ -271,6 +273,14 @@ class IPLSLNet(PrototypeFewShotNet):
             return self_logits
         return self_logits + self.boundary_head(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
 
+    @torch.jit.unused
+    def window_residual(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The boundary head's residual on a window ``image`` ``(B, in_channels, *S)`` (``S`` divisible by the
+        backbone's ``size_divisible``) whose self-learning logits, from the whole query, are ``logits``."""
+        if self.boundary_head is None:
+            raise ValueError("this IPLSLNet has no boundary head (boundary_channels=0).")
+        return self.fuse_boundary(self._compute_features(image)[0], logits) - logits
+
     def _segment_features(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> FewShotOutput:
         low, semantic = levels[0], levels[1:]
         # initial prediction from the support prototypes alone
@@ -293,73 +303,68 @@ class IPLSLNet(PrototypeFewShotNet):
 
     # ------------------------------------------------------------------------------------- slab-wise form
     @torch.jit.unused
-    def segment_features_by_slabs(
-        self, features: torch.Tensor, prototypes: torch.Tensor, slab: int = 16
+    def adapt_prototypes_by_slabs(
+        self, levels: Sequence[torch.Tensor], prototypes: torch.Tensor, size: Sequence[int], slab: int = 16
     ) -> torch.Tensor:
         """
-        The logits of :meth:`segment_features` (the whole query's pooling, interaction and self-learning), computed
-        slab by slab along the last spatial axis: ``features`` may stay where they were stitched (e.g. the CPU) and
-        only one slab at a time, with its intermediate maps, is on the device of ``prototypes`` (the network's).
-        The query-level steps need sums over the whole volume (mean prototypes, voxel counts) and one order
-        statistic per mask (the peak prototypes' strength threshold): each is gathered over the slabs, keeping
-        one strength and one mask index per voxel; the boundary head sees one neighbouring slice on each side.
+        The whole-query step of :meth:`segment_features` (query pooling, interaction, self-learning) from the
+        stitched mid and high levels at their own strides (:meth:`extract_semantic_levels`), slab by slab along the last
+        spatial axis: the levels may stay where they were stitched (e.g. the CPU), and only one slab at a time,
+        upsampled (:meth:`upsample_slab`), is on the device of ``prototypes`` (the network's). The step needs sums
+        over the whole volume (mean prototypes, voxel counts) and one order statistic per mask (the peak prototypes'
+        strength threshold): each is gathered over the slabs, keeping one strength and one mask index per voxel.
 
         Args:
-            features: ``(B, sum(level_channels), *S)`` from :meth:`extract_features` (stitched), on any device.
+            levels: ``(mid, high)`` stitched over the (padded) query, on any device.
             prototypes: ``(B or 1, 2, K, M, C)`` support prototypes, on the network's device.
+            size: the query's spatial size (voxels beyond it, padding, enter no prototype).
             slab: slices per slab.
 
         Returns:
-            logits ``(B, K, *S)`` on the device of ``features``; equal to :meth:`segment_features` up to rounding.
+            the self-learning prototypes ``(B, 2, K, M, C)``: their :meth:`prototype_logits` fused with the low level
+            (:meth:`fuse_boundary`) are the logits of :meth:`segment_features`.
         """
         if slab < 1:
             raise ValueError(f"slab must be >= 1, but got {slab}.")
-        prototypes = self.expand_prototypes(prototypes, features.shape[0])
-        query_prototypes, query_valid = self._pool_query_by_slabs(features, prototypes, prototypes, slab)
+        prototypes = self.expand_prototypes(prototypes, int(levels[0].shape[0]))
+        query_prototypes, query_valid = self._pool_query_by_slabs(levels, size, prototypes, prototypes, slab)
         support_refined, _ = self.interact(prototypes, query_prototypes, query_valid)
-        self_prototypes, self_valid = self._pool_query_by_slabs(features, support_refined, support_refined, slab)
-        mixed = self.mix(self_prototypes, self_valid, support_refined)
-        depth = features.shape[-1]
-        out = torch.empty(
-            [features.shape[0], prototypes.shape[2]] + list(features.shape[2:]), dtype=features.dtype,
-            device=features.device,
-        )  # fmt: skip
-        halo = 0 if self.boundary_head is None else 1  # the boundary head's 3^d convolution
-        for start in range(0, depth, slab):
-            stop = min(start + slab, depth)
-            lo, hi = max(start - halo, 0), min(stop + halo, depth)
-            low, mid, high = self.split_features(features[..., lo:hi].to(prototypes.device))
-            logits = self.fuse_boundary(low, self.prototype_logits([mid, high], mixed))
-            out[..., start:stop] = logits[..., start - lo : stop - lo].to(out.device)
-        return out
+        self_prototypes, self_valid = self._pool_query_by_slabs(levels, size, support_refined, support_refined, slab)
+        return self.mix(self_prototypes, self_valid, support_refined)
 
     @torch.jit.unused
     def _pool_query_by_slabs(
-        self, features: torch.Tensor, logit_prototypes: torch.Tensor, support_prototypes: torch.Tensor, slab: int
+        self,
+        levels: Sequence[torch.Tensor],
+        size: Sequence[int],
+        logit_prototypes: torch.Tensor,
+        support_prototypes: torch.Tensor,
+        slab: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`pool_query` of the logits ``prototype_logits(semantic, logit_prototypes)``, over slabs."""
         device = support_prototypes.device
         batch, _, num_classes, slots, _ = support_prototypes.shape
-        depth = features.shape[-1]
+        depth = int(size[-1])
         num_masks = slots + num_classes - 1  # the background parts, then the foreground classes
-        strengths, mask_ids = [], []
-
-        def masks_of(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            _, mid, high = self.split_features(features[..., start:stop].to(device))
-            logits = self.prototype_logits([mid, high], logit_prototypes)
-            return mid, high, torch.cat(self.query_masks(mid, logits, support_prototypes), dim=1)  # one per voxel
+        voxels_total = math.prod(int(v) for v in size)
+        strength = torch.empty(batch, voxels_total)  # kept on the CPU: one strength and one mask index a voxel
+        ids = torch.empty(batch, voxels_total, dtype=torch.int16)  # a few masks: 2 bytes a voxel
 
         dtype = support_prototypes.dtype
         mean_sums = torch.zeros(batch, num_masks, support_prototypes.shape[-1], device=device, dtype=dtype)
         counts = torch.zeros(batch, num_masks, device=device, dtype=dtype)
+        offset = 0
         for start in range(0, depth, slab):
-            mid, high, masks = masks_of(start, min(start + slab, depth))
+            mid, high = self.upsample_slab(levels, size, start, min(start + slab, depth), device)
+            logits = self.prototype_logits([mid, high], logit_prototypes)
+            masks = torch.cat(self.query_masks(mid, logits, support_prototypes), dim=1)  # one mask per voxel
             mean_sums += torch.einsum("bkn,bcn->bkc", masks.flatten(2), mid.flatten(2))
             counts += masks.flatten(2).sum(-1)
-            strengths.append(activation_strength(high).flatten(1).cpu())
-            mask_ids.append(masks.argmax(dim=1).flatten(1).to(torch.int16).cpu())  # a few masks: 2 bytes a voxel
+            voxels = slice(offset, offset + mid[0, 0].numel())
+            offset = voxels.stop
+            strength[:, voxels] = activation_strength(high).flatten(1).cpu()
+            ids[:, voxels] = masks.argmax(dim=1).flatten(1).to(torch.int16).cpu()
         # the peak threshold of every mask: its ceil(fraction * n)-th strongest voxel (peak_mask's rule)
-        strength, ids = torch.cat(strengths, dim=1), torch.cat(mask_ids, dim=1)
         thresholds = torch.full((batch, num_masks), math.inf, dtype=strength.dtype)
         for b in range(batch):
             for k in range(num_masks):
@@ -370,16 +375,20 @@ class IPLSLNet(PrototypeFewShotNet):
         thresholds = thresholds.to(device)
         peak_sums = torch.zeros_like(mean_sums)
         peak_counts = torch.zeros_like(counts)
-        for start in range(0, depth, slab):
-            _, high, masks = masks_of(start, min(start + slab, depth))
-            threshold = thresholds.reshape([batch, num_masks] + [1] * (masks.ndim - 2))
-            selected = masks * (activation_strength(high) >= threshold).to(masks.dtype)
-            peak_sums += torch.einsum("bkn,bcn->bkc", selected.flatten(2), high.flatten(2))
-            peak_counts += selected.flatten(2).sum(-1)
+        offset = 0
+        for start in range(0, depth, slab):  # the masks and strengths kept above: only the high level is upsampled
+            (high,) = self.upsample_slab(levels, size, start, min(start + slab, depth), device, select=(1,))
+            voxels = slice(offset, offset + high[0, 0].numel())
+            offset = voxels.stop
+            slab_ids = ids[:, voxels].to(device=device, dtype=torch.long)
+            above = strength[:, voxels].to(device) >= thresholds.gather(1, slab_ids)
+            selected = F.one_hot(slab_ids, num_masks).movedim(-1, 1).to(dtype) * above[:, None].to(dtype)
+            peak_sums += torch.einsum("bkn,bcn->bkc", selected, high.flatten(2))
+            peak_counts += selected.sum(-1)
         mean = mean_sums / (counts[..., None] + 1e-5)  # masked_average_pooling's eps
         peak = peak_sums / (peak_counts[..., None] + 1e-5)
         prototypes = torch.stack(
             [class_slots(mean[:, :slots], mean[:, slots:]), class_slots(peak[:, :slots], peak[:, slots:])], dim=1
         )
         voxel_counts = class_slots(counts[:, :slots, None], counts[:, slots:, None])[..., 0]
-        return prototypes, voxel_counts >= self.min_self_count(int(features[0, 0].numel()))
+        return prototypes, voxel_counts >= self.min_self_count(math.prod(int(v) for v in size))

@@ -67,6 +67,8 @@ class PANetFewShot(PrototypeFewShotNet):
         self.feature_level = feature_level
         self.embed = Conv[Conv.CONV, spatial_dims](self.backbone.decoder_channels[feature_level], embedding_dim, 1)
         self.level_channels = (embedding_dim,)
+        self.level_strides = (int(self.backbone.decoder_strides[feature_level]),)
+        self.semantic_levels = (0,)
         self._register_default_support(1, 1, embedding_dim)
 
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:
