@@ -351,3 +351,24 @@ def test_diversity_loss():
     )
     torch.testing.assert_close(PrototypeDiversityLoss(reduction="none")(spread), torch.zeros(2))
     torch.testing.assert_close(PrototypeDiversityLoss()(torch.randn(3, 1, 4)), torch.tensor(0.0))
+
+
+def test_one_pair_penalty_serves_diversity_within_a_class_and_separation_between_classes():
+    """``cosine_pair_penalty`` is the one place of ``relu(cos - margin)`` over prototype pairs: MPCL's diversity takes
+    the pairs within a class, IPLSL's separation the pairs across classes; one prototype per class makes them equal."""
+    from monai_proto.losses import prototype_separation_loss
+    from monai_proto.losses.prototype import cosine_pair_penalty
+
+    torch.manual_seed(0)
+    vectors = torch.randn(6, 8)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    within, i, j = cosine_pair_penalty(vectors, groups, same=True, margin=-1.0)
+    across, k, m = cosine_pair_penalty(vectors, groups, same=False, margin=-1.0)
+    assert len(i) == 1 + 3 and len(k) == 15 - 4  # pairs inside {0,1} and {2,3,4}; the rest
+    assert bool((groups[i] == groups[j]).all()) and bool((groups[k] != groups[m]).all())
+    cos = torch.nn.functional.cosine_similarity(vectors[0], vectors[1], dim=0)
+    torch.testing.assert_close(within[0], cos + 1.0)
+    protos = torch.randn(5, 8)
+    torch.testing.assert_close(
+        prototype_separation_loss(protos, margin=0.1), PrototypeDiversityLoss(margin=0.1)(protos[None])
+    )

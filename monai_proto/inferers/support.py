@@ -174,22 +174,16 @@ class SupportConditionedInferer(Inferer):
             support_label: ``(B, 1, *S)`` binary / class-index labels, or a sequence of k.
         """
         net = unwrap_network(network)
-        if isinstance(support_image, torch.Tensor):
-            support_image, support_label = [support_image], [support_label]  # type: ignore[list-item]
-        if len(support_image) != len(support_label) or not support_image:
-            raise ValueError(
-                "support images and labels must be non-empty and paired, got "
-                f"{len(support_image)} and {len(support_label)}."
-            )
-        shots = []
-        for image, label in zip(support_image, support_label):
+
+        def prepare(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             image, label = torch.as_tensor(image), torch.as_tensor(label)
             if image.ndim == net.spatial_dims + 1:
                 image, label = image[None], label[None]
             image, label = self._crop_support(image, label.round().long())
             features = self.window(image, net.extract_features)
-            shots.append(net.prototypes_from_features(features, label.to(features.device)))
-        return net.combine_shots(shots)
+            return features, label.to(features.device)
+
+        return net.encode_support(support_image, support_label, prepare=prepare)
 
     def _aligned(self, size: Sequence[int], stride: int) -> bool:
         """Whether every window of a volume of ``size`` starts and ends on the ``stride`` grid (MONAI's placement:

@@ -9,28 +9,10 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from monai_proto.losses.prototype import cosine_pair_penalty, reduce_loss
 from monai_proto.losses.segmentation import DiceCEIgnoreLoss
 
 __all__ = ["IPLSLLoss", "prototype_consistency_loss", "prototype_separation_loss"]
-
-
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == LossReduction.MEAN.value:
-        return values.mean()
-    if reduction == LossReduction.SUM.value:
-        return values.sum()
-    return values
-
-
-def _masked_reduce(values: torch.Tensor, mask: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if mask is None:
-        return _reduce(values, reduction)
-    mask = mask.to(values.dtype).expand_as(values)
-    if reduction == LossReduction.MEAN.value:
-        return (values * mask).sum() / mask.sum().clamp_min(1.0)
-    if reduction == LossReduction.SUM.value:
-        return (values * mask).sum()
-    return values * mask
 
 
 def prototype_consistency_loss(
@@ -60,7 +42,7 @@ def prototype_consistency_loss(
             f"prototype shapes differ: {tuple(support_prototypes.shape)} and {tuple(query_prototypes.shape)}."
         )
     values = 1.0 - F.cosine_similarity(support_prototypes, query_prototypes, dim=-1, eps=1e-8)
-    return _masked_reduce(values, valid, reduction)
+    return reduce_loss(values, reduction, valid)
 
 
 def prototype_separation_loss(
@@ -93,18 +75,13 @@ def prototype_separation_loss(
     if not -1.0 <= margin <= 1.0:
         raise ValueError(f"margin must be in [-1, 1], but got {margin}.")
     num_classes, slots = prototypes.shape[-3], prototypes.shape[-2]
-    tokens = F.normalize(prototypes.flatten(-3, -2), dim=-1, eps=1e-8)  # (..., K*M, C)
-    cosine = tokens @ tokens.transpose(-1, -2)
     classes = torch.arange(num_classes, device=prototypes.device).repeat_interleave(slots)
-    i, j = torch.triu_indices(cosine.shape[-1], cosine.shape[-1], offset=1, device=cosine.device)
-    different = classes[i] != classes[j]
-    i, j = i[different], j[different]
-    values = torch.relu(cosine[..., i, j] - margin)
+    values, i, j = cosine_pair_penalty(prototypes.flatten(-3, -2), classes, same=False, margin=margin)
     mask = None
     if valid is not None:
         flat = valid.flatten(-2).to(values.dtype)
         mask = flat[..., i] * flat[..., j]
-    return _masked_reduce(values, mask, reduction)
+    return reduce_loss(values, reduction, mask)
 
 
 class IPLSLLoss(_Loss):

@@ -11,16 +11,56 @@ __all__ = [
     "PrototypeCompactnessLoss",
     "PrototypeDiversityLoss",
     "VoxelPrototypeContrastiveLoss",
+    "cosine_pair_penalty",
+    "reduce_loss",
 ]
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_loss(loss: torch.Tensor, reduction: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    Reduce per-element loss values the way MONAI's losses do, optionally over the elements a mask keeps.
+
+    Args:
+        loss: values of any shape.
+        reduction: ``"mean"`` (over the kept elements; 0 with a graph, not NaN, when none is kept), ``"sum"`` or
+            ``"none"`` (the values, zeroed where the mask drops them).
+        mask: optional mask broadcastable to ``loss``: 1 where an element counts.
+    """
+    if mask is not None:
+        mask = mask.to(loss.dtype).expand_as(loss)
+        loss = loss * mask
     if reduction == LossReduction.SUM.value:
         return loss.sum()
     if reduction == LossReduction.MEAN.value:
-        # an empty voxel sample gives 0 (with a graph) rather than NaN
+        if mask is not None:
+            return loss.sum() / mask.sum().clamp_min(1.0)
         return loss.mean() if loss.numel() > 0 else loss.sum()
     return loss
+
+
+def cosine_pair_penalty(
+    vectors: torch.Tensor, groups: torch.Tensor, same: bool, margin: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    ``relu(cos(v_i, v_j) - margin)`` for the unordered pairs ``i < j`` of ``N`` vectors whose groups are equal
+    (``same=True``: e.g. the prototypes of one class, kept apart against collapse) or differ (``same=False``: e.g.
+    the prototypes of different classes, kept apart for separation).
+
+    Args:
+        vectors: ``(..., N, C)``.
+        groups: ``(N,)`` group index of each vector.
+        same: which pairs count.
+        margin: cosine similarity tolerated, in ``[-1, 1]``.
+
+    Returns:
+        the penalties ``(..., P)`` and the pairs' indices ``i``, ``j`` ``(P,)``.
+    """
+    tokens = F.normalize(vectors, dim=-1, eps=1e-8)
+    cosine = tokens @ tokens.transpose(-1, -2)
+    i, j = torch.triu_indices(cosine.shape[-1], cosine.shape[-1], offset=1, device=cosine.device)
+    chosen = (groups[i] == groups[j]) if same else (groups[i] != groups[j])
+    i, j = i[chosen], j[chosen]
+    return torch.relu(cosine[..., i, j] - margin), i, j
 
 
 def _check_voxel_inputs(
@@ -104,7 +144,7 @@ class VoxelPrototypeContrastiveLoss(_Loss):
             same = slot_class[None, :] == labels.long()[:, None]
             other_of_same = same & (torch.arange(flat.shape[0], device=logits.device)[None, :] != target[:, None])
             logits = logits.masked_fill(other_of_same, float("-inf"))
-        return _reduce(F.cross_entropy(logits, target, reduction="none"), self.reduction)
+        return reduce_loss(F.cross_entropy(logits, target, reduction="none"), self.reduction)
 
 
 class PrototypeCompactnessLoss(_Loss):
@@ -143,7 +183,7 @@ class PrototypeCompactnessLoss(_Loss):
         _check_voxel_inputs(embeddings, prototypes, labels, assignments)
         targets = prototypes[labels.long(), assignments.long()].to(embeddings.dtype)  # (N, C)
         cos = (F.normalize(embeddings, dim=-1) * F.normalize(targets, dim=-1)).sum(dim=-1)
-        return _reduce((1.0 - cos) ** 2, self.reduction)
+        return reduce_loss((1.0 - cos) ** 2, self.reduction)
 
 
 class PrototypeDiversityLoss(_Loss):
@@ -175,9 +215,7 @@ class PrototypeDiversityLoss(_Loss):
         """
         if prototypes.ndim != 3:
             raise ValueError(f"prototypes must be (K, M, C), got {tuple(prototypes.shape)}.")
-        num_protos = prototypes.shape[1]
-        protos = F.normalize(prototypes, dim=-1)
-        penalty = F.relu(protos @ protos.transpose(1, 2) - self.margin)  # (K, M, M)
-        off_diagonal = ~torch.eye(num_protos, dtype=torch.bool, device=prototypes.device)
-        per_class = (penalty * off_diagonal).sum(dim=(1, 2)) / max(num_protos * (num_protos - 1), 1)
-        return _reduce(per_class, self.reduction)
+        slots = torch.zeros(prototypes.shape[1], dtype=torch.long, device=prototypes.device)
+        penalty, _, _ = cosine_pair_penalty(prototypes, slots, same=True, margin=self.margin)  # (K, M(M-1)/2)
+        per_class = penalty.sum(dim=-1) / max(penalty.shape[-1], 1)
+        return reduce_loss(per_class, self.reduction)

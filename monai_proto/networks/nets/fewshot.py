@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -390,8 +390,12 @@ class PrototypeFewShotNet(nn.Module):
         foreground = stacked[:, :, :, 1:].mean(dim=0).repeat_interleave(k, dim=3)
         return torch.cat([background, foreground], dim=2)
 
+    @torch.jit.unused
     def encode_support(
-        self, support_image: torch.Tensor | Sequence[torch.Tensor], support_label: torch.Tensor | Sequence[torch.Tensor]
+        self,
+        support_image: torch.Tensor | Sequence[torch.Tensor],
+        support_label: torch.Tensor | Sequence[torch.Tensor],
+        prepare: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """
         Support prototypes of one episode, the shots combined by :meth:`combine_shots`.
@@ -399,6 +403,9 @@ class PrototypeFewShotNet(nn.Module):
         Args:
             support_image: ``(B, in_channels, *S)``, or a sequence of k such tensors (shapes may differ).
             support_label: ``(B, 1, *S)`` class indices, or a sequence of k of them.
+            prepare: ``(image, label) -> (features, label)`` of one shot, instead of :meth:`extract_features` on the
+                whole image (e.g. a crop and sliding windows:
+                :meth:`~monai_proto.inferers.support.SupportConditionedInferer.compute_prototypes`).
 
         Returns:
             prototypes ``(B, L, K, M, C)``.
@@ -410,8 +417,11 @@ class PrototypeFewShotNet(nn.Module):
                 f"support images and labels must be non-empty and paired, but got {len(support_image)} and "
                 f"{len(support_label)}."
             )
-        shots = zip(support_image, support_label)
-        return self.combine_shots([self.prototypes_from_features(self.extract_features(i), lbl) for i, lbl in shots])
+        shots = []
+        for image, label in zip(support_image, support_label):
+            features, label = (self.extract_features(image), label) if prepare is None else prepare(image, label)
+            shots.append(self.prototypes_from_features(features, label))
+        return self.combine_shots(shots)
 
     def prototype_logits(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor:
         """
