@@ -15,10 +15,10 @@ from monai_proto.losses.prototype import (
     PrototypeDiversityLoss,
     VoxelPrototypeContrastiveLoss,
 )
-from monai_proto.networks.layers.intensity import intensity_bin_assignment
-from monai_proto.networks.layers.prototype import flatten_voxels, masked_average_pooling, sample_voxel_indices
+from monai_proto.networks.layers.intensity import intensity_bin_assignment, intensity_bin_prototypes
+from monai_proto.networks.layers.prototype import flatten_voxels, sample_voxel_indices
 
-__all__ = ["MPCLSupervisedLoss", "MPCLUnsupervisedLoss", "intensity_bin_prototypes"]
+__all__ = ["MPCLSupervisedLoss", "MPCLUnsupervisedLoss"]
 
 
 def _logits(output: object) -> torch.Tensor:
@@ -29,30 +29,6 @@ def _check_weights(**weights: float) -> None:
     for name, value in weights.items():
         if value < 0:
             raise ValueError(f"{name} must be non-negative, got {value}.")
-
-
-def intensity_bin_prototypes(
-    embeddings: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, num_classes: int, num_bins: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    Differentiable per-batch prototypes of every (class, intensity bin): the masked average pooling of the
-    sampled voxel embeddings falling into each slot.
-
-    Args:
-        embeddings: ``(N, C)`` voxel embeddings.
-        labels: ``(N,)`` classes in ``[0, K)``.
-        bins: ``(N,)`` intensity bins in ``[0, M)``.
-        num_classes: ``K``.
-        num_bins: ``M``.
-
-    Returns:
-        ``(prototypes (K, M, C), filled (K, M) bool)``; an empty slot holds a zero vector.
-    """
-    slots = labels.long() * num_bins + bins.long()
-    weights = F.one_hot(slots, num_classes * num_bins).t().unsqueeze(0)  # (1, K*M, N)
-    pooled = masked_average_pooling(embeddings.t().unsqueeze(0), weights)  # (1, K*M, C)
-    filled = torch.bincount(slots, minlength=num_classes * num_bins) > 0
-    return pooled[0].view(num_classes, num_bins, -1), filled.view(num_classes, num_bins)
 
 
 class MPCLSupervisedLoss(_Loss):

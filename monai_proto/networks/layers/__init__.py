@@ -1,3 +1,4 @@
+from .intensity import intensity_bin_assignment, intensity_bin_prototypes
 from .peak import activation_strength, peak_average_pooling, peak_mask
 from .prototype import (
     average_prototypes,
@@ -10,3 +11,4 @@ from .prototype import (
     sinkhorn_knopp,
     spherical_kmeans,
 )
+from .resample import area_downsample, linear_resize

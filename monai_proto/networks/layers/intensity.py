@@ -1,11 +1,14 @@
 # Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
-"""Intensity binning of class voxels, the grouping behind MPCL's intensity-aligned prototypes (IHPG)."""
+"""Intensity binning of class voxels and the prototypes of the bins: MPCL's intensity-aligned prototypes (IHPG)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["intensity_bin_assignment"]
+from monai_proto.networks.layers.prototype import masked_average_pooling
+
+__all__ = ["intensity_bin_assignment", "intensity_bin_prototypes"]
 
 
 @torch.no_grad()
@@ -67,3 +70,27 @@ def intensity_bin_assignment(
             edges = torch.quantile(class_values, levels)
         bins[mask] = torch.bucketize(class_values, edges, right=True)
     return bins
+
+
+def intensity_bin_prototypes(
+    embeddings: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, num_classes: int, num_bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Differentiable per-batch prototypes of every (class, intensity bin): the masked average pooling of the
+    sampled voxel embeddings falling into each slot.
+
+    Args:
+        embeddings: ``(N, C)`` voxel embeddings.
+        labels: ``(N,)`` classes in ``[0, K)``.
+        bins: ``(N,)`` intensity bins in ``[0, M)``.
+        num_classes: ``K``.
+        num_bins: ``M``.
+
+    Returns:
+        ``(prototypes (K, M, C), filled (K, M) bool)``; an empty slot holds a zero vector.
+    """
+    slots = labels.long() * num_bins + bins.long()
+    weights = F.one_hot(slots, num_classes * num_bins).t().unsqueeze(0)  # (1, K*M, N)
+    pooled = masked_average_pooling(embeddings.t().unsqueeze(0), weights)  # (1, K*M, C)
+    filled = torch.bincount(slots, minlength=num_classes * num_bins) > 0
+    return pooled[0].view(num_classes, num_bins, -1), filled.view(num_classes, num_bins)

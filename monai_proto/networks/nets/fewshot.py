@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
 from monai_proto.networks.layers.prototype import multi_prototype_logits
+from monai_proto.networks.layers.resample import linear_resize
 
 __all__ = ["FewShotOutput", "PrototypeFewShotNet", "class_slots"]
 
@@ -137,7 +138,6 @@ class PrototypeFewShotNet(nn.Module):
         self.level_strides: tuple[int, ...] = ()  # each level's own stride (its map before upsampling)
         self.semantic_levels: tuple[int, ...] = ()  # the levels that carry prototypes
         self.logit_residual = False  # whether a voxel-wise head adds to the prototype logits (window_residual)
-        self.interpolation = "trilinear" if spatial_dims == 3 else "bilinear"
 
     # ---------------------------------------------------------------------------------------- default support
     def _register_default_support(self, levels: int, slots: int, channels: int) -> None:
@@ -193,12 +193,6 @@ class PrototypeFewShotNet(nn.Module):
         return self.default_prototypes
 
     # ----------------------------------------------------------------------------------------------- features
-    def resize(self, x: torch.Tensor, size: list[int]) -> torch.Tensor:
-        """Interpolate a feature map to ``size`` (linear in every spatial dimension)."""
-        if list(x.shape[2:]) == size:
-            return x
-        return F.interpolate(x, size=size, mode=self.interpolation, align_corners=False)
-
     def _compute_features(self, image: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -225,7 +219,7 @@ class PrototypeFewShotNet(nn.Module):
             image = F.pad(image, pad, mode="replicate")
         levels: list[torch.Tensor] = []
         for f in self._compute_features(image):
-            levels.append(self.resize(f, list(image.shape[2:])))
+            levels.append(linear_resize(f, list(image.shape[2:])))
         features = torch.cat(levels, dim=1)
         for d in range(len(size)):
             if padded[d] > 0:
@@ -290,7 +284,7 @@ class PrototypeFewShotNet(nn.Module):
             above = (below + 1).clamp_max(int(level.shape[-1]) - 1)
             lo, hi = int(below[0]), int(above[-1]) + 1
             planes = level[..., lo:hi].to(device=device, dtype=torch.float32)
-            planes = self.resize(planes, [int(v) * stride for v in level.shape[2:-1]] + [hi - lo])  # in-plane only
+            planes = linear_resize(planes, [int(v) * stride for v in level.shape[2:-1]] + [hi - lo])  # in-plane only
             planes = planes[(slice(None), slice(None), *[slice(0, int(v)) for v in size[:-1]])]
             slab = planes.new_empty(list(planes.shape[:-1]) + [stop - start])
             for t, (b, a, w) in enumerate(zip(below.tolist(), above.tolist(), weight)):

@@ -8,34 +8,15 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.networks.layers.factories import Act, Conv, Norm
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
 from monai_proto.networks.blocks.dynamic_head import DynamicPrototypeHead
 from monai_proto.networks.blocks.kmax_decoder import KMaXDecoder, KMaXPrediction
 from monai_proto.networks.layers.prototype import masked_average_pooling
+from monai_proto.networks.layers.resample import area_downsample
 
 __all__ = ["IAPLOutput", "IAPLNet"]
-
-
-def _area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """``F.interpolate(x, size, mode="area")``, as an average pooling when every input size is a multiple of ``size``.
-
-    Both give the same values for integer factors; the pooling form also exports to ONNX, where
-    ``adaptive_avg_pool3d`` (what ``mode="area"`` lowers to) has no translation in the dynamo-based exporter.
-    Written with plain loops and functional pooling so that TorchScript compiles it.
-    """
-    kernel: list[int] = []
-    for d in range(len(size)):
-        i, o = int(x.shape[2 + d]), int(size[d])
-        if o > 0 and i % o == 0:
-            kernel.append(i // o)
-    if len(kernel) == len(size) == 3:
-        return F.avg_pool3d(x, kernel, kernel)
-    if len(kernel) == len(size) == 2:
-        return F.avg_pool2d(x, kernel, kernel)
-    return F.interpolate(x, size=size, mode="area")
 
 
 class IAPLOutput(NamedTuple):
@@ -217,7 +198,7 @@ class IAPLNet(nn.Module):
         Returns:
             ``(B, K, prototype_dim)``.
         """
-        weights = _area_downsample(confidence, list(embeddings.shape[2:]))
+        weights = area_downsample(confidence, list(embeddings.shape[2:]))
         return masked_average_pooling(embeddings, weights)
 
     def class_descriptors(self, instance_prototypes: torch.Tensor, common_prototypes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,40 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Resampling of feature maps between the resolutions of a network's levels, 2D or 3D."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["area_downsample", "linear_resize"]
+
+
+def area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="area")``, as an average pooling when every input size is a multiple of ``size``.
+
+    Both give the same values for integer factors; the pooling form also exports to ONNX, where
+    ``adaptive_avg_pool3d`` (what ``mode="area"`` lowers to) has no translation in the dynamo-based exporter.
+    Written with plain loops and functional pooling so that TorchScript compiles it.
+
+    Args:
+        x: ``(B, C, *S)``, 2 or 3 spatial dimensions.
+        size: the output's spatial size.
+    """
+    kernel: list[int] = []
+    for d in range(len(size)):
+        i, o = int(x.shape[2 + d]), int(size[d])
+        if o > 0 and i % o == 0:
+            kernel.append(i // o)
+    if len(kernel) == len(size) == 3:
+        return F.avg_pool3d(x, kernel, kernel)
+    if len(kernel) == len(size) == 2:
+        return F.avg_pool2d(x, kernel, kernel)
+    return F.interpolate(x, size=size, mode="area")
+
+
+def linear_resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Interpolate ``(B, C, *S)`` to ``size``, linear in every spatial dimension (``align_corners=False``), or return
+    it unchanged when it already has that size."""
+    if list(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="trilinear" if x.dim() == 5 else "bilinear", align_corners=False)
