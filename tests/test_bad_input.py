@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Bad input, every bundle: a clear error naming the file and the problem (or a logged warning and a correct
 result where that is safe), and no partial output.
 

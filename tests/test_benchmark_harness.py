@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """The benchmark harness: scores, references, verdicts, orientation, and a --smoke run of the IAPL benchmark."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """The few-shot networks' single-input form: a default support held as buffers, saved with the weights, replaced
 by a support given with the call; set from the bundle's embedded example in training (``DefaultSupportHandler``);
 used by ``SupportConditionedInferer`` when it is given no support."""

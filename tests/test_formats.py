@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Image formats in and out of every bundle's inference path: geometry identical to the input's.
 
 Each bundle's own ``inference.json`` pre-transforms read a tiny CT-like volume written as NIfTI, NRRD, MetaImage

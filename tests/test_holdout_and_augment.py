@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Held-out region, thin-slab crops and label-drawn contrast shift (the transforms behind the benchmark protocol)."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Unit tests of the IAPL network, its blocks, loss and schedule handler."""
 
 from __future__ import annotations

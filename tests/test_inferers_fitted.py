@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """FittedSlidingWindowInferer: windows shrink to thin volumes, results match MONAI's inferer otherwise."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-# Copyright (c) monai-proto developers. Licensed under the Apache License, Version 2.0.
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Unit tests of IPLSL and its PANet-style baseline. For each component of the method (peak prototypes, mean
 prototypes, background parts, interaction, self-learning and its guard, boundary fusion, reverse alignment,
 empty-query episodes, volume-level inference) a test fails when it is removed (`python tests/mutants.py iplsl`)."""

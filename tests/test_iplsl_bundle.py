@@ -1,4 +1,4 @@
-# Copyright (c) monai-proto developers. Licensed under the Apache License, Version 2.0.
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """End-to-end tests of ``bundles/iplsl_fewshot_segmentation``: a short episodic training run on the demo data
 and support-conditioned inference on the DICOM scan, both as documented ``python -m monai.bundle`` commands."""
 

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Inference and evaluation before training: one line naming the missing checkpoint and the command that makes it."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Modality presets (one config key) and the DICOM Modality check, through every bundle's own configs."""
 
 from __future__ import annotations

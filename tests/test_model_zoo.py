@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """The MONAI model zoo's bundle verification, made in our own code on a copy of each bundle laid out as the zoo
 lays it out (``models/<bundle>/...`` and ``models/model_info.json``), in the zoo's order: required files, version
 and changelog (the version not already published), metadata against the pinned schema, network input/output

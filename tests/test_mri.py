@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """The embedded MRI (TotalSegmentator's ``total_mr`` example) and a bundle trained and run on it with one key."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """The mutation check (``python tests/mutants.py``) stays applicable: every mutant's text occurs exactly once in its
 file, so a refactor that moves a component cannot silently turn its mutant into "not applied"."""
 

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """PublishModelHandler: every training run leaves models/model.pt (best on validation, else the final weights)."""
 
 import os

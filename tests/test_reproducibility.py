@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Reproducibility, every bundle: two CPU training runs with the same seed give identical losses for the first
 iterations, and another seed gives other losses (so the comparison can fail).
 

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Kill and resume: ResumableCheckpoint saves the trainer's state with the rest, and ``--resume True`` continues."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """DiceCEIgnoreLoss: equal to MONAI's losses without ignored voxels, and blind to ignored ones."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """TorchScript, as the MONAI model zoo exports a bundle: ``torch.jit.script`` (the zoo's default) and tracing give
 the eager network's logits, and MONAI's own ``ckpt_export`` writes a TorchScript file that loads and predicts the
 same. The network is each bundle's ``network_def`` from its ``inference.json``.

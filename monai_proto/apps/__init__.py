@@ -1,1 +1,2 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 from .bundle import MissingCheckpointError, default_bundle_root, require_checkpoint

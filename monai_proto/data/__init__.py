@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 from .datalist import load_msd_datalist, split_datalist_deterministic
 from .demo import DEFAULT_ORGANS, demo_data_dir, label_ids_for, load_label_table
 from .episodes import BinarizeClassd, FewShotEpisodeDataset, build_volume_episodes, check_class_split

@@ -1,4 +1,4 @@
-# Copyright (c) monai-proto developers. Licensed under the Apache License, Version 2.0.
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """
 Few-shot episodes drawn from multi-class label maps, on MONAI datasets and transforms.
 

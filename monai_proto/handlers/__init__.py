@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 from .prototype import PrototypeBankHandler
 from .publish import PublishModelHandler, atomic_copy
 from .resume import AtomicCheckpointSaver, ResumableCheckpoint, latest_checkpoint

@@ -12,6 +12,7 @@ import torch
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
+from monai_proto.engines.mean_teacher import TEACHER_PRED, UNLABELED_PRED
 from monai_proto.networks.utils import unwrap_network
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -124,8 +125,8 @@ class PrototypeBankHandler:
         labelled = output[Keys.PRED]
         iteration = engine.state.iteration
         threshold = self.threshold()
-        teacher = output.get("teacher_pred")
-        student = output.get("unlabeled_pred")
+        teacher = output.get(TEACHER_PRED)
+        student = output.get(UNLABELED_PRED)
         pseudo = None
         if threshold is not None and teacher is not None and student is not None:
             logits = torch.as_tensor(teacher.logits).as_subclass(torch.Tensor)  # plain tensors for the counts

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 from .iapl import IAPLLoss
 from .iplsl import IPLSLLoss, prototype_consistency_loss, prototype_separation_loss
 from .mpcl import MPCLSupervisedLoss, MPCLUnsupervisedLoss

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Voxel-prototype losses of ProtoSeg (Zhou et al., CVPR 2022), shared by the prototype methods."""
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ class KMaXDecoder(nn.Module):
         dropout: dropout rate.
         mask_temperature: divides the cosine mask logits.
         filter_threshold: initial foreground-filtering threshold; a buffer, so the value reached in training
-            is saved with the weights. :class:`monai_proto.handlers.AttributeRampHandler` ramps it.
+            is saved with the weights. :class:`monai_proto.handlers.RampHandler` ramps it
+            (through ``IAPLNet.set_filter_threshold``).
 
     Raises:
         ValueError: when ``blocks_per_stage < 1`` or no stage is given.

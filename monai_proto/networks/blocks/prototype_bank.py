@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """A bank of several prototypes per class, updated by EMA from balanced voxel assignments (ProtoSeg)."""
 
 from __future__ import annotations

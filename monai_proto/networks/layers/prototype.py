@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Functional prototype operations shared by every prototype-based method of this package.
 
 All operations are spatial-dimension generic: features are ``(B, C, *S)`` with ``S`` = ``(H, W)`` or

@@ -1,3 +1,4 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 from .fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
 from .iapl import IAPLNet, IAPLOutput
 from .iplsl import IPLSLNet

@@ -2,7 +2,7 @@
 """IPLSL: interactive prototype learning and self-learning for few-shot segmentation, 2D or 3D.
 
 Chen Jie, Du Xiuquan et al., Artificial Intelligence in Medicine 2025, doi 10.1016/j.artmed.2025.103183.
-The components follow the project's specification (``METHODS.md``, IPLSL section):
+The components (method notes with references: docs/methods.md, IPLSL section):
 
 1. a shared encoder-decoder gives low-, mid- and high-level features of support and query;
 2. peak prototypes (high level, :func:`~monai_proto.networks.layers.peak.peak_average_pooling`) and mean
