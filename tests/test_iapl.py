@@ -68,10 +68,43 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_no_label_in_inference_path_and_deterministic():
+    """In ``eval()`` mode the network takes the image alone and returns a plain logits tensor (what sliding windows,
+    MONAI Label and export need), the same on every call, per sample (a batch does not mix its samples) and
+    dependent on the image."""
+    torch.manual_seed(0)
     net = small_net(3, 1, 3).eval()
-    x = torch.randn(1, 1, 32, 32, 32)
+    x = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(net(x), net(x))
+        out = net(x)
+        assert type(out) is torch.Tensor and out.shape == (2, 3, 32, 32, 32)
+        torch.testing.assert_close(net(x), out)
+        torch.testing.assert_close(net(x[1:]), out[1:], atol=1e-4, rtol=1e-4)
+        assert (out[0] - out[1]).abs().max() > 1e-3  # two images, two outputs
+    with torch.no_grad():
+        assert not isinstance(net.train()(x), torch.Tensor)  # training returns the auxiliary outputs too
+
+
+def test_swinunetr_backbone_is_monai_swinunetr():
+    """The paper's backbone: MONAI's SwinUNETR with its maps exposed; the finest map through SwinUNETR's own output
+    convolution is SwinUNETR's output, and the maps have the declared channels and strides."""
+    from monai.networks.nets import SwinUNETR
+
+    from monai_proto.networks.blocks.backbones import SwinUNETRFeatureBackbone, build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("swinunetr", 3, 1, feature_size=12, depths=(1, 1, 1, 1)).eval()
+    assert isinstance(backbone, SwinUNETRFeatureBackbone)
+    swin = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1), spatial_dims=3).eval()
+    backbone.swin.load_state_dict({k: v for k, v in swin.state_dict().items() if not k.startswith("out.")})
+    x = torch.randn(1, 1, 64, 64, 64)  # 2^3 at the bottleneck (instance norm needs more than one voxel)
+    with torch.no_grad():
+        feats = backbone(x)
+        torch.testing.assert_close(swin.out(feats.decoder[-1]), swin(x))
+    assert [f.shape[1] for f in feats.decoder] == list(backbone.decoder_channels)
+    assert [64 // f.shape[-1] for f in feats.decoder] == list(backbone.decoder_strides)
+    assert feats.bottleneck.shape[1] == backbone.bottleneck_channels and 64 // feats.bottleneck.shape[-1] == 32
+    net = IAPLNet(3, 1, 3, backbone=backbone, num_queries=4, blocks_per_stage=1, query_dim=16, embedding_dim=8)
+    assert net.eval()(x).shape == (1, 3, 64, 64, 64)
 
 
 def test_unet_backbone_reproduces_monai_unet():
