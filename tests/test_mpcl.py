@@ -217,6 +217,23 @@ def test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps():
     assert torch.allclose(dict(teacher.named_parameters())[name], 0.5 * t0 + 0.5 * s0)
 
 
+def test_mean_teacher_trainer_runs_monais_iteration_with_gradient_accumulation():
+    """The mean-teacher iteration is MONAI's (``accumulation_steps``, AMP, ``compile``, extra network arguments)
+    with the mean-teacher loss: with ``accumulation_steps=2`` the optimiser steps every second iteration, and the
+    loss still holds the unsupervised term."""
+    net = tiny_net()
+    trainer = _trainer(net, MPCLUnsupervisedLoss(weight=1.0), iterations=2, images=torch.rand(4, 1, 16, 16))
+    trainer.accumulation_steps = 2  # two batches an epoch, two epochs
+    steps = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (steps.append(trainer.state.iteration), step(*a, **k))[1]
+    trainer.run()
+    assert steps == [2, 4]
+    output = trainer.state.output
+    torch.testing.assert_close(output["loss"], output["supervised_loss"] + output["unsupervised_loss"])
+    assert isinstance(trainer.loss_function, MPCLSupervisedLoss)  # the iteration's wrapper is gone afterwards
+
+
 def test_supervised_only_mode_skips_unlabeled_loader():
     trainer = _trainer(tiny_net(), unsup=None, iterations=1)
     trainer.unlabeled_data_loader = None  # never read

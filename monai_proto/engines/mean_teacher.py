@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents, default_prepare_batch
+from monai.engines.utils import default_prepare_batch
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
@@ -87,6 +87,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ``teacher_pred``, ``supervised_loss``, ``unsupervised_loss`` and ``loss_terms`` (the losses' ``last_terms``
     when they have them). Outputs are not decollated by default (``decollate=False``), since network outputs
     may be structured; log the loss with ``output_transform=lambda x: x["loss"]``.
+
+    Each iteration is MONAI's supervised one (batch preparation, extra network arguments, AMP, gradient
+    accumulation with ``accumulation_steps``, ``compile``) with the loss extended by the unlabelled terms.
 
     The teacher runs in ``train()`` mode so that it returns the same (possibly structured) training output as
     the student; it never receives gradients, and its buffers are overwritten from the student at each EMA
@@ -172,58 +175,52 @@ class MeanTeacherTrainer(SupervisedTrainer):
             return next(self._unlabeled_iter)
 
     def _iteration(self, engine: MeanTeacherTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        """MONAI's supervised iteration (batch preparation, extra network arguments, AMP, gradient accumulation,
+        ``compile``), with the loss replaced by :class:`_MeanTeacherLoss`, then the teacher's EMA step."""
         unlabeled = None
         if engine.unsupervised_loss_function is not None:
             raw = engine._next_unlabeled()
             unlabeled = raw[engine.unlabeled_image_key].to(engine.state.device, non_blocking=engine.non_blocking)
-            engine.state.output[UNLABELED_IMAGE] = unlabeled
-
-        def _compute_pred_loss() -> None:
-            output = engine.state.output
-            output[Keys.PRED] = engine.inferer(inputs, engine.network)
-            supervised = engine.loss_function(output[Keys.PRED], targets).mean()
-            output[SUPERVISED_LOSS] = supervised
-            terms = dict(getattr(engine.loss_function, "last_terms", {}) or {})
-            total = supervised
-            if unlabeled is not None:
-                output[UNLABELED_PRED] = engine.inferer(unlabeled, engine.network)
-                teacher_input = unlabeled
-                if engine.teacher_noise_std > 0:
-                    noise = torch.randn_like(unlabeled) * engine.teacher_noise_std
-                    teacher_input = unlabeled + noise.clamp(-2 * engine.teacher_noise_std, 2 * engine.teacher_noise_std)
-                engine.teacher_network.train()
-                with torch.no_grad():
-                    output[TEACHER_PRED] = engine.inferer(teacher_input, engine.teacher_network)
-                unsupervised = engine.unsupervised_loss_function(output[UNLABELED_PRED], output[TEACHER_PRED]).mean()
-                output[UNSUPERVISED_LOSS] = unsupervised
-                terms.update(getattr(engine.unsupervised_loss_function, "last_terms", {}) or {})
-                total = total + unsupervised
-            output[LOSS_TERMS] = terms
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            output[Keys.LOSS] = total
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _compute_pred_loss()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _compute_pred_loss()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        loss_function = engine.loss_function
+        engine.loss_function = _MeanTeacherLoss(engine, loss_function, unlabeled)
+        try:
+            output = super()._iteration(engine, batchdata)
+        finally:
+            engine.loss_function = loss_function
         if unlabeled is not None:
             decay = min(1.0 - 1.0 / (engine.state.iteration + 1), engine.ema_decay)
             ema_update(engine.teacher_network, engine.network, decay)
-        return engine.state.output
+        return output
+
+
+class _MeanTeacherLoss:
+    """The loss of one mean-teacher iteration, called by MONAI's supervised iteration as its ``loss_function``
+    (inside its autocast and before its backward pass): the supervised loss of the labelled batch plus, on the
+    unlabelled batch, the unsupervised loss between the student's and the teacher's outputs. It leaves the
+    unlabelled batch, both outputs and the loss terms in ``engine.state.output``."""
+
+    def __init__(self, engine: MeanTeacherTrainer, supervised: Callable, unlabeled: torch.Tensor | None) -> None:
+        self.engine, self.supervised, self.unlabeled = engine, supervised, unlabeled
+
+    def __call__(self, pred: Any, targets: torch.Tensor) -> torch.Tensor:
+        engine, output, unlabeled = self.engine, self.engine.state.output, self.unlabeled
+        supervised = self.supervised(pred, targets).mean()
+        output[SUPERVISED_LOSS] = supervised
+        terms = dict(getattr(self.supervised, "last_terms", {}) or {})
+        total = supervised
+        if unlabeled is not None:
+            output[UNLABELED_IMAGE] = unlabeled
+            output[UNLABELED_PRED] = engine.inferer(unlabeled, engine.network)
+            teacher_input = unlabeled
+            if engine.teacher_noise_std > 0:
+                noise = torch.randn_like(unlabeled) * engine.teacher_noise_std
+                teacher_input = unlabeled + noise.clamp(-2 * engine.teacher_noise_std, 2 * engine.teacher_noise_std)
+            engine.teacher_network.train()
+            with torch.no_grad():
+                output[TEACHER_PRED] = engine.inferer(teacher_input, engine.teacher_network)
+            unsupervised = engine.unsupervised_loss_function(output[UNLABELED_PRED], output[TEACHER_PRED]).mean()
+            output[UNSUPERVISED_LOSS] = unsupervised
+            terms.update(getattr(engine.unsupervised_loss_function, "last_terms", {}) or {})
+            total = total + unsupervised
+        output[LOSS_TERMS] = terms
+        return total
