@@ -373,3 +373,21 @@ def test_one_pair_penalty_serves_diversity_within_a_class_and_separation_between
     torch.testing.assert_close(
         prototype_separation_loss(protos, margin=0.1), PrototypeDiversityLoss(margin=0.1)(protos[None])
     )
+
+
+@pytest.mark.parametrize("name", ["IAPLNet", "MPCLNet", "IPLSLNet", "PANetFewShot"])
+def test_every_network_starts_up_the_same_way(name):
+    """One start-up (``start_network``) for every network: the same checks and messages, and a backbone of the
+    other dimensionality refused."""
+    import monai_proto.networks.nets as nets
+    from monai_proto.networks.blocks.backbones import build_backbone
+
+    cls = getattr(nets, name)
+    tiny = {"channels": (4, 8, 16, 16), "strides": (2, 2, 2), "num_res_units": 1}
+    for args, word in (((4, 1, 2), "spatial_dims"), ((3, 0, 2), "in_channels"), ((3, 1, 1), "out_channels")):
+        with pytest.raises(ValueError, match=word):
+            cls(*args, backbone_kwargs=tiny)
+    with pytest.raises(ValueError, match="backbone is 2D"):
+        cls(3, 1, 2, backbone=build_backbone("unet", 2, 1, **tiny))
+    net = cls(2, 1, 2, backbone_kwargs=tiny)
+    assert (net.spatial_dims, net.in_channels, net.out_channels) == (2, 1, 2)

@@ -16,7 +16,14 @@ import torch.nn as nn
 from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import SwinUNETR, UNet
 
-__all__ = ["BackboneFeatures", "FeatureBackbone", "UNetFeatureBackbone", "SwinUNETRFeatureBackbone", "build_backbone"]
+__all__ = [
+    "BackboneFeatures",
+    "FeatureBackbone",
+    "UNetFeatureBackbone",
+    "SwinUNETRFeatureBackbone",
+    "build_backbone",
+    "start_network",
+]
 
 
 class BackboneFeatures(NamedTuple):
@@ -181,6 +188,37 @@ class SwinUNETRFeatureBackbone(FeatureBackbone):
         dec0 = s.decoder2(dec1, enc1)
         out = s.decoder1(dec0, enc0)
         return BackboneFeatures(dec4, [dec3, dec2, dec1, dec0, out])
+
+
+def start_network(
+    network: nn.Module,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    backbone: str | FeatureBackbone,
+    backbone_kwargs: dict | None = None,
+) -> None:
+    """The start-up every network of this package shares: check ``spatial_dims`` (2 or 3), ``in_channels`` (>= 1)
+    and ``out_channels`` (background and at least one class), set them on ``network`` and build its ``backbone``
+    (:func:`build_backbone`), whose own input channels must match.
+
+    Raises:
+        ValueError: for an invalid argument, naming it.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, but got {spatial_dims}.")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be positive, but got {in_channels}.")
+    if out_channels < 2:
+        raise ValueError(f"out_channels must count background and at least one class (>= 2), but got {out_channels}.")
+    network.spatial_dims = spatial_dims
+    network.in_channels = in_channels
+    network.out_channels = out_channels
+    network.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+    if getattr(network.backbone, "spatial_dims", spatial_dims) != spatial_dims:
+        raise ValueError(
+            f"the backbone is {network.backbone.spatial_dims}D but the network is {spatial_dims}D (spatial_dims)."
+        )
 
 
 def build_backbone(name: str | FeatureBackbone, spatial_dims: int, in_channels: int, **kwargs) -> FeatureBackbone:

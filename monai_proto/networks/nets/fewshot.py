@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
+from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.layers.prototype import multi_prototype_logits
 from monai_proto.networks.layers.resample import linear_resize
 
@@ -120,20 +120,11 @@ class PrototypeFewShotNet(nn.Module):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, but got {spatial_dims}.")
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be positive, but got {in_channels}.")
-        if out_channels < 2:
-            raise ValueError(f"out_channels must be at least 2 (background + one class), but got {out_channels}.")
+        start_network(self, spatial_dims, in_channels, out_channels, backbone, backbone_kwargs)
         if tau <= 0:
             raise ValueError(f"tau must be positive, but got {tau}.")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.tau = float(tau)
         self.ignore_index = int(ignore_index)
-        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         self.level_channels: tuple[int, ...] = ()
         self.level_strides: tuple[int, ...] = ()  # each level's own stride (its map before upsampling)
         self.semantic_levels: tuple[int, ...] = ()  # the levels that carry prototypes

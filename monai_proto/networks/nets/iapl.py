@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from monai.networks.layers.factories import Act, Conv, Norm
 
-from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
+from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.blocks.dynamic_head import DynamicPrototypeHead
 from monai_proto.networks.blocks.kmax_decoder import KMaXDecoder, KMaXPrediction
 from monai_proto.networks.layers.prototype import masked_average_pooling
@@ -111,13 +111,7 @@ class IAPLNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, but got {spatial_dims}.")
-        if out_channels < 2:
-            raise ValueError(f"out_channels must count background and at least one class, but got {out_channels}.")
-        self.spatial_dims = spatial_dims
-        self.out_channels = out_channels
-        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
+        start_network(self, spatial_dims, in_channels, out_channels, backbone, backbone_kwargs)
         map_channels = (self.backbone.bottleneck_channels, *self.backbone.decoder_channels)
         map_strides = (self.backbone.bottleneck_stride, *self.backbone.decoder_strides)
         num_maps = len(map_channels)

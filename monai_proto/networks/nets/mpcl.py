@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv
 
-from monai_proto.networks.blocks.backbones import FeatureBackbone, build_backbone
+from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.blocks.prototype_bank import PrototypeBank
 from monai_proto.networks.layers.intensity import intensity_bin_assignment
 from monai_proto.networks.layers.prototype import flatten_voxels, multi_prototype_logits
@@ -85,21 +85,16 @@ class MPCLNet(nn.Module):
         tau: float = 0.1,
     ) -> None:
         super().__init__()
-        if out_channels < 2:
-            raise ValueError(f"out_channels must be at least 2 (background + one class), got {out_channels}.")
+        start_network(self, spatial_dims, in_channels, out_channels, backbone, backbone_kwargs)
         if embedding_dim < 1:
             raise ValueError(f"embedding_dim must be at least 1, got {embedding_dim}.")
         if num_prototypes < 1:
             raise ValueError(f"num_prototypes must be at least 1, got {num_prototypes}.")
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}.")
-        self.spatial_dims = spatial_dims
-        self.in_channels = in_channels
-        self.out_channels = out_channels
         self.embedding_dim = embedding_dim
         self.num_prototypes = num_prototypes
         self.tau = tau
-        self.backbone = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
         features = self.backbone.decoder_channels[-1]
         conv = Conv[Conv.CONV, spatial_dims]
         self.segmentation_head = conv(features, out_channels, kernel_size=1)
