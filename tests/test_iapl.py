@@ -62,9 +62,16 @@ def test_every_parameter_gets_a_gradient():
     net = small_net(3, 1, 3)
     x = torch.randn(2, 1, 32, 32, 32)
     y = torch.randint(0, 3, (2, 1, 32, 32, 32))
-    IAPLLoss(contrastive_weight=0.1)(net(x), y).backward()
+    loss_function = IAPLLoss(contrastive_weight=0.1)
+    loss = loss_function(net(x), y)
+    loss.backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert missing == []
+    terms = loss_function.last_terms  # unweighted terms, the one way composite losses report them
+    assert "main" in terms and "contrastive" in terms and any(k.startswith("stage") for k in terms)
+    weighted = terms["main"] + 0.1 * terms["contrastive"]
+    weighted += loss_function.aux_weight * sum(v for k, v in terms.items() if k.startswith("stage"))
+    assert float(loss) == pytest.approx(weighted, rel=1e-5)
 
 
 def test_no_label_in_inference_path_and_deterministic():

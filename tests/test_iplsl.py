@@ -174,9 +174,18 @@ def test_network_shapes_and_training_step(cls, spatial_dims, size):
     if cls is IPLSLNet:
         assert out.support_prototypes.shape == out.query_prototypes.shape == (2, 2, 2, 4, 8)
         assert out.query_valid.shape == (2, 2, 4)
-    loss = IPLSLLoss()(out, query_label)
+    loss_function = IPLSLLoss()
+    loss = loss_function(out, query_label)
     loss.backward()
     assert torch.isfinite(loss)
+    terms = loss_function.last_terms  # the one way composite losses report their terms
+    expected = {"final", "align"} | (
+        {"initial", "refined", "self", "consistency", "separation"} if cls is IPLSLNet else set()
+    )
+    assert set(terms) == expected
+    weights = loss_function.weights
+    total = terms["final"] + sum(weights[f"{k}_weight"] * v for k, v in terms.items() if k != "final")
+    assert float(loss) == pytest.approx(total, rel=1e-5)
     unused = [n for n, p in net.named_parameters() if p.grad is None]
     # PANet-style embeds the stride-2 decoder map, so the backbone's finest decoder stage is not used
     assert unused == [] if cls is IPLSLNet else all(n.startswith("backbone.decoder.") for n in unused)

@@ -21,6 +21,8 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.utils import CommonKeys as Keys
 
+from monai_proto.engines.utils import LOSS_TERMS, loss_terms
+
 __all__ = ["EpisodePrepareBatch", "EpisodicEvaluator", "EpisodicTrainer"]
 
 
@@ -75,7 +77,8 @@ class EpisodicTrainer(SupervisedTrainer):
     ``EpisodePrepareBatch(as_kwargs=False)``, the loss receives the network's training output (e.g. a
     :class:`~monai_proto.networks.nets.panet.FewShotOutput`) and the query label, and after the iteration
     ``engine.state.output["pred"]`` holds the final query logits (the full output is kept as
-    ``engine.state.episode_output``), so metric handlers see a plain tensor.
+    ``engine.state.episode_output``), so metric handlers see a plain tensor; ``engine.state.output["loss_terms"]``
+    holds the loss's terms (:func:`~monai_proto.engines.utils.loss_terms`).
 
     All arguments are those of ``SupervisedTrainer``; ``inferer`` should be ``SimpleInferer`` (the default).
     """
@@ -88,6 +91,7 @@ class EpisodicTrainer(SupervisedTrainer):
     @staticmethod
     def _unpack_prediction(engine: Any) -> None:
         # before MONAI decollates the output (at MODEL_COMPLETED): keep the structured output aside
+        engine.state.output[LOSS_TERMS] = loss_terms(engine.loss_function)
         prediction = engine.state.output.get(Keys.PRED)
         if prediction is not None and hasattr(prediction, "logits"):
             engine.state.episode_output = prediction

@@ -13,6 +13,7 @@ from monai.engines.utils import default_prepare_batch
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
+from monai_proto.engines.utils import LOSS_TERMS, loss_terms
 from monai_proto.networks.utils import unwrap_network
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ UNLABELED_PRED = "unlabeled_pred"
 TEACHER_PRED = "teacher_pred"
 SUPERVISED_LOSS = "supervised_loss"
 UNSUPERVISED_LOSS = "unsupervised_loss"
-LOSS_TERMS = "loss_terms"
 
 
 @torch.no_grad()
@@ -206,7 +206,6 @@ class _MeanTeacherLoss:
         engine, output, unlabeled = self.engine, self.engine.state.output, self.unlabeled
         supervised = self.supervised(pred, targets).mean()
         output[SUPERVISED_LOSS] = supervised
-        terms = dict(getattr(self.supervised, "last_terms", {}) or {})
         total = supervised
         if unlabeled is not None:
             output[UNLABELED_IMAGE] = unlabeled
@@ -220,7 +219,8 @@ class _MeanTeacherLoss:
                 output[TEACHER_PRED] = engine.inferer(teacher_input, engine.teacher_network)
             unsupervised = engine.unsupervised_loss_function(output[UNLABELED_PRED], output[TEACHER_PRED]).mean()
             output[UNSUPERVISED_LOSS] = unsupervised
-            terms.update(getattr(engine.unsupervised_loss_function, "last_terms", {}) or {})
             total = total + unsupervised
-        output[LOSS_TERMS] = terms
+        output[LOSS_TERMS] = loss_terms(
+            self.supervised, None if unlabeled is None else engine.unsupervised_loss_function
+        )
         return total

@@ -67,6 +67,7 @@ class IAPLLoss(_Loss):
         self.aux_weight = aux_weight
         self.aux_stages = None if aux_stages is None else tuple(int(s) for s in aux_stages)
         self.contrastive_weight = contrastive_weight
+        self.last_terms: dict[str, float] = {}  # the unweighted terms of the last call (main, stage<i>, contrastive)
         self.max_voxels = max_voxels
         self.ignore_index = ignore_index
         self.main_loss = DiceCEIgnoreLoss("sigmoid", ignore_index=ignore_index)
@@ -81,7 +82,9 @@ class IAPLLoss(_Loss):
         """
         logits = input.logits if isinstance(input, IAPLOutput) else input
         loss = self.main_loss(logits, target)
+        terms = {"main": loss}
         if not isinstance(input, IAPLOutput):
+            self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
             return loss
         if self.aux_weight > 0:
             num_stages = len(input.stage_predictions)
@@ -91,7 +94,8 @@ class IAPLLoss(_Loss):
                     raise ValueError(f"aux_stages {self.aux_stages} out of range for {num_stages} decoder stages.")
                 conf = input.stage_predictions[s].confidence
                 stage_target = F.interpolate(target.float(), size=conf.shape[2:], mode="nearest")
-                loss = loss + self.aux_weight * self.aux_loss(conf, stage_target)
+                terms[f"stage{s}"] = self.aux_loss(conf, stage_target)
+                loss = loss + self.aux_weight * terms[f"stage{s}"]
         if self.contrastive_weight > 0:
             emb = input.embeddings
             emb_target = F.interpolate(target.float(), size=emb.shape[2:], mode="nearest").long()
@@ -99,7 +103,7 @@ class IAPLLoss(_Loss):
             voxels = flatten_voxels(emb)[idx]
             labels = emb_target.flatten()[idx]
             prototypes = input.common_prototypes.unsqueeze(1)  # (K, 1, P): one common prototype per class
-            loss = loss + self.contrastive_weight * self.contrastive(
-                voxels, prototypes, labels, torch.zeros_like(labels)
-            )
+            terms["contrastive"] = self.contrastive(voxels, prototypes, labels, torch.zeros_like(labels))
+            loss = loss + self.contrastive_weight * terms["contrastive"]
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         return loss

@@ -107,7 +107,8 @@ class IPLSLLoss(_Loss):
         ignore_index: label value that no term sees (held-out or padded voxels). Defaults to 255.
 
     Call: ``loss(output, query_label)`` with ``output`` a ``FewShotOutput`` and ``query_label`` ``(B, 1, *S)``
-    class indices; the support label travels in ``output.support_label``. Returns a scalar.
+    class indices; the support label travels in ``output.support_label``. Returns a scalar; the unweighted terms of
+    the last call are in ``last_terms`` (the one way every composite loss of this package reports its terms).
 
     Raises:
         ValueError: for a negative weight or an unsupported ``reduction``.
@@ -143,9 +144,10 @@ class IPLSLLoss(_Loss):
         self.margin = float(margin)
         self.ignore_index = ignore_index
         self.segmentation = DiceCEIgnoreLoss("softmax", ignore_index=ignore_index)
+        self.last_terms: dict[str, float] = {}
 
-    def components(self, output, query_label: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every unweighted term that the output allows, by name (for logging)."""
+    def _terms(self, output, query_label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every unweighted term that the output allows, by name."""
         terms: dict[str, torch.Tensor] = {"final": self.segmentation(output.logits, query_label)}
         for name in ("initial", "refined", "self"):
             logits = getattr(output, f"{name}_logits")
@@ -169,7 +171,8 @@ class IPLSLLoss(_Loss):
         return terms
 
     def forward(self, output, query_label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        terms = self.components(output, query_label)
+        terms = self._terms(output, query_label)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
         total = terms.pop("final")
         for name, value in terms.items():
             total = total + self.weights[f"{name}_weight"] * value

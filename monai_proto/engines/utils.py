@@ -1,0 +1,20 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""What the trainers of this package share: the loss terms they put in ``engine.state.output``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["LOSS_TERMS", "loss_terms"]
+
+#: key of ``engine.state.output``: the unweighted terms of the iteration's losses, by name
+LOSS_TERMS = "loss_terms"
+
+
+def loss_terms(*losses: Any) -> dict[str, float]:
+    """The terms of the last call of each loss, merged: every composite loss of this package reports them one way,
+    as ``last_terms`` (a dict of floats); a loss without terms contributes none."""
+    terms: dict[str, float] = {}
+    for loss in losses:
+        terms.update(getattr(loss, "last_terms", None) or {})
+    return terms
