@@ -123,3 +123,56 @@ def test_killed_bundle_training_resumes(tmp_path):
     assert "resuming from" in out and "Epoch: 1/3" not in out and "Epoch: 3/3" in out, out[-4000:]
     assert latest_checkpoint(str(root / "models")).endswith("epoch=3.pt")
     assert (root / "models" / "model.pt").is_file()
+
+
+def test_handlers_for_rank_keeps_every_state_changing_handler_on_every_rank():
+    """One rule for every bundle's multi_gpu_train.json: rank 0 attaches all handlers, the other ranks all but the
+    output-only ones, whatever the order of the list (no handler is chosen by its index)."""
+    import json
+    import os
+    import re
+
+    from ignite.handlers import ProgressBar
+    from monai.handlers import LrScheduleHandler, StatsHandler, TensorBoardStatsHandler, ValidationHandler
+
+    from monai_proto.handlers import (
+        AtomicCheckpointSaver,
+        DefaultSupportHandler,
+        PrototypeBankHandler,
+        PublishModelHandler,
+        RampHandler,
+        ResumableCheckpoint,
+        handlers_for_rank,
+    )
+
+    net = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(net.parameters(), 0.1)
+    state = [
+        LrScheduleHandler(torch.optim.lr_scheduler.StepLR(optimizer, 1)),
+        RampHandler("set_x", 0.0, 1.0, 2),
+        PrototypeBankHandler(),
+        ValidationHandler(1, validator=None),
+        ResumableCheckpoint("/tmp/none", {"net": net}),
+        DefaultSupportHandler(support=[], inferer=None),
+    ]
+    output = [
+        StatsHandler(),
+        TensorBoardStatsHandler(log_dir="/tmp/none"),
+        ProgressBar(),
+        AtomicCheckpointSaver("/tmp/none", {"net": net}),
+        PublishModelHandler("/tmp/none"),
+    ]
+    mixed = [output[0], state[0], output[1], *state[1:], *output[2:]]
+    assert handlers_for_rank(mixed, rank=0) == mixed
+    assert handlers_for_rank(mixed, rank=1) == state
+    assert handlers_for_rank(None, rank=1) is None
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles")
+    for bundle in sorted(os.listdir(root)):
+        path = os.path.join(root, bundle, "configs", "multi_gpu_train.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            config = json.load(f)
+        assert "handlers_for_rank(@train#handlers)" in config["train#trainer#train_handlers"], bundle
+        assert "handlers_for_rank(@validate#handlers)" in config["validate#evaluator#val_handlers"], bundle
+        assert not [k for k in config if re.search(r"#\d+#", k)], bundle  # nothing addressed by list index
