@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.handlers import ParamSchedulerHandler
 from monai.networks.nets import UNet
 
 from monai_proto import IAPLLoss, IAPLNet, RampHandler, ramp_value
@@ -14,6 +15,7 @@ from monai_proto.apps import default_bundle_root
 from monai_proto.networks.blocks import DynamicPrototypeHead, UNetFeatureBackbone
 from monai_proto.networks.blocks.kmax_decoder import foreground_cluster_mask, semantic_confidence
 from monai_proto.networks.nets.iapl import IAPLOutput
+from monai_proto.networks.utils import unwrap_network
 
 BUNDLE = str(Path(__file__).resolve().parents[1] / "bundles" / "iapl_segmentation")
 SMALL = {"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "feature_channels": 8, "num_res_units": 1}
@@ -225,10 +227,13 @@ def test_ramp_handler_sets_threshold():
 
     class _Engine:
         state = _State()
-        network = torch.nn.parallel.DataParallel(net)  # unwrapped by the handler
 
-    RampHandler("set_filter_threshold", 0.1, 0.5, 50)(_Engine())
+    wrapped = torch.nn.parallel.DataParallel(net)  # the bundle configs unwrap DDP in the setter's expression
+    ramp = RampHandler(unwrap_network(wrapped).set_filter_threshold, 0.1, 0.5, 50, name="filter_threshold")
+    assert isinstance(ramp, ParamSchedulerHandler)  # MONAI's parameter scheduler, with a ramp as its calculator
+    ramp(_Engine())
     assert net.decoder.filter_threshold.item() == pytest.approx(0.3)
+    assert _Engine.state.metrics["filter_threshold"] == pytest.approx(0.3)
     assert "decoder.filter_threshold" in net.state_dict()  # the trained value travels with the weights
 
 

@@ -196,7 +196,7 @@ def _trainer(net, unsup=None, handlers=(), iterations=3, ema_decay=0.99, images=
 def test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps():
     net = tiny_net()
     unsup = MPCLUnsupervisedLoss(weight=0.0)
-    ramp = RampHandler("set_weight", 0.0, 0.1, 4, "sigmoid", per_iteration=True, network=unsup, name="w")
+    ramp = RampHandler(unsup.set_weight, 0.0, 0.1, 4, "sigmoid", per_iteration=True, name="w")
     trainer = _trainer(net, unsup, [ramp, PrototypeBankHandler()], iterations=3, ema_decay=0.5)
     teacher = trainer.teacher_network
     assert teacher is not net and not any(p.requires_grad for p in teacher.parameters())

@@ -60,6 +60,7 @@ def _losses(bundle: str, root: Path, seed: int) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # three short trainings of the bundle's own config, 4-20 s each
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_same_seed_same_losses(bundle, tmp_path):
     threads = torch.get_num_threads()

@@ -149,7 +149,7 @@ def test_handlers_for_rank_keeps_every_state_changing_handler_on_every_rank():
     optimizer = torch.optim.SGD(net.parameters(), 0.1)
     state = [
         LrScheduleHandler(torch.optim.lr_scheduler.StepLR(optimizer, 1)),
-        RampHandler("set_x", 0.0, 1.0, 2),
+        RampHandler(print, 0.0, 1.0, 2),
         PrototypeBankHandler(),
         ValidationHandler(1, validator=None),
         ResumableCheckpoint("/tmp/none", {"net": net}),

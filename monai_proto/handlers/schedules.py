@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+from monai.handlers import ParamSchedulerHandler
 from monai.utils import min_version, optional_import
-
-from monai_proto.networks.utils import unwrap_network
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 if TYPE_CHECKING:
@@ -40,58 +38,57 @@ def ramp_value(step: float, length: float, start: float, end: float, shape: str 
     return start + (end - start) * factor
 
 
-class RampHandler:
-    """Ignite handler that ramps a value and hands it to a setter of the network at every epoch start.
+class RampHandler(ParamSchedulerHandler):
+    """MONAI's :class:`~monai.handlers.ParamSchedulerHandler` with a ramp (:func:`ramp_value`: linear, or the
+    sigmoid ramp-up of semi-supervised consistency weights) as its value calculator, applied at the start of each
+    epoch (or iteration), so that the first epoch (iteration) runs with ``start``.
 
     Example (IAPL, threshold 0.1 -> 0.5 over the first 50 epochs)::
 
-        {"_target_": "RampHandler", "setter": "set_filter_threshold", "start": 0.1, "end": 0.5,
-         "length": 50}
+        {"_target_": "RampHandler",
+         "parameter_setter": "$monai_proto.networks.utils.unwrap_network(@network).set_filter_threshold",
+         "start": 0.1, "end": 0.5, "length": 50}
 
-    The setter is looked up on ``network`` (default: ``engine.network``, unwrapped from DDP) and called with
-    the value. With ``per_iteration=True`` the ramp runs over iterations instead of epochs. The current value
-    is stored in ``engine.state.metrics[name]`` so stats and TensorBoard handlers can log it.
+    The current value is also stored in ``engine.state.metrics[name]`` so stats and TensorBoard handlers can log it.
 
     Args:
-        setter: name of the network method to call with the value.
+        parameter_setter: called with the value (e.g. a network's or a loss's bound setter method).
         start: value at epoch 1 (iteration 1).
         end: value after ``length`` epochs (iterations).
         length: length of the ramp.
         shape: ``"linear"`` or ``"sigmoid"``.
         per_iteration: ramp over iterations rather than epochs.
-        network: network to update; default ``engine.network``.
-        name: key of the logged value.
+        name: key of the logged value (and the handler's logger). Defaults to ``"ramp"``.
+
+    Raises:
+        ValueError: for an unknown shape.
     """
 
     def __init__(
         self,
-        setter: str,
+        parameter_setter: Callable[[float], Any],
         start: float,
         end: float,
         length: int,
         shape: str = "linear",
         per_iteration: bool = False,
-        network: torch.nn.Module | None = None,
         name: str | None = None,
     ) -> None:
         ramp_value(0, 1, start, end, shape)  # validates shape
-        self.setter = setter
         self.start, self.end, self.length, self.shape = start, end, length, shape
-        self.per_iteration = per_iteration
-        self.network = network
-        self.name = name or setter
-        self.logger = logging.getLogger(__name__)
+        self.name = name or "ramp"
+        super().__init__(
+            parameter_setter=parameter_setter,
+            value_calculator=self._value,
+            vc_kwargs={},
+            epoch_level=not per_iteration,
+            name=self.name,
+            event=Events.ITERATION_STARTED if per_iteration else Events.EPOCH_STARTED,
+        )
 
-    def attach(self, engine: Engine) -> None:
-        event = Events.ITERATION_STARTED if self.per_iteration else Events.EPOCH_STARTED
-        engine.add_event_handler(event, self)
+    def _value(self, current_step: int) -> float:
+        return ramp_value(current_step - 1, self.length, self.start, self.end, self.shape)
 
     def __call__(self, engine: Engine) -> None:
-        network = self.network if self.network is not None else engine.network  # type: ignore[attr-defined]
-        network = unwrap_network(network)
-        step = (engine.state.iteration if self.per_iteration else engine.state.epoch) - 1
-        value = ramp_value(step, self.length, self.start, self.end, self.shape)
-        if not hasattr(network, self.setter):
-            raise AttributeError(f"{type(network).__name__} has no method {self.setter!r} for RampHandler.")
-        getattr(network, self.setter)(value)
-        engine.state.metrics[self.name] = value
+        super().__call__(engine)
+        engine.state.metrics[self.name] = self._value(self._vc_kwargs["current_step"])

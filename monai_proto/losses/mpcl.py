@@ -172,7 +172,7 @@ class MPCLUnsupervisedLoss(_Loss):
         consistency_weight: weight of the mean-teacher consistency. Defaults to 1.0.
         dka_weight: weight of DKA. Defaults to 1.0.
         confidence_threshold: teacher confidence below which a voxel is ignored by DKA. Defaults to 0.9.
-        weight: initial overall weight, ramped during training by ``RampHandler(setter="set_weight")``.
+        weight: initial overall weight, ramped during training by ``RampHandler(parameter_setter=loss.set_weight)``.
             Defaults to 1.0.
 
     Raises:
