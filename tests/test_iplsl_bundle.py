@@ -87,6 +87,27 @@ def test_inference_on_dicom_query(trained, run_bundle):
     assert 0.2 <= ratio <= 5.0, f"predicted/true spleen volume {ratio:.2f}"
 
 
+def test_evaluating_scores_each_held_out_organ(trained, run_bundle, tmp_path):
+    """``run evaluating`` (evaluate.json): one 1-way episode per held-out organ (support from scan A, query scan B),
+    scored per organ; the mean is their mean."""
+    import csv
+
+    out = tmp_path / "metrics"
+    args = [
+        "-m", "monai.bundle", "run", "evaluating", "--config_file", str(CONFIGS / "evaluate.json"),
+        "--bundle_root", str(trained), "--output_dir", str(out),
+    ]  # fmt: skip
+    result = run_bundle(args, cwd=trained, timeout=300)
+    assert result.returncode == 0, result.describe()
+    with open(out / "metrics.csv", newline="") as f:
+        metrics = {row[0]: float(row[1]) for row in csv.reader(f) if row}
+    assert set(metrics) == {"val_mean_dice"} and 0.0 <= metrics["val_mean_dice"] <= 1.0
+    with open(out / "val_mean_dice_raw.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert [r[0] for r in rows] == ["liver", "spleen", "stomach"]
+    assert sum(float(r[-1]) for r in rows) / 3 == pytest.approx(metrics["val_mean_dice"], abs=1e-5)
+
+
 def test_metadata_verifies(run_bundle):
     schema = REPO_ROOT / "bundles" / "schema" / "meta_schema.json"
     if not schema.is_file():

@@ -77,6 +77,24 @@ def test_inference_on_scan_b(trained):
     assert nib.load(str(out)).shape == (512, 512, 20)
 
 
+def test_evaluating_writes_metrics(trained, tmp_path):
+    """``run evaluating`` (evaluate.json) scores scan B with the trained weights: mean Dice and HD95 per class."""
+    import csv
+
+    out = tmp_path / "metrics"
+    evaluate = BUNDLE / "configs" / "evaluate.json"
+    run(["-m", "monai.bundle", "run", "evaluating", "--config_file", evaluate, "--bundle_root", trained,
+         "--output_dir", out], trained)  # fmt: skip
+    with open(out / "metrics.csv", newline="") as f:
+        metrics = {row[0]: float(row[1]) for row in csv.reader(f) if row}
+    assert set(metrics) == {"val_mean_dice", "val_hd95"}
+    assert 0.0 <= metrics["val_mean_dice"] <= 1.0 and metrics["val_hd95"] >= 0.0
+    with open(out / "val_mean_dice_raw.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == ["filename"] + [f"class{i}" for i in range(6)] + ["mean"] and len(rows) == 1
+    assert float(rows[0][-1]) == pytest.approx(metrics["val_mean_dice"], abs=1e-5)
+
+
 def test_hidden_labels_never_reach_training():
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
