@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from monai_proto.data.episodes import BinarizeClassd, FewShotEpisodeDataset, build_volume_episodes, check_class_split
 from monai_proto.data.transforms import HoldOutRegiond
 from monai_proto.inferers import FittedSlidingWindowInferer
-from monai_proto.inferers.support import FixedPrototypeSegmenter, SupportConditionedInferer
+from monai_proto.inferers.support import SupportConditionedInferer
 from monai_proto.losses.iplsl import IPLSLLoss, prototype_consistency_loss, prototype_separation_loss
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
 from monai_proto.networks.layers.peak import peak_average_pooling, peak_mask
@@ -194,9 +194,10 @@ def test_network_shapes_and_training_step(cls, spatial_dims, size):
         logits = net(query, support, support_label)
         protos = net.encode_support(support, support_label)
         assert torch.allclose(net.segment(query, protos), logits, atol=1e-5)
-        wrapper = FixedPrototypeSegmenter(net, protos[:1])
-        traced = torch.jit.trace(wrapper, query[:1], check_trace=False)
-        assert torch.allclose(traced(query[:1]), wrapper(query[:1]), atol=1e-4)
+        net.set_default_prototypes(protos[:1])  # the single-input form: forward(query) with fixed prototypes
+        torch.testing.assert_close(net(query[:1]), net.segment(query[:1], protos[:1]))
+        traced = torch.jit.trace(net, query[:1], check_trace=False)
+        assert torch.allclose(traced(query[:1]), net(query[:1]), atol=1e-4)
 
 
 def test_k_shot_rule():

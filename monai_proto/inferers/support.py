@@ -29,28 +29,7 @@ from monai.utils import convert_to_dst_type, ensure_tuple_rep
 from monai_proto.inferers.sliding import FittedSlidingWindowInferer, fitted_roi_size
 from monai_proto.networks.utils import unwrap_network
 
-__all__ = ["FixedPrototypeSegmenter", "SupportConditionedInferer"]
-
-
-class FixedPrototypeSegmenter(nn.Module):
-    """
-    ``forward(query) -> logits`` with prototypes fixed: a plain network for ``SlidingWindowInferer``,
-    MONAI Label or export.
-
-    Args:
-        network: a few-shot network with ``segment(query, prototypes)``.
-        prototypes: ``(1, L, K, M, C)`` support prototypes (registered as a buffer).
-
-    Shapes: ``(B, in_channels, *S) -> (B, K, *S)``.
-    """
-
-    def __init__(self, network: nn.Module, prototypes: torch.Tensor) -> None:
-        super().__init__()
-        self.network = unwrap_network(network)
-        self.register_buffer("prototypes", prototypes.detach())
-
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        return self.network.segment(query, self.prototypes.expand(query.shape[0], *self.prototypes.shape[1:]))
+__all__ = ["SupportConditionedInferer"]
 
 
 class SupportConditionedInferer(Inferer):
