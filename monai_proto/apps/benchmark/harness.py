@@ -152,6 +152,7 @@ def run_benchmark(
         the result dictionary (as written to JSON).
     """
     torch.set_num_threads(args.threads)
+    commit = _commit()  # the code this process runs: commits landing during a long run must not be recorded
     modality = getattr(args, "modality", "ct")
     if modality == "mri":  # the embedded MRI: one scan, scored on its held-out slab
         if sections is not None and not all(split.startswith("MRI") for split in sections):
@@ -268,7 +269,7 @@ def run_benchmark(
         "title": title + (" (SMOKE RUN: not a result)" if args.smoke else ""),
         "modality": modality,
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "", *sys.argv[1:]]),
-        "commit": _commit(),
+        "commit": commit,
         "hardware": _hardware(args.device),
         "device": args.device,
         "threads": args.threads,
