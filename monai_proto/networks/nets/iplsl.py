@@ -271,15 +271,22 @@ class IPLSLNet(PrototypeFewShotNet):
         """Low-level boundary fusion (residual, zero at initialisation): the final logits."""
         if self.boundary_head is None:
             return self_logits
-        return self_logits + self.boundary_head(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
+        return self_logits + self.boundary_residual(low, self_logits)
+
+    def boundary_residual(self, low: torch.Tensor, self_logits: torch.Tensor) -> torch.Tensor:
+        """The boundary head's residual on the low level and the self-learning logits (zero without a head)."""
+        if self.boundary_head is None:
+            return torch.zeros_like(self_logits)
+        return self.boundary_head(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
 
     @torch.jit.unused
     def window_residual(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The boundary head's residual on a window ``image`` ``(B, in_channels, *S)`` (``S`` divisible by the
-        backbone's ``size_divisible``) whose self-learning logits, from the whole query, are ``logits``."""
+        backbone's ``size_divisible``) whose self-learning logits, from the whole query, are ``logits``; only the
+        low level (the backbone's finest decoder map) is computed."""
         if self.boundary_head is None:
             raise ValueError("this IPLSLNet has no boundary head (boundary_channels=0).")
-        return self.fuse_boundary(self._compute_features(image)[0], logits) - logits
+        return self.boundary_residual(self.backbone(image).decoder[-1], logits)
 
     def _segment_features(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> FewShotOutput:
         low, semantic = levels[0], levels[1:]
