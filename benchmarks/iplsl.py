@@ -30,8 +30,9 @@ from monai.transforms import Compose
 from monai_proto.apps.benchmark import NetworkSpec, add_arguments, run_benchmark
 from monai_proto.apps.benchmark.runner import make_parser
 from monai_proto.apps.benchmark.splits import EvaluationSplit
-from monai_proto.data import SelectLabelsd, load_msd_datalist
+from monai_proto.data import load_msd_datalist
 from monai_proto.networks.utils import unwrap_network
+from monai_proto.transforms import SelectLabelsd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "bundles", "iplsl_fewshot_segmentation", "configs", "train.json")

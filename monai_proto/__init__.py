@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import apps, data, engines, handlers, inferers, losses, networks
+from . import apps, data, engines, handlers, inferers, losses, networks, transforms
 from .engines import *  # noqa: F401,F403
 from .handlers import *  # noqa: F401,F403
 from .inferers import *  # noqa: F401,F403

@@ -118,7 +118,7 @@ MUTANTS = [
     Mutant(
         "iapl",
         "A-slab not hidden from training",
-        "monai_proto/data/transforms.py",
+        "monai_proto/transforms/spatial.py",
         "label[:, hide] = self.ignore_value",
         "pass",
         ("tests/test_holdout_and_augment.py::test_holdout_hides_exactly_the_a_slab",),
@@ -126,7 +126,7 @@ MUTANTS = [
     Mutant(
         "iapl",
         "thin-slab crops not thinned",
-        "monai_proto/data/transforms.py",
+        "monai_proto/transforms/spatial.py",
         "if not self._do_transform or size <= self.min_extent:",
         "if True:",
         ("tests/test_holdout_and_augment.py::test_thin_slab_keeps_size_pads_like_the_inferer_and_ignores_padding",),
@@ -142,7 +142,7 @@ MUTANTS = [
     Mutant(
         "iapl",
         "thin volumes cut inside the held-out region",
-        "monai_proto/data/transforms.py",
+        "monai_proto/transforms/spatial.py",
         "return dict(data)  # a slab with no visible label",
         "pass  # a slab with no visible label",
         ("tests/test_inferers_fitted.py::test_thin_volume_crop_without_restoring_size",),
@@ -150,7 +150,7 @@ MUTANTS = [
     Mutant(
         "iapl",
         "random shallow-convolution remapping (GIN) does nothing",
-        "monai_proto/data/transforms.py",
+        "monai_proto/transforms/intensity.py",
         "out = alpha * remapped[0] + (1.0 - alpha) * image.float()",
         "out = image.float()",
         ("tests/test_holdout_and_augment.py::test_shallow_conv_intensity_remaps_but_keeps_statistics",),
@@ -158,7 +158,7 @@ MUTANTS = [
     Mutant(
         "iapl",
         "contrast shift the same for every class",
-        "monai_proto/data/transforms.py",
+        "monai_proto/transforms/intensity.py",
         "shift[label == c] = float(self.R.uniform(*self.offsets))",
         "shift[label == c] = self.offsets[0]",
         ("tests/test_holdout_and_augment.py::test_label_intensity_shift_moves_each_class_by_its_own_offset",),

@@ -23,7 +23,7 @@ from monai.bundle import ConfigParser
 from test_formats import _volume, _write
 
 import monai_proto  # noqa: F401 - bare _target_ names
-from monai_proto.data import AtomicSaveImaged, check_dicom_series
+from monai_proto.transforms import AtomicSaveImaged, check_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]

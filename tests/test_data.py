@@ -24,7 +24,7 @@ from monai_proto.data.demo import (
     label_ids_for,
     load_label_table,
 )
-from monai_proto.data.transforms import (
+from monai_proto.transforms import (
     CheckImageLabeld,
     LoadCheckedImaged,
     SelectLabels,

@@ -119,7 +119,7 @@ def test_resample_to_source_matches_invertd_and_chunks(tmp_path):
     from monai.data import MetaTensor
     from monai.transforms import Compose, Invertd, LoadImaged, Orientationd, Spacingd
 
-    from monai_proto.data import ResampleToSourced
+    from monai_proto.transforms import ResampleToSourced
 
     rng = np.random.default_rng(0)
     cases = {"axis-aligned": None, "oblique": _volume()}

@@ -9,14 +9,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
-from monai_proto.data import (
-    HoldOutRegiond,
-    RandLabelIntensityShiftd,
-    RandThinSlabd,
-    demo_data_dir,
-    holdout_mask,
-    load_msd_datalist,
-)
+from monai_proto.data import demo_data_dir, load_msd_datalist
+from monai_proto.transforms import HoldOutRegiond, RandLabelIntensityShiftd, RandThinSlabd, holdout_mask
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +118,7 @@ def test_label_intensity_shift_numpy_free():
 
 
 def test_shallow_conv_intensity_remaps_but_keeps_statistics():
-    from monai_proto.data import RandShallowConvIntensityd
+    from monai_proto.transforms import RandShallowConvIntensityd
 
     torch.manual_seed(0)
     image = MetaTensor(torch.rand(1, 24, 24, 16), affine=torch.eye(4))

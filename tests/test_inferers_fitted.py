@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from monai_proto.data import RandThinSlabd
 from monai_proto.inferers import FittedSlidingWindowInferer, fitted_roi_size
+from monai_proto.transforms import RandThinSlabd
 
 
 def test_fitted_roi_size():

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 
-from monai_proto.data.episodes import BinarizeClassd, FewShotEpisodeDataset, build_volume_episodes, check_class_split
-from monai_proto.data.transforms import HoldOutRegiond
+from monai_proto.data import FewShotEpisodeDataset, build_volume_episodes, check_class_split
 from monai_proto.inferers import FittedSlidingWindowInferer
 from monai_proto.inferers.support import SupportConditionedInferer
 from monai_proto.losses.iplsl import IPLSLLoss, prototype_consistency_loss, prototype_separation_loss
@@ -21,6 +20,7 @@ from monai_proto.networks.layers.prototype import masked_average_pooling, partit
 from monai_proto.networks.nets.fewshot import FewShotOutput
 from monai_proto.networks.nets.iplsl import IPLSLNet
 from monai_proto.networks.nets.panet import PANetFewShot
+from monai_proto.transforms import BinarizeClassd, HoldOutRegiond
 
 TINY = {"channels": (4, 8, 8, 16), "strides": (2, 2, 2), "feature_channels": 4, "num_res_units": 1}
 

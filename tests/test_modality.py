@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 
-from monai_proto.data import CheckModalityd, ModalityIntensityd, dicom_modality
+from monai_proto.transforms import CheckModalityd, ModalityIntensityd, dicom_modality
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]

@@ -14,13 +14,14 @@ from ignite.engine import Events
 from monai.data import MetaTensor
 from torch.utils.data import DataLoader
 
-from monai_proto.data.semisupervised import LabelSlabCropd, load_semisupervised_datalists, split_labeled_unlabeled
+from monai_proto.data import load_semisupervised_datalists, split_labeled_unlabeled
 from monai_proto.engines.mean_teacher import MeanTeacherTrainer, ema_update
 from monai_proto.handlers.prototype import PrototypeBankHandler
 from monai_proto.handlers.schedules import RampHandler, ramp_value
 from monai_proto.losses.mpcl import MPCLSupervisedLoss, MPCLUnsupervisedLoss
 from monai_proto.networks.layers.intensity import intensity_bin_assignment
 from monai_proto.networks.nets.mpcl import MPCLNet, MPCLOutput
+from monai_proto.transforms import LabelSlabCropd
 
 TINY_BACKBONE = {"feature_channels": 8, "channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
 

@@ -19,15 +19,14 @@ doi 10.1016/j.artmed.2025.103183) and its PANet-style baseline.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable, SpatialPad
+from monai.transforms import Randomizable, SpatialPad
 from torch.utils.data import Dataset
 
-__all__ = ["BinarizeClassd", "FewShotEpisodeDataset", "build_volume_episodes", "check_class_split"]
+__all__ = ["FewShotEpisodeDataset", "build_volume_episodes", "check_class_split"]
 
 
 def check_class_split(train_classes: Sequence[int], test_classes: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -48,45 +47,6 @@ def check_class_split(train_classes: Sequence[int], test_classes: Sequence[int])
     return train, test
 
 
-class BinarizeClassd(MapTransform):
-    """
-    Binary mask of an episode's class: ``label == data[class_key]`` becomes 1, ``ignore_value`` (held-out voxels)
-    stays, everything else becomes 0.
-
-    Args:
-        keys: label keys to binarise (e.g. ``["support_label", "label"]``).
-        class_key: key of the episode's class id in the data dictionary. Defaults to ``"class_id"``.
-        ignore_value: label value kept as it is; None for none. Defaults to 255.
-        allow_missing_keys: don't raise when a key is missing. Defaults to False.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        class_key: str = "class_id",
-        ignore_value: int | None = 255,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.class_key = class_key
-        self.ignore_value = ignore_value
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        if self.class_key not in d:
-            raise KeyError(f"class key {self.class_key!r} is not in the data dictionary (keys: {list(d)}).")
-        class_id = int(d[self.class_key])
-        for key in self.key_iterator(d):
-            label = d[key]
-            out = label.clone() if isinstance(label, torch.Tensor) else np.array(label, copy=True)
-            out[...] = 0
-            out[label == class_id] = 1
-            if self.ignore_value is not None:
-                out[label == self.ignore_value] = self.ignore_value
-            d[key] = out
-        return d
-
-
 def build_volume_episodes(
     support_items: Sequence[Mapping[str, str]],
     query_items: Sequence[Mapping[str, str]],
@@ -105,13 +65,13 @@ def build_volume_episodes(
         skip_same: leave out pairs whose support and query image are the same file. Defaults to True. Set it
             False where the support and the query are disjoint regions of one scan (items with a ``"holdout"``
             region: the query's region is copied to ``"holdout"``, the support's to ``"support_holdout"``, for
-            :class:`~monai_proto.data.transforms.HoldOutRegiond` with ``keep="inside"`` on the query label and
+            :class:`~monai_proto.transforms.HoldOutRegiond` with ``keep="inside"`` on the query label and
             ``keep="outside"`` on the support label).
 
     Returns:
         items ``{"support_image", "support_label", "image", "label", "class_id", "episode"}`` (and the held-out
         regions, when the items have them), for a transform
-        chain ending with :class:`BinarizeClassd` on ``["support_label", "label"]``.
+        chain ending with :class:`~monai_proto.transforms.BinarizeClassd` on ``["support_label", "label"]``.
 
     Raises:
         ValueError: when no episode results or the names do not match the ids.

@@ -1,22 +1,19 @@
 # Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
-"""Labelled / unlabelled data lists for semi-supervised training, and slab labelling of a volume."""
+"""Labelled / unlabelled data lists for semi-supervised training (slab labelling of a volume:
+:class:`~monai_proto.transforms.LabelSlabCropd`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
-import numpy as np
-import torch
-from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist
-from monai.transforms import MapTransform, SpatialCrop
 
 from monai_proto.data.datalist import _check_inside, _check_paths, load_msd_datalist
 
-__all__ = ["LabelSlabCropd", "load_semisupervised_datalists", "slab_bounds", "split_labeled_unlabeled"]
+__all__ = ["load_semisupervised_datalists", "split_labeled_unlabeled"]
 
 
 def split_labeled_unlabeled(
@@ -119,74 +116,3 @@ def load_semisupervised_datalists(
     if labeled_ratio is not None or labeled_count is not None:
         return split_labeled_unlabeled(training, labeled_ratio, labeled_count, seed)
     return [dict(item) for item in training], [{k: v for k, v in item.items() if k != "label"} for item in training]
-
-
-def slab_bounds(label: np.ndarray | torch.Tensor, axis: int, fraction: float, position: float | str) -> tuple[int, int]:
-    """
-    ``[start, stop)`` of a slab covering ``fraction`` of spatial axis ``axis`` of a channel-first label map.
-
-    ``position`` is the relative start in ``[0, 1]`` (0 = lowest index, 1 = slab at the end), or
-    ``"foreground"``: the slab is centred on the middle of the label's foreground extent along the axis.
-    """
-    size = int(label.shape[axis + 1])
-    length = max(1, min(size, int(round(size * fraction))))
-    if position == "foreground":
-        other = tuple(i for i in range(label.ndim) if i != axis + 1)
-        present = (torch.as_tensor(label) > 0).any(dim=other) if other else torch.as_tensor(label) > 0
-        idx = torch.nonzero(present).flatten()
-        centre = size // 2 if idx.numel() == 0 else int((int(idx.min()) + int(idx.max()) + 1) // 2)
-        start = centre - length // 2
-    else:
-        start = int(round(float(position) * (size - length)))
-    start = min(max(start, 0), size - length)
-    return start, start + length
-
-
-class LabelSlabCropd(MapTransform):
-    """
-    Keep only a slab of a labelled volume: crop ``keys`` (image and label) to ``fraction`` of one spatial
-    axis. Used to label a part of a scan (e.g. a quarter along the superior-inferior axis, the third axis
-    in RAS) while the whole image goes, without label, to the unlabelled list. Place it after
-    ``Orientationd`` / ``Spacingd``. ``fraction=None`` or ``1.0`` leaves the data unchanged.
-
-    Args:
-        keys: keys to crop (image and label).
-        label_key: the label that positions the slab for ``position="foreground"``. Defaults to ``"label"``.
-        fraction: fraction of the axis kept, in ``(0, 1]``, or None. Defaults to 0.25.
-        axis: spatial axis (0-based, channel excluded). Defaults to 2 (superior-inferior in RAS).
-        position: relative slab start in ``[0, 1]`` or ``"foreground"``. Defaults to ``"foreground"``.
-        allow_missing_keys: as in ``MapTransform``.
-
-    Raises:
-        ValueError: when ``fraction`` is outside ``(0, 1]``, ``position`` is invalid or ``axis < 0``.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        label_key: str = "label",
-        fraction: float | None = 0.25,
-        axis: int = 2,
-        position: float | str = "foreground",
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if fraction is not None and not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1] or None, but got {fraction}.")
-        if position != "foreground" and not (isinstance(position, (int, float)) and 0.0 <= position <= 1.0):
-            raise ValueError(f"position must be in [0, 1] or 'foreground', but got {position!r}.")
-        if axis < 0:
-            raise ValueError(f"axis must be non-negative, but got {axis}.")
-        self.label_key, self.fraction, self.axis, self.position = label_key, fraction, axis, position
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        if self.fraction is None or self.fraction >= 1.0:
-            return d
-        start, stop = slab_bounds(d[self.label_key], self.axis, self.fraction, self.position)
-        roi = [slice(None)] * (d[self.label_key].ndim - 1)
-        roi[self.axis] = slice(start, stop)
-        cropper = SpatialCrop(roi_slices=roi)  # keeps the affine of MetaTensors consistent
-        for key in self.key_iterator(d):
-            d[key] = cropper(d[key])
-        return d

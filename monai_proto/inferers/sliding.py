@@ -41,7 +41,7 @@ class FittedSlidingWindowInferer(SlidingWindowInferer):
     with a 64-slice replicate-padded window against 0.49 with a 16-slice one. Here the window along such an axis
     is the volume's extent rounded up to ``divisor`` (the network's size divisor), so at most ``divisor - 1``
     slices are padded (with ``padding_mode``). Train on crops shaped the same way: a thin slab cut from the
-    volume (:class:`~monai_proto.data.RandThinSlabd` with ``restore_size=False``) and ``DivisiblePadd``.
+    volume (:class:`~monai_proto.transforms.RandThinSlabd` with ``restore_size=False``) and ``DivisiblePadd``.
 
     Args:
         roi_size: the window for volumes at least that large.

@@ -3,7 +3,7 @@
 
 - ``A-slab``: the held-out slab of the training scan A. Its region travels with the data item (key
   ``holdout`` of the demo data set's ``training`` and ``validation`` entries); training pipelines hide its
-  labels with :class:`~monai_proto.data.HoldOutRegiond`, evaluation scores only its voxels while the whole
+  labels with :class:`~monai_proto.transforms.HoldOutRegiond`, evaluation scores only its voxels while the whole
   volume is predicted (the rest of A is context).
 - ``B``: the unseen scan (the demo data set's ``test`` entry), scored whole.
 - ``MRI-slab``: the held-out slab of the embedded MRI (``--modality mri``), like the A-slab; its body mask is the
@@ -20,7 +20,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
 from monai_proto.data import load_msd_datalist
-from monai_proto.data.transforms import holdout_mask
+from monai_proto.transforms import holdout_mask
 
 __all__ = [
     "EvaluationSplit",

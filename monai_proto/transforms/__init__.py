@@ -1,0 +1,25 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Dictionary transforms of the bundles, apart from the data sets and data lists (``monai_proto.data``), as in
+MONAI: loading and writing (``io``), intensity presets and augmentation (``intensity``), label maps (``label``),
+regions of a volume (``spatial``) and input checks (``utility``)."""
+
+from .intensity import (
+    MODALITIES,
+    ModalityIntensityd,
+    RandLabelIntensityShiftd,
+    RandShallowConvIntensityd,
+    check_modality,
+)
+from .io import AtomicSaveImaged, LoadCheckedImaged, check_dicom_series, dicom_modality, segments_to_label_table
+from .label import BinarizeClassd, SelectLabels, SelectLabelsd
+from .spatial import (
+    HoldOutRegiond,
+    LabelSlabCropd,
+    RandThinSlabd,
+    ResampleToSourced,
+    affine_row_on_grid,
+    holdout_mask,
+    slab_bounds,
+)
+from .utility import CheckImageLabeld, CheckLabelValuesd, CheckModalityd
+from .utils import describe_source
