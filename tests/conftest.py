@@ -18,6 +18,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "bundles" / "iapl_segmentation" / "configs"
 
+
+def bundle_configs(bundle: str, name: str) -> list[str]:
+    """The config files a bundle command reads: ``evaluate.json`` is layered over ``train.json``, as in the model
+    zoo (``--config_file "['train.json','evaluate.json']"``); ``train``, ``inference`` and ``multi_gpu_train``
+    name their own file (the last is itself layered by the caller)."""
+    folder = REPO_ROOT / "bundles" / bundle / "configs"
+    names = ["train.json", "evaluate.json"] if name == "evaluate" else [f"{name}.json"]
+    return [str(folder / n) for n in names]
+
+
 #: affine of the synthetic volumes: 3 mm isotropic, RAS, so Spacingd (3 mm) keeps their shape
 SYNTH_AFFINE = np.diag([3.0, 3.0, 3.0, 1.0])
 SYNTH_SHAPE = (48, 48, 48)

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTH_AFFINE, _synthetic_pair, save_nifti, write_msd_dataset
+from conftest import SYNTH_AFFINE, _synthetic_pair, bundle_configs, save_nifti, write_msd_dataset
 from monai.bundle import ConfigParser
 from test_formats import _volume, _write
 
@@ -32,7 +32,7 @@ LABEL_TABLE = {"0": "background", "1": "spleen", "2": "kidney_right", "5": "live
 
 def _config(bundle: str, name: str, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / "configs" / f"{name}.json"))
+    parser.read_config(bundle_configs(bundle, name))
     for key, value in overrides.items():
         parser[key] = value
     return parser

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import bundle_configs
 from monai.bundle import ConfigParser, verify_metadata
 from monai.bundle.config_item import ComponentLocator
 from monai.data import load_net_with_metadata
@@ -94,8 +95,10 @@ def test_metadata_agrees_with_configs() -> None:
     meta = _load_json(META_FILE)
     image = meta["network_data_format"]["inputs"]["image"]
     pred = meta["network_data_format"]["outputs"]["pred"]
-    for name in ("train.json", "evaluate.json", "inference.json"):
-        config = _load_json(CONFIG_DIR / name)
+    for name in ("train", "evaluate", "inference"):
+        parser = ConfigParser()
+        parser.read_config(bundle_configs("iapl_segmentation", name))  # evaluate.json is layered over train.json
+        config = parser.get()
         assert config["organs"] == ORGANS, name
         assert config["in_channels"] == image["num_channels"], name
         assert [config["a_min"], config["a_max"]] == [-175.0, 250.0], name

@@ -252,7 +252,7 @@ def test_inference_nifti_images_and_output_dir(trained, tmp_path, run_bundle):
 
 def test_evaluation_metrics(trained, tmp_path, run_bundle):
     out_dir = tmp_path / "metrics"
-    args = [*bundle_args("evaluating", EVAL), "--bundle_root", trained, "--output_dir", out_dir]
+    args = [*bundle_args("evaluating", TRAIN, EVAL), "--bundle_root", trained, "--output_dir", out_dir]
     result = run_bundle(args, cwd=tmp_path)
     assert_ok(result)
     with open(out_dir / "metrics.csv", newline="") as f:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, bundle_configs
 
 pytestmark = pytest.mark.slow
 
@@ -88,13 +88,14 @@ def test_inference_on_dicom_query(trained, run_bundle):
 
 
 def test_evaluating_scores_each_held_out_organ(trained, run_bundle, tmp_path):
-    """``run evaluating`` (evaluate.json): one 1-way episode per held-out organ (support from scan A, query scan B),
-    scored per organ; the mean is their mean."""
+    """``run evaluating`` (evaluate.json over train.json): one 1-way episode per held-out organ (support from scan
+    A, query scan B), scored per organ; the mean is their mean."""
     import csv
 
     out = tmp_path / "metrics"
     args = [
-        "-m", "monai.bundle", "run", "evaluating", "--config_file", str(CONFIGS / "evaluate.json"),
+        "-m", "monai.bundle", "run", "evaluating",
+        "--config_file", repr(bundle_configs("iplsl_fewshot_segmentation", "evaluate")),
         "--bundle_root", str(trained), "--output_dir", str(out),
     ]  # fmt: skip
     result = run_bundle(args, cwd=trained, timeout=300)

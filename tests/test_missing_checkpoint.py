@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import bundle_configs
 from monai.bundle import ConfigParser
 
 from monai_proto.apps import MissingCheckpointError
@@ -23,10 +24,10 @@ def _chain(e: BaseException | None) -> list[BaseException]:
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-@pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
+@pytest.mark.parametrize("config", ["inference", "evaluate"])
 def test_every_inference_and_evaluation_checks_its_checkpoint_first(tmp_path, bundle, config):
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / bundle / "configs" / config))
+    parser.read_config(bundle_configs(bundle, config))
     parser["bundle_root"] = str(tmp_path / "untrained")
     with pytest.raises(Exception) as info:
         parser.get_parsed_content("initialize")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import bundle_configs
 from monai.bundle import ConfigParser
 
 from monai_proto.transforms import CheckModalityd, ModalityIntensityd, dicom_modality
@@ -52,12 +53,12 @@ def test_unknown_modality_or_percentiles_are_refused():
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-@pytest.mark.parametrize("config", ["train.json", "inference.json", "evaluate.json"])
+@pytest.mark.parametrize("config", ["train", "inference", "evaluate"])
 def test_every_config_switches_preset_with_one_key(bundle, config):
     """``--modality mri`` changes every intensity transform of the config, and nothing is left HU-windowed."""
     for modality, expect_range in (("ct", (0.0, 1.0)), ("mri", None)):
         parser = ConfigParser()
-        parser.read_config(str(REPO / "bundles" / bundle / "configs" / config))
+        parser.read_config(bundle_configs(bundle, config))
         parser["modality"] = modality
         text = str(parser.get())
         assert "ScaleIntensityRanged" not in text, f"{bundle}/{config}: an HU window outside the modality preset"
