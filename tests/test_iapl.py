@@ -69,7 +69,7 @@ def test_every_parameter_gets_a_gradient():
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None]
     assert missing == []
-    terms = loss_function.last_terms  # unweighted terms, the one way composite losses report them
+    terms = {k: float(v) for k, v in loss_function.last_terms.items()}  # unweighted terms, as 0-d tensors
     assert "main" in terms and "contrastive" in terms and any(k.startswith("stage") for k in terms)
     weighted = terms["main"] + 0.1 * terms["contrastive"]
     weighted += loss_function.aux_weight * sum(v for k, v in terms.items() if k.startswith("stage"))

@@ -178,7 +178,7 @@ def test_network_shapes_and_training_step(cls, spatial_dims, size):
     loss = loss_function(out, query_label)
     loss.backward()
     assert torch.isfinite(loss)
-    terms = loss_function.last_terms  # the one way composite losses report their terms
+    terms = {k: float(v) for k, v in loss_function.last_terms.items()}  # the one way composite losses report terms
     expected = {"final", "align"} | (
         {"initial", "refined", "self", "consistency", "separation"} if cls is IPLSLNet else set()
     )

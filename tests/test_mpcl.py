@@ -157,7 +157,7 @@ def test_each_pso_term_is_computed_and_weighted(term):
     loss = MPCLSupervisedLoss(**{f"{k}_weight": 0.5 if k == term else 0.0 for k in weights}, diversity_margin=-1.0)
     total = loss(out, y)
     assert loss.last_terms[term] > 0
-    assert float(total) == pytest.approx(loss.last_terms["segmentation"] + 0.5 * loss.last_terms[term], rel=1e-5)
+    assert float(total) == pytest.approx(float(loss.last_terms["segmentation"] + 0.5 * loss.last_terms[term]), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ EMA and ramp-up

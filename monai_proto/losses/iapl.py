@@ -67,7 +67,8 @@ class IAPLLoss(_Loss):
         self.aux_weight = aux_weight
         self.aux_stages = None if aux_stages is None else tuple(int(s) for s in aux_stages)
         self.contrastive_weight = contrastive_weight
-        self.last_terms: dict[str, float] = {}  # the unweighted terms of the last call (main, stage<i>, contrastive)
+        #: the unweighted terms of the last call (main, stage<i>, contrastive), detached 0-d tensors
+        self.last_terms: dict[str, torch.Tensor] = {}
         self.max_voxels = max_voxels
         self.ignore_index = ignore_index
         self.main_loss = DiceCEIgnoreLoss("sigmoid", ignore_index=ignore_index)
@@ -84,7 +85,7 @@ class IAPLLoss(_Loss):
         loss = self.main_loss(logits, target)
         terms = {"main": loss}
         if not isinstance(input, IAPLOutput):
-            self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+            self.last_terms = {k: v.detach() for k, v in terms.items()}
             return loss
         if self.aux_weight > 0:
             num_stages = len(input.stage_predictions)
@@ -105,5 +106,5 @@ class IAPLLoss(_Loss):
             prototypes = input.common_prototypes.unsqueeze(1)  # (K, 1, P): one common prototype per class
             terms["contrastive"] = self.contrastive(voxels, prototypes, labels, torch.zeros_like(labels))
             loss = loss + self.contrastive_weight * terms["contrastive"]
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
         return loss

@@ -144,7 +144,7 @@ class IPLSLLoss(_Loss):
         self.margin = float(margin)
         self.ignore_index = ignore_index
         self.segmentation = DiceCEIgnoreLoss("softmax", ignore_index=ignore_index)
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def _terms(self, output, query_label: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every unweighted term that the output allows, by name."""
@@ -172,7 +172,7 @@ class IPLSLLoss(_Loss):
 
     def forward(self, output, query_label: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         terms = self._terms(output, query_label)
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
         total = terms.pop("final")
         for name, value in terms.items():
             total = total + self.weights[f"{name}_weight"] * value

@@ -108,7 +108,7 @@ class MPCLSupervisedLoss(_Loss):
         self.separation = PrototypeDiversityLoss(margin=separation_margin)
         self.diversity = PrototypeDiversityLoss(margin=diversity_margin)
         #: detached values of the last call's terms, for logging only
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, output: object, target: torch.Tensor) -> torch.Tensor:
         """
@@ -122,7 +122,7 @@ class MPCLSupervisedLoss(_Loss):
         if not isinstance(output, torch.Tensor) and any(w > 0 for w in self.weights.values()):
             terms.update(self._prototype_terms(output, target))
         total = segmentation + sum(self.weights[k] * v for k, v in terms.items() if k in self.weights)
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
         return total
 
     def _prototype_terms(self, output, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -194,7 +194,7 @@ class MPCLUnsupervisedLoss(_Loss):
         self.dka_weight = dka_weight
         self.confidence_threshold = confidence_threshold
         self.weight = weight
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def set_weight(self, value: float) -> None:
         """Set the overall weight (the ramp-up target of :class:`~monai_proto.handlers.schedules.RampHandler`)."""
@@ -238,5 +238,5 @@ class MPCLUnsupervisedLoss(_Loss):
                 )
                 terms["dka"] = dka
                 total = total + self.dka_weight * dka
-        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
         return self.weight * total
