@@ -352,6 +352,38 @@ def test_slab_path_of_the_inferer_keeps_no_full_resolution_features(spatial_dims
         torch.testing.assert_close(fallback, reference_24(big, net, prototypes=prototypes))
 
 
+def test_slab_path_stitches_the_coarse_levels_in_float16():
+    """``coarse_dtype=float16``: the stitched levels take half the bytes, and the logits stay float32 and agree with
+    the float32 slab path up to float16 rounding of the query and the coarse maps."""
+    torch.manual_seed(1)
+    net = iplsl(3).eval()
+    with torch.no_grad():
+        net.boundary_head[-1].weight.normal_(std=0.5)
+    label = torch.zeros(1, 1, 24, 16, 32)
+    label[..., 5:15, 4:12, :] = 1
+    big = torch.rand(1, 1, 48, 40, 36)
+    big[..., 4:24, 4:20, 4:18] += 1
+    seen = []
+    adapt = net.adapt_prototypes_by_slabs
+
+    def spy(levels, *args):
+        seen.append({level.dtype for level in levels})
+        return adapt(levels, *args)
+
+    net.adapt_prototypes_by_slabs = spy
+    kwargs = {"roi_size": 32, "support_margin": None, "divisor": 8, "device": "cpu", "segment_slab": 4}
+    with torch.no_grad():
+        prototypes = net.encode_support(torch.rand(1, 1, 24, 16, 32) + label, label)
+        full = SupportConditionedInferer(**kwargs)(big, net, prototypes=prototypes)
+        half = SupportConditionedInferer(**kwargs, coarse_dtype="float16")(big, net, prototypes=prototypes)
+    assert seen == [{torch.float32}, {torch.float16}]
+    assert half.dtype == torch.float32 and half.shape == full.shape == (1, 2, 48, 40, 36)
+    assert (half - full).abs().max() < 5e-3 * full.abs().max(), float((half - full).abs().max())  # measured 4e-4
+    assert (half.argmax(1) == full.argmax(1)).float().mean() > 0.99
+    with pytest.raises(ValueError, match="floating-point"):
+        SupportConditionedInferer(32, coarse_dtype=torch.int8)
+
+
 def test_panet_through_the_slab_path_equals_one_pass():
     """The PANet-style baseline has no whole-query step and no residual head: the slab path is its prototype logits
     from the stitched stride-2 embedding."""
@@ -533,6 +565,6 @@ def test_bundle_inference_windows_fall_on_the_coarse_grid():
     inferer = parser.get_parsed_content("inferer", instantiate=True)
     network = parser.get_parsed_content("network_def")
     stride = max(network.level_strides[i] for i in network.semantic_levels)
-    assert inferer.segment_slab is not None and stride == 4
+    assert inferer.segment_slab is not None and stride == 4 and inferer.coarse_dtype == torch.float16
     for size in ([64, 64, 16], [176, 160, 48], [512, 512, 400]):
         assert inferer._aligned(size, stride), size

@@ -82,6 +82,11 @@ class SupportConditionedInferer(Inferer):
             Windows must start on the coarsest stride's grid (window and scan interval divisible by it), else the
             inferer warns and segments in one pass. None segments in one pass, the full-resolution features
             stitched on ``device`` and then moved to the network's device. Defaults to None.
+        coarse_dtype: with ``segment_slab``, the dtype in which the coarse levels are stitched (MONAI stitches in the
+            dtype of the volume it slides over, so the query is read in it too and each window is cast back to
+            the input's dtype for the network). ``torch.float16`` halves the stitched maps (IPLSL: 9 instead of 18
+            bytes a voxel) at a relative rounding of about 5e-4; the logits stay in the input's dtype. None keeps
+            the input's dtype. Defaults to None.
 
     Raises:
         ValueError: when ``support_margin`` is negative; at call time, when no support is given and the network
@@ -104,6 +109,7 @@ class SupportConditionedInferer(Inferer):
         sw_device: torch.device | str | None = None,
         device: torch.device | str | None = None,
         segment_slab: int | None = None,
+        coarse_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if support_margin is not None and support_margin < 0:
@@ -111,6 +117,9 @@ class SupportConditionedInferer(Inferer):
         if segment_slab is not None and segment_slab < 1:
             raise ValueError(f"segment_slab must be >= 1 or None, but got {segment_slab}.")
         self.segment_slab = segment_slab
+        self.coarse_dtype = getattr(torch, coarse_dtype) if isinstance(coarse_dtype, str) else coarse_dtype
+        if self.coarse_dtype is not None and not self.coarse_dtype.is_floating_point:
+            raise ValueError(f"coarse_dtype must be a floating-point dtype, but got {coarse_dtype}.")
         self.roi_size = roi_size
         self.support_margin = support_margin
         self.support = support
@@ -202,17 +211,22 @@ class SupportConditionedInferer(Inferer):
                 stacklevel=3,
             )
             return None
-        query = torch.as_tensor(inputs)  # a plain tensor: the padded copy has no geometry to keep
-        pad: list[int] = []
-        for s, p in zip(size[::-1], padded[::-1]):
-            pad += [0, p - s]
-        if any(pad):
-            query = F.pad(query, pad, mode="replicate")
-        levels = self.window(query, net.extract_semantic_levels, **kwargs)
+        source = torch.as_tensor(inputs)  # a plain tensor: padded copies have no geometry to keep
+        dtype = source.dtype
+        coarse = self.coarse_dtype or dtype
+        query = self._pad_end(source.to(coarse), padded)
+
+        def semantic_levels(window: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(level.to(coarse) for level in net.extract_semantic_levels(window.to(dtype)))
+
+        levels = self.window(query, semantic_levels, **kwargs)
+        del query
         levels = [levels] if isinstance(levels, torch.Tensor) else list(levels)  # MONAI unpacks a 1-tuple
         prototypes = net.adapt_prototypes_by_slabs(levels, prototypes, size, self.segment_slab)
         logits = net.prototype_logits_by_slabs(levels, prototypes, self.segment_slab)
         del levels
+        crop = tuple([slice(None), slice(None)] + [slice(0, v) for v in size])
+        result = logits[crop]
         if getattr(net, "logit_residual", False):
             device = prototypes.device
 
@@ -222,9 +236,21 @@ class SupportConditionedInferer(Inferer):
 
             window = copy.copy(self.window)
             window.with_coord = True
-            logits += torch.as_tensor(window(query, residual))
-        crop = tuple([slice(None), slice(None)] + [slice(0, v) for v in size])
-        return logits[crop]
+            # the boxes index the end-padded logits, which agree with the query's own voxels: the query itself
+            # serves (no padded copy) unless MONAI would pad a dimension thinner than the window
+            roi = fitted_roi_size(ensure_tuple_rep(window.roi_size, len(size)), size, window.divisor)
+            if any(r > s for r, s in zip(roi, size)):
+                source = self._pad_end(source, padded)
+            result += torch.as_tensor(window(source, residual))[crop]
+        return result
+
+    @staticmethod
+    def _pad_end(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``volume`` replicate-padded at the end of each spatial axis to ``size`` (itself when it has that size)."""
+        pad: list[int] = []
+        for s, p in zip(volume.shape[2:][::-1], size[::-1]):
+            pad += [0, int(p) - int(s)]
+        return F.pad(volume, pad, mode="replicate") if any(pad) else volume
 
     @torch.no_grad()
     def __call__(  # type: ignore[override]
