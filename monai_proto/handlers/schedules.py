@@ -77,6 +77,7 @@ class RampHandler(ParamSchedulerHandler):
         ramp_value(0, 1, start, end, shape)  # validates shape
         self.start, self.end, self.length, self.shape = start, end, length, shape
         self.name = name or "ramp"
+        self.value = start  # the value last given to the setter
         super().__init__(
             parameter_setter=parameter_setter,
             value_calculator=self._value,
@@ -87,8 +88,9 @@ class RampHandler(ParamSchedulerHandler):
         )
 
     def _value(self, current_step: int) -> float:
-        return ramp_value(current_step - 1, self.length, self.start, self.end, self.shape)
+        self.value = ramp_value(current_step - 1, self.length, self.start, self.end, self.shape)
+        return self.value
 
     def __call__(self, engine: Engine) -> None:
         super().__call__(engine)
-        engine.state.metrics[self.name] = self._value(self._vc_kwargs["current_step"])
+        engine.state.metrics[self.name] = self.value
