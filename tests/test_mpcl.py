@@ -144,6 +144,39 @@ def test_losses_switch_off_to_baselines():
         MPCLUnsupervisedLoss(confidence_threshold=1.5)
 
 
+def test_ignored_voxels_reach_no_term():
+    """Voxels labelled ``ignore_index`` (held-out or unlabelled slices) give no gradient to the logits, embeddings or
+    prototype logits through any term, and the loss does not depend on what the network predicts there."""
+    torch.manual_seed(0)
+    net = tiny_net()
+    x = torch.rand(2, 1, 16, 16)
+    y = (x * 3).long().clamp(0, 2)
+    out = net(x)
+    net.initialize_prototypes(out.embeddings, y, out.intensities)
+    out = net(x)
+    hidden = y.clone()
+    hidden[..., :8] = 255  # the first half of every image is held out
+    fields = ("logits", "embeddings", "prototype_logits")
+    leaves = {f: getattr(out, f).detach().requires_grad_() for f in fields}
+    output = out._replace(**leaves)
+    loss = MPCLSupervisedLoss()
+    total = loss(output, hidden)
+    assert all(loss.last_terms[k] > 0 for k in ("segmentation", "contrastive", "prototype_ce"))
+    total.backward()
+    for f in fields:
+        grad = leaves[f].grad
+        assert grad[..., :8].abs().max() == 0, f"{f}: ignored voxels get a gradient"
+        assert grad[..., 8:].abs().max() > 0, f"{f}: labelled voxels get none"
+    scrambled = {f: v.detach().clone() for f, v in leaves.items()}
+    for v in scrambled.values():
+        v[..., :8] = torch.randn_like(v[..., :8])
+    torch.manual_seed(1)
+    again = MPCLSupervisedLoss()(out._replace(**scrambled), hidden)
+    torch.manual_seed(1)
+    reference = MPCLSupervisedLoss()(out._replace(**{f: v.detach() for f, v in leaves.items()}), hidden)
+    assert float(again) == pytest.approx(float(reference), rel=1e-5)
+
+
 @pytest.mark.parametrize("term", ["contrastive", "compactness", "separation", "diversity", "prototype_ce"])
 def test_each_pso_term_is_computed_and_weighted(term):
     torch.manual_seed(0)

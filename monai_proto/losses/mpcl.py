@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
@@ -15,6 +14,7 @@ from monai_proto.losses.prototype import (
     PrototypeDiversityLoss,
     VoxelPrototypeContrastiveLoss,
 )
+from monai_proto.losses.segmentation import IGNORE_INDEX, DiceCEIgnoreLoss
 from monai_proto.networks.layers.intensity import intensity_bin_assignment, intensity_bin_prototypes
 from monai_proto.networks.layers.prototype import flatten_voxels, sample_voxel_indices
 
@@ -54,6 +54,10 @@ class MPCLSupervisedLoss(_Loss):
 
     Voxel terms use only classes whose bank prototypes are initialised (``output.prototypes_initialized``).
     When the network output is a plain tensor (or every prototype weight is 0) the loss is Dice + CE alone.
+    Voxels labelled ``ignore_index`` (a held-out region, the unlabelled slices of a partly labelled volume) reach no
+    term: Dice + CE is :class:`~monai_proto.losses.segmentation.DiceCEIgnoreLoss` with softmax (equal to MONAI's
+    ``DiceCELoss(to_onehot_y=True, softmax=True)`` when nothing is ignored), and the PSO terms and the
+    prototype-branch cross-entropy take labelled voxels only.
 
     Args:
         contrastive_weight: weight of the contrastive term. Defaults to 0.02.
@@ -65,7 +69,10 @@ class MPCLSupervisedLoss(_Loss):
         separation_margin: cosine below which class pairs are not penalised. Defaults to 0.0.
         diversity_margin: cosine below which bin pairs are not penalised. Defaults to 0.5.
         max_voxels: voxel sample size of the PSO terms. Defaults to 4096.
-        dice_ce_kwargs: arguments of :class:`monai.losses.DiceCELoss` (defaults: one-hot targets, softmax).
+        ignore_index: label value of the voxels to skip, or ``None``. Defaults to 255
+            (:data:`~monai_proto.losses.segmentation.IGNORE_INDEX`).
+        dice_ce_kwargs: further arguments of :class:`~monai_proto.losses.segmentation.DiceCEIgnoreLoss`
+            (``lambda_dice``, ``lambda_ce``).
 
     Raises:
         ValueError: when a weight is negative or ``max_voxels < 1``.
@@ -82,6 +89,7 @@ class MPCLSupervisedLoss(_Loss):
         separation_margin: float = 0.0,
         diversity_margin: float = 0.5,
         max_voxels: int = 4096,
+        ignore_index: int | None = IGNORE_INDEX,
         dice_ce_kwargs: dict | None = None,
     ) -> None:
         super().__init__(reduction=LossReduction.MEAN.value)
@@ -102,7 +110,7 @@ class MPCLSupervisedLoss(_Loss):
             "prototype_ce": prototype_ce_weight,
         }
         self.max_voxels = max_voxels
-        self.dice_ce = DiceCELoss(**({"to_onehot_y": True, "softmax": True} | (dice_ce_kwargs or {})))
+        self.dice_ce = DiceCEIgnoreLoss(activation="softmax", ignore_index=ignore_index, **(dice_ce_kwargs or {}))
         self.contrastive = VoxelPrototypeContrastiveLoss(temperature=temperature, exclude_same_class=True)
         self.compactness = PrototypeCompactnessLoss()
         self.separation = PrototypeDiversityLoss(margin=separation_margin)
@@ -114,7 +122,7 @@ class MPCLSupervisedLoss(_Loss):
         """
         Args:
             output: an :class:`~monai_proto.networks.nets.mpcl.MPCLOutput` (or plain logits ``(B, K, *S)``).
-            target: labels ``(B, 1, *S)`` in ``[0, K)``.
+            target: labels ``(B, 1, *S)`` in ``[0, K)`` or ``ignore_index``.
         """
         logits = _logits(output)
         segmentation = self.dice_ce(logits, target)
@@ -148,7 +156,10 @@ class MPCLSupervisedLoss(_Loss):
             "compactness": self.compactness(embeddings, prototypes, voxel_labels, voxel_bins),
             "separation": self.separation(class_prototypes[present].unsqueeze(0)) if present.sum() > 1 else zero,
             "diversity": self.diversity(batch_prototypes[all_bins]) if all_bins.any() else zero,
-            "prototype_ce": F.cross_entropy(output.prototype_logits, target[:, 0].long(), reduction="none")
+            # a label outside [0, K) (the ignore value) is never 'usable': clamped only to keep the CE defined
+            "prototype_ce": F.cross_entropy(
+                output.prototype_logits, target[:, 0].long().clamp(0, num_classes - 1), reduction="none"
+            )
             .flatten()[usable]
             .mean(),
         }
