@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, bundle_configs
 from monai.bundle import ConfigParser
 
 import monai_proto  # noqa: F401 - registers the bundle components
@@ -78,11 +78,12 @@ def test_inference_on_scan_b(trained):
 
 
 def test_evaluating_writes_metrics(trained, tmp_path):
-    """``run evaluating`` (evaluate.json) scores scan B with the trained weights: mean Dice and HD95 per class."""
+    """``run evaluating`` (evaluate.json over train.json) scores scan B with the trained weights: mean Dice and HD95
+    per class."""
     import csv
 
     out = tmp_path / "metrics"
-    evaluate = BUNDLE / "configs" / "evaluate.json"
+    evaluate = repr(bundle_configs("mpcl_semisupervised_segmentation", "evaluate"))  # over train.json
     run(["-m", "monai.bundle", "run", "evaluating", "--config_file", evaluate, "--bundle_root", trained,
          "--output_dir", out], trained)  # fmt: skip
     with open(out / "metrics.csv", newline="") as f:

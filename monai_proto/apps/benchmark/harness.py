@@ -117,6 +117,9 @@ def run_benchmark(
     split_transforms: Sequence[Callable] = (),
     timing_split: str | None = None,
     cost_overrides: Mapping[str, object] | None = None,
+    cost_reference: NetworkSpec | None = None,
+    comparisons: Sequence[tuple[str, str]] = (),
+    bounds: tuple[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a benchmark and write ``<args.out>/<name>.{json,md,png}``.
@@ -146,6 +149,13 @@ def run_benchmark(
         timing_split: the split whose volume is timed (default: the first).
         cost_overrides: config overrides of the timing and memory runs only (e.g. a fixed support set for a
             support-conditioned inferer).
+        cost_reference: a network measured for cost only (inference time, peak memory, training step), at its
+            initial weights, neither trained nor scored; the cost ratios then compare the method with it instead of
+            the first baseline (e.g. MONAI's UNet beside baselines that all share the method's architecture).
+        comparisons: further ``(network, other)`` pairs to give a verdict on, besides the method against each
+            baseline (e.g. mean teacher against supervised-only).
+        bounds: ``(lower, upper)``: two of the networks between which every other network's share of the gap in
+            mean Dice is reported (e.g. supervised-only and the fully supervised bound).
         log: progress output.
 
     Returns:
@@ -190,6 +200,10 @@ def run_benchmark(
     )
     log(f"== {title}: {iterations} iterations, seeds {seeds}, splits " + ", ".join(s.name for s in splits))
     specs = [method, *baselines]
+    names = [s.name for s in specs]
+    unknown = sorted({n for pair in [*comparisons, *([bounds] if bounds else [])] for n in pair} - set(names))
+    if unknown:
+        raise ValueError(f"{name}: comparisons and bounds must name trained networks ({names}), but got {unknown}.")
     runs: dict[str, list[dict]] = {s.name: [] for s in specs}
     for seed in seeds:
         for spec in specs:
@@ -207,14 +221,17 @@ def run_benchmark(
         results[split.name] = {s.name: summarise_seeds(runs[s.name], split.name, organs) for s in specs}
         results[split.name]["body_mask"] = refs["body_mask"]
         results[split.name]["empty"] = refs["empty"]
-    # cost: the first seed's trained weights, interleaved timing over the first split's whole volume
+    # cost: the first seed's trained weights (a cost reference keeps its initial ones), interleaved timing over the
+    # first split's whole volume
     timing_split = splits[0] if timing_split is None else next(s for s in splits if s.name == timing_split)
     cost = {**overrides, **dict(cost_overrides or {})}
+    timed = [*specs, *([] if cost_reference is None else [cost_reference])]
     networks = {}
-    for spec in specs:
+    for spec in timed:
         parser = make_parser(config_file, {**cost, **spec.overrides})
         net = parser.get_parsed_content("network_def").to(torch.device(args.device))
-        net.load_state_dict(runs[spec.name][0]["state_dict"])
+        if spec.name in runs:
+            net.load_state_dict(runs[spec.name][0]["state_dict"])
         networks[spec.name] = net.eval()
     inferer = make_parser(config_file, cost).get_parsed_content("validate#inferer")
     log("== timing inference (interleaved)")
@@ -222,20 +239,21 @@ def run_benchmark(
         networks, inferer, timing_split.image, repeats=1 if args.smoke else args.repeats
     )
     trainers = {}
-    for spec in specs:
+    for spec in timed:
         parser = make_parser(config_file, {**cost, **spec.overrides, "seed": seeds[0]})
         strip_io_handlers(parser)
         if "initialize" in parser:
             parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content(spec.trainer_id)
-        trainer.network.load_state_dict(runs[spec.name][0]["state_dict"])
+        if spec.name in runs:
+            trainer.network.load_state_dict(runs[spec.name][0]["state_dict"])
         trainers[spec.name] = trainer
     log("== timing training iterations (interleaved, data loading excluded)")
     step_repeats = 2 if args.smoke else 4 * args.repeats
     step_seconds = interleaved_training_step_seconds(trainers, repeats=step_repeats)
     del trainers
     memory = {}
-    for spec in specs:
+    for spec in timed:
         log(f"== peak memory of {spec.name} (fresh process)")
         memory[spec.name] = peak_inference_memory_mb(
             config_file,
@@ -244,24 +262,26 @@ def run_benchmark(
             os.path.join(workdir, "memory"),
             args.threads,
         )
-    first, second = method.name, baselines[0].name
+    first, second = method.name, (baselines[0] if cost_reference is None else cost_reference).name
     per_it = {s.name: sum(r["seconds_per_iteration"] for r in runs[s.name]) / len(runs[s.name]) for s in specs}
     speed = {
         "volume": f"{timing_split.item.get('image', timing_split.name)} ({timing_split.name} volume), "
         + "x".join(str(v) for v in timing_split.image.shape[2:]),
         "voxels": int(timing_split.image[0, 0].numel()),
         "repeats": 1 if args.smoke else args.repeats,
+        "reference": second,
         "inference_seconds": seconds,
         "peak_memory_mb": {k: v["peak_memory_mb"] for k, v in memory.items()},
         "memory_kind": next(iter(memory.values()))["kind"],
         "seconds_per_iteration": per_it,
         "training_step_seconds": step_seconds,
         "training_step_repeats": step_repeats,
-        "parameters": {s.name: runs[s.name][0]["parameters"] for s in specs},
+        "parameters": {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()},
         "throughput_ratio": seconds[second] / seconds[first],
         "memory_ratio": memory[first]["peak_memory_mb"] / max(memory[second]["peak_memory_mb"], 1e-9),
         "train_time_ratio": step_seconds[first] / step_seconds[second],
-        "wall_train_time_ratio": per_it[first] / per_it[second],
+        # wall time of training runs: none for a cost reference, which is not trained
+        "wall_train_time_ratio": per_it[first] / per_it[second] if second in per_it else float("nan"),
     }
     result = {
         "bundle": bundle,
@@ -279,6 +299,9 @@ def run_benchmark(
         "seeds": seeds,
         "method": method.name,
         "baselines": [b.name for b in baselines],
+        "cost_reference": None if cost_reference is None else cost_reference.name,
+        "comparisons": [list(pair) for pair in comparisons],
+        "bounds": None if bounds is None else list(bounds),
         "organs": organs,
         "differences": differences,
         "split_notes": dict(split_notes or {}),

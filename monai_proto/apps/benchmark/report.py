@@ -14,7 +14,7 @@ import numpy as np
 from monai_proto.apps.benchmark.metrics import mean_of
 from monai_proto.apps.benchmark.runner import dump_json, verdict
 
-__all__ = ["radiological", "write_report"]
+__all__ = ["gap_closed", "radiological", "write_report"]
 
 
 def radiological(axial: np.ndarray) -> np.ndarray:
@@ -99,6 +99,18 @@ def _markdown(result: Mapping, reading: str) -> str:
                 f"- {result['method']} vs {b}: difference {v['difference']:+.3f}, larger spread {_fmt(v['spread'])}: "
                 f"**{v['verdict']}**."
             )
+        for pair, v in result.get("comparison_verdicts", {}).get(split, {}).items():
+            lines.append(
+                f"- {pair}: difference {v['difference']:+.3f}, larger spread {_fmt(v['spread'])}: **{v['verdict']}**."
+            )
+        if result.get("bounds"):
+            lower, upper = result["bounds"]
+            shares = result["gap_closed"][split]
+            lines.append(
+                f"- Share of the gap in mean Dice between {lower} and {upper} "
+                f"({_fmt(mean_of(entries[lower]['mean_dice']))} to {_fmt(mean_of(entries[upper]['mean_dice']))}) "
+                "closed, from the means over seeds: " + ", ".join(f"{n} {_fmt(v, 2)}" for n, v in shares.items()) + "."
+            )
         body = entries["body_mask"]["mean_dice"]
         for n in nets:
             m = mean_of(entries[n]["mean_dice"])
@@ -108,6 +120,13 @@ def _markdown(result: Mapping, reading: str) -> str:
                 )
         lines.append("")
     speed = result["speed"]
+    reference = speed.get("reference", result["baselines"][0])
+    timed = [*nets, *([] if reference in nets else [reference])]
+    cost_only = (
+        f" {reference} is measured for cost only, at its initial weights (neither trained nor scored)."
+        if reference not in nets
+        else ""
+    )
     lines += [
         "## Cost (same run)",
         "",
@@ -116,19 +135,24 @@ def _markdown(result: Mapping, reading: str) -> str:
         f"({speed['memory_kind']}); training step: median seconds of one training iteration on a fixed batch, "
         f"{speed['training_step_repeats']} repeats interleaved, data loading "
         "excluded (the training-time ratio); training s/iteration: wall time of the runs above, data loading "
-        "included, curve evaluation excluded, runs not interleaved.",
+        f"included, curve evaluation excluded, runs not interleaved.{cost_only}",
         "",
-        "| | " + " | ".join(nets) + " |",
-        "|---|" + "---|" * len(nets),
-        "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in nets) + " |",
-        "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in nets) + " |",
-        "| training step s | " + " | ".join(_fmt(speed["training_step_seconds"][n], 3) for n in nets) + " |",
-        "| training s/iteration | " + " | ".join(_fmt(speed["seconds_per_iteration"][n], 2) for n in nets) + " |",
-        "| parameters (M) | " + " | ".join(_fmt(speed["parameters"][n] / 1e6, 2) for n in nets) + " |",
+        "| | " + " | ".join(timed) + " |",
+        "|---|" + "---|" * len(timed),
+        "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in timed) + " |",
+        "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in timed) + " |",
+        "| training step s | " + " | ".join(_fmt(speed["training_step_seconds"][n], 3) for n in timed) + " |",
+        "| training s/iteration | " + " | ".join(_fmt(speed["seconds_per_iteration"].get(n), 2) for n in timed) + " |",
+        "| parameters (M) | " + " | ".join(_fmt(speed["parameters"][n] / 1e6, 2) for n in timed) + " |",
         "",
-        f"{result['method']} vs {result['baselines'][0]}: throughput {_fmt(speed['throughput_ratio'], 2)}x, "
+        f"{result['method']} vs {reference}: throughput {_fmt(speed['throughput_ratio'], 2)}x, "
         f"peak memory {_fmt(speed['memory_ratio'], 2)}x, training time {_fmt(speed['train_time_ratio'], 2)}x "
-        f"per step ({_fmt(speed['wall_train_time_ratio'], 2)}x in wall time of the runs).",
+        "per step"
+        + (
+            f" ({_fmt(speed['wall_train_time_ratio'], 2)}x in wall time of the runs)."
+            if math.isfinite(speed["wall_train_time_ratio"] or float("nan"))
+            else "."
+        ),
         "",
         f"![curves and overlays]({result['name']}.png)",
         "",
@@ -203,12 +227,32 @@ def _plot(result: Mapping, predictions: Mapping, splits: Sequence, path: str) ->
     plt.close(fig)
 
 
+def gap_closed(entries: Mapping[str, Mapping], lower: str, upper: str) -> dict[str, float]:
+    """Share of the gap in mean Dice (means over seeds) between ``lower`` and ``upper`` that each other network
+    closes: 0 at ``lower``, 1 at ``upper``; NaN when ``upper`` is not above ``lower``.
+
+    Args:
+        entries: network -> its protocol entry on one split (``{"mean_dice": [per seed], ...}``).
+        lower: the lower network (e.g. supervised-only).
+        upper: the upper network (e.g. the fully supervised bound).
+    """
+    low, high = mean_of(entries[lower]["mean_dice"]), mean_of(entries[upper]["mean_dice"])
+    gap = high - low
+    return {
+        name: (mean_of(entry["mean_dice"]) - low) / gap if math.isfinite(gap) and gap > 0 else float("nan")
+        for name, entry in entries.items()
+        if name not in (lower, upper)
+    }
+
+
 def write_report(result: dict, predictions: Mapping, splits: Sequence, out_dir: str, reading: str = "") -> dict:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``out_dir``; return the paths.
 
     Args:
         result: the benchmark's result in the protocol layout plus ``title``, ``organs``, ``curves``,
-            ``speed``, ``split_notes``, ``differences``, ``versions``, ``date``.
+            ``speed``, ``split_notes``, ``differences``, ``versions``, ``date``, and optionally ``comparisons``
+            (``[network, other]`` pairs, verdicts written as ``comparison_verdicts``) and ``bounds``
+            (``[lower, upper]``, each other network's share of the gap written as ``gap_closed``).
         predictions: network -> split -> ``(*S)`` class map of the first seed, for the overlays.
         splits: the :class:`~monai_proto.apps.benchmark.splits.EvaluationSplit` objects.
         out_dir: folder of the three files.
@@ -221,6 +265,18 @@ def write_report(result: dict, predictions: Mapping, splits: Sequence, out_dir: 
         }
         for split, entries in result["results"].items()
     }
+    result["comparison_verdicts"] = {
+        split: {
+            f"{a} vs {b}": verdict(entries[a]["mean_dice"], entries[b]["mean_dice"])
+            for a, b in result.get("comparisons", [])
+        }
+        for split, entries in result["results"].items()
+    }
+    if result.get("bounds"):
+        result["gap_closed"] = {
+            split: gap_closed({n: entries[n] for n in [result["method"], *result["baselines"]]}, *result["bounds"])
+            for split, entries in result["results"].items()
+        }
     paths = {ext: os.path.join(out_dir, f"{result['name']}.{ext}") for ext in ("json", "md", "png")}
     dump_json(paths["json"], result)
     with open(paths["md"], "w") as f:

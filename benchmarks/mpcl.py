@@ -1,0 +1,158 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""Semi-supervised benchmark under the protocol (docs/benchmarks/README.md): MPCL against supervised-only, mean
+teacher and the fully supervised bound.
+
+Every network is ``MPCLNet`` trained by the MPCL bundle's own ``train.json`` (same pipeline, windows, optimiser,
+budget, augmentation, seeds), in the bundle's protocol split (``labeled_region``, issue 10): on scan A (3rd axis,
+RAS) only slices 78-89 are labelled (labels elsewhere are the ignore value, the image stays whole); the A-slab
+(90-101) is held out; the unlabelled pool is scan A's image with the A-slab blanked (inductive), or the whole of
+scan A plus scan B's image (``--variant transductive``, reported as such). What differs:
+
+- ``supervised_only``: the labelled slices alone (``method`` supervised: the unlabelled loader is not read);
+- ``mean_teacher``: + the unlabelled pool, mean-teacher consistency (MPCL's prototype terms off);
+- ``MPCLNet``: + IHPG / PSO / DKA (``method`` mpcl, the bundle's default);
+- ``fully_supervised``: the labels of every slice outside the A-slab (``labeled_region`` None), supervised.
+
+MONAI's ``UNet`` of the backbone's width is measured beside them for cost only (inference throughput, peak
+memory, training step; not trained), since all four networks share MPCLNet's architecture. Writes
+``docs/benchmarks/mpcl.{json,md,png}`` (``mpcl_transductive.*``; ``*_mri.*`` with ``--modality mri``).
+
+    python benchmarks/mpcl.py                          # protocol run: 2 seeds, curves, A-slab and B
+    python benchmarks/mpcl.py --variant transductive   # + the A-slab's and B's images in the unlabelled pool
+    python benchmarks/mpcl.py --modality mri           # the embedded MRI: labelled slices 6-9, held-out 10-13
+    python benchmarks/mpcl.py --smoke                  # checks the harness only
+
+On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
+``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
+thickness, and it holds all six organs (spleen 69, liver 2828, stomach 1033, pancreas 543, aorta 127, IVC 91
+voxels); the slab above (14-17) holds only 28 pancreas voxels. The unlabelled pool is the rest of the MRI; there
+is no second MRI, so ``--variant transductive`` only returns the held-out slab's image to the pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from monai_proto.apps.benchmark import NetworkSpec, add_arguments, run_benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "bundles", "mpcl_semisupervised_segmentation", "configs", "train.json")
+ITERATIONS = 600  # 1.5x the protocol's UNet calibration (400): room for supervised-only's A-slab curve to flatten
+
+SMOKE = {
+    "pixdim": [6.0, 6.0, 6.0],
+    "patch_size": [32, 32, 32],
+    "num_samples": 1,
+    "backbone_kwargs": {"feature_channels": 8, "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1},
+    "embedding_dim": 16,
+    "prototype_init_iteration": 1,  # the bank is initialised and updated within the smoke run's 2 iterations
+}
+
+UNET = {
+    "_target_": "monai.networks.nets.UNet",
+    "spatial_dims": 3,
+    "in_channels": "@in_channels",
+    "out_channels": "@num_classes",
+    "channels": "@backbone_kwargs#channels",
+    "strides": "@backbone_kwargs#strides",
+    "num_res_units": "@backbone_kwargs#num_res_units",
+    "norm": "instance",
+}
+
+SPLIT_NOTES = {
+    "A-slab": "Slices 90-101 of scan A (held out: labels never reach a loss, a bank or a pseudo-label); the whole "
+    "volume is predicted.",
+    "B": "Scan B (contrast-enhanced, 20 slices of 2 mm, never labelled): cross-scan.",
+    "MRI-slab": "Slices 10-13 of the embedded MRI (117 x 91 x 20 at 3 mm; held out); the whole volume is predicted; "
+    "body mask = Otsu foreground.",
+}
+
+READING = """
+- Labels are TotalSegmentator's own predictions, not manual annotations. Only slices 78-89 of scan A are labelled
+  (spleen 1060, liver 5030, stomach 869, pancreas 251, aorta 387, IVC 541 voxels); the A-slab (90-101) is 12
+  slices whose labels never reached a loss, a prototype bank, a pseudo-label or a model selection. Scan B is a
+  different, contrast-enhanced scan: cross-scan.
+- {variant}
+- The labelled crops see the whole of scan A as context (its unlabelled and held-out voxels carry the ignore
+  value), as in every bundle of the protocol; fully_supervised sees the labels of every slice outside the A-slab.
+- The body mask column is the trivial reference; the volume ratios show over- or under-segmentation at a glance.
+  The issue's goal: MPCL ahead of mean teacher and mean teacher ahead of supervised-only, each beyond the seed
+  spread on the A-slab, and MPCL closing at least half of the gap between supervised-only and the bound.
+- The curves show whether the budget let supervised-only flatten; the tables use the final weights of each seed.
+- All four networks are MPCLNet (same inference cost); MONAI's UNet of the backbone's width is timed beside them
+  (not trained). CPU figures on 2 cores unless the header says otherwise.
+"""
+
+READING_MRI = """
+- Labels are TotalSegmentator's own predictions on the MRI (its `total_mr` map), not manual annotations. Slices 6-9
+  are labelled (the slab just inferior to the held-out one, as for scan A); the MRI-slab (10-13) never reached a
+  loss, a bank, a pseudo-label or a model selection. There is no second MRI: nothing here is cross-scan.
+- {variant}
+- The body mask column (Otsu foreground, holes filled per slice) is the trivial reference; the volume ratios show
+  over- or under-segmentation at a glance.
+- The curves show whether the budget let supervised-only flatten; the tables use the final weights of each seed.
+"""
+
+VARIANTS = {
+    "inductive": "Inductive: the unlabelled pool is the training scan's image with the held-out slab blanked (the "
+    "background value); no image of a test region is an unlabelled sample.",
+    "transductive": "Transductive (reported as such, beside the inductive run): the unlabelled pool also holds the "
+    "held-out slab's image and, on CT, scan B's image; their labels are never used.",
+}
+
+
+def main() -> None:
+    ap = add_arguments(
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
+    )
+    ap.add_argument("--variant", choices=tuple(VARIANTS), default="inductive", help="unlabelled pool (see above)")
+    args = ap.parse_args()
+    transductive = args.variant == "transductive"
+    common = {
+        "label_slab_fraction": None,  # the labelled slices come with the whole image as context
+        "labeled_region": "$@labeled_regions[@modality]",
+        "transductive": transductive,
+        # the MRI data set's test entry is the MRI itself: its held-out slab is the only image to return
+        "transductive_sections": [] if args.modality == "mri" else ["test"],
+    }
+    with open(CONFIG) as f:
+        handlers = json.load(f)["train"]["handlers"]
+    unet = NetworkSpec(
+        "UNet",
+        {
+            "network_def": UNET,
+            "method": "supervised",
+            "train#handlers": [h for h in handlers if h["_target_"] != "PrototypeBankHandler"],
+        },
+    )
+    variant = "" if args.variant == "inductive" else f"_{args.variant}"
+    run_benchmark(
+        name=f"mpcl{variant}",
+        title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant})",
+        bundle="mpcl_semisupervised_segmentation",
+        config_file=CONFIG,
+        method=NetworkSpec("MPCLNet", {"method": "mpcl"}),
+        baselines=[
+            NetworkSpec("supervised_only", {"method": "supervised"}),
+            NetworkSpec("mean_teacher", {"method": "mean_teacher"}),
+            NetworkSpec("fully_supervised", {"method": "supervised", "labeled_region": None}),
+        ],
+        args=args,
+        common_overrides=common,
+        smoke_overrides=SMOKE,
+        differences="`method` (supervised for supervised_only and fully_supervised: labelled batches only; "
+        "mean_teacher: + EMA-teacher consistency on the unlabelled pool; mpcl: + IHPG prototype bank, PSO and DKA) "
+        "and, for fully_supervised, `labeled_region` None (every slice outside the held-out slab labelled); all "
+        "MPCLNet, all with MPCLSupervisedLoss (its prototype terms on for mpcl only)",
+        split_notes=SPLIT_NOTES,
+        reading=(READING_MRI if args.modality == "mri" else READING).format(variant=VARIANTS[args.variant]),
+        cost_reference=unet,
+        comparisons=[("mean_teacher", "supervised_only")],
+        bounds=("supervised_only", "fully_supervised"),
+    )
+
+
+if __name__ == "__main__":
+    main()

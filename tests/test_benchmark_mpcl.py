@@ -1,0 +1,107 @@
+# Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+"""The semi-supervised benchmark (``benchmarks/mpcl.py``) on the shared harness: the protocol split of the MPCL
+bundle's ``train.json`` (issue 10: labelled slices, held-out slab, inductive or transductive unlabelled pool), and a
+``--smoke`` run that writes the three files with finite numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from monai_proto.apps.benchmark.runner import make_parser
+
+CONFIG = str(REPO_ROOT / "bundles" / "mpcl_semisupervised_segmentation" / "configs" / "train.json")
+IGNORE = 255
+
+
+def _protocol_parser(modality: str, transductive: bool):
+    """The bundle config in the protocol split, as the benchmark sets it, without random transforms."""
+    return make_parser(
+        CONFIG,
+        {
+            "modality": modality,
+            "label_slab_fraction": None,
+            "labeled_region": "$@labeled_regions[@modality]",
+            "transductive": transductive,
+            "transductive_sections": ["test"] if modality == "ct" else [],
+            "train#random_transforms": [],
+            "train#unlabeled#random_transforms": [],
+        },
+    )
+
+
+def _slices(mask: torch.Tensor) -> list[int]:
+    """The axial slices (last axis) where a ``(X, Y, Z)`` mask holds a voxel."""
+    return torch.nonzero(mask.any(0).any(0)).flatten().tolist()
+
+
+@pytest.mark.parametrize(
+    "modality, labelled, held_out, counts",
+    [
+        ("ct", range(78, 90), range(90, 102), [1060, 5030, 869, 251, 387, 541]),  # issue 10, item 4
+        ("mri", range(6, 10), range(10, 14), [69, 2828, 1033, 543, 127, 91]),
+    ],
+)
+@pytest.mark.parametrize("transductive", [False, True])
+def test_protocol_split_labels_and_unlabelled_pool(modality, labelled, held_out, counts, transductive):
+    """Only the labelled slices carry labels (the held-out slab never does), the image stays whole, and the
+    held-out slab's image is an unlabelled sample only in the transductive variant (with scan B's on CT)."""
+    parser = _protocol_parser(modality, transductive)
+    (item,) = parser.get_parsed_content("train#datalist")
+    data = parser.get_parsed_content("train#preprocessing")(dict(item))
+    label = data["label"][0]
+    assert _slices(label != IGNORE) == list(labelled)
+    assert [int((label == c).sum()) for c in range(1, 7)] == counts
+    assert data["image"].shape == data["label"].shape  # the whole volume is context, nothing is cut
+    unlabelled = parser.get_parsed_content("train#unlabeled#datalist")
+    assert all("label" not in u for u in unlabelled)
+    expected = ["scanA_ct.nii.gz", "scanB_ct_dicom"] if modality == "ct" and transductive else None
+    if expected:
+        assert [os.path.basename(u["image"]) for u in unlabelled] == expected
+    else:
+        assert len(unlabelled) == 1
+    image = parser.get_parsed_content("train#unlabeled#preprocessing")(dict(unlabelled[0]))["image"][0]
+    blank = torch.nonzero((image == 0).all(0).all(0)).flatten().tolist()  # slices that are background only
+    assert blank == ([] if transductive else list(held_out))
+    # fully supervised: every label outside the held-out slab
+    parser["labeled_region"] = None
+    (item,) = parser.get_parsed_content("train#datalist")
+    label = parser.get_parsed_content("train#preprocessing")(dict(item))["label"][0]
+    assert sorted(set(range(label.shape[-1])) - set(_slices(label != IGNORE))) == list(held_out)
+
+
+@pytest.mark.slow  # five networks (four trained 2 iterations, MONAI's UNet timed), about 4 minutes on 2 cores
+def test_mpcl_benchmark_smoke(tmp_path):
+    """``--smoke`` (CT, inductive) trains the four networks a few iterations, times them beside MONAI's UNet and writes
+    the three files with finite numbers; no quality figure is asserted."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "mpcl.py"), "--smoke", "--out", str(tmp_path),
+           "--workdir", str(tmp_path / "work"), "--repeats", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"mpcl.{ext}").stat().st_size > 0
+    result = json.loads((tmp_path / "mpcl.json").read_text())
+    nets = ["MPCLNet", "supervised_only", "mean_teacher", "fully_supervised"]
+    assert [result["method"], *result["baselines"]] == nets and result["cost_reference"] == "UNet"
+    for split in ("A-slab", "B"):
+        entries = result["results"][split]
+        for net in nets:
+            assert all(math.isfinite(v) for v in entries[net]["mean_dice"]), (split, net)
+            assert set(entries[net]["volume_ratio"]) == set(result["organs"])
+        assert 0 < entries["body_mask"]["mean_dice"] < 1 and entries["empty"]["mean_dice"] == 0
+        assert set(result["gap_closed"][split]) == {"MPCLNet", "mean_teacher"}
+        assert "mean_teacher vs supervised_only" in result["comparison_verdicts"][split]
+    speed = result["speed"]
+    assert speed["reference"] == "UNet" and set(speed["training_step_seconds"]) == {*nets, "UNet"}
+    assert all(speed[k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio"))
+    assert speed["wall_train_time_ratio"] is None  # the cost reference is not trained
+    assert all(len(result["curves"][net]["0"]["iterations"]) >= 2 for net in nets)
+    assert "SMOKE RUN" in (tmp_path / "mpcl.md").read_text()
