@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from monai_proto.apps.benchmark import NetworkSpec, add_arguments, run_benchmark
+from monai_proto.apps.benchmark import SAME_WIDTH_UNET, NetworkSpec, add_arguments, run_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "bundles", "iapl_segmentation", "configs", "train.json")
@@ -82,16 +82,7 @@ def main() -> None:
         }
         baseline_name = "SwinUNETR"
     else:
-        unet_def = {
-            "_target_": "monai.networks.nets.UNet",
-            "spatial_dims": 3,
-            "in_channels": "@in_channels",
-            "out_channels": "@num_classes",
-            "channels": "@backbone_kwargs#channels",
-            "strides": "@backbone_kwargs#strides",
-            "num_res_units": "@backbone_kwargs#num_res_units",
-            "norm": "instance",
-        }
+        unet_def = SAME_WIDTH_UNET
         baseline_name = "UNet"
     baseline = NetworkSpec(
         baseline_name,

@@ -35,7 +35,7 @@ import argparse
 import json
 import os
 
-from monai_proto.apps.benchmark import NetworkSpec, add_arguments, run_benchmark
+from monai_proto.apps.benchmark import SAME_WIDTH_UNET, NetworkSpec, add_arguments, run_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "bundles", "mpcl_semisupervised_segmentation", "configs", "train.json")
@@ -48,17 +48,6 @@ SMOKE = {
     "backbone_kwargs": {"feature_channels": 8, "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 1},
     "embedding_dim": 16,
     "prototype_init_iteration": 1,  # the bank is initialised and updated within the smoke run's 2 iterations
-}
-
-UNET = {
-    "_target_": "monai.networks.nets.UNet",
-    "spatial_dims": 3,
-    "in_channels": "@in_channels",
-    "out_channels": "@num_classes",
-    "channels": "@backbone_kwargs#channels",
-    "strides": "@backbone_kwargs#strides",
-    "num_res_units": "@backbone_kwargs#num_res_units",
-    "norm": "instance",
 }
 
 SPLIT_NOTES = {
@@ -122,7 +111,7 @@ def main() -> None:
     unet = NetworkSpec(
         "UNet",
         {
-            "network_def": UNET,
+            "network_def": SAME_WIDTH_UNET,
             "method": "supervised",
             "train#handlers": [h for h in handlers if h["_target_"] != "PrototypeBankHandler"],
         },

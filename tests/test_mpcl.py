@@ -144,16 +144,21 @@ def test_losses_switch_off_to_baselines():
         MPCLUnsupervisedLoss(confidence_threshold=1.5)
 
 
-def test_ignored_voxels_reach_no_term():
-    """Voxels labelled ``ignore_index`` (held-out or unlabelled slices) give no gradient to the logits, embeddings or
-    prototype logits through any term, and the loss does not depend on what the network predicts there."""
+def _initialised_output() -> tuple[MPCLOutput, torch.Tensor]:
+    """A tiny 2D MPCLNet's training output with its bank initialised from the batch, and the batch's labels."""
     torch.manual_seed(0)
     net = tiny_net()
     x = torch.rand(2, 1, 16, 16)
     y = (x * 3).long().clamp(0, 2)
     out = net(x)
     net.initialize_prototypes(out.embeddings, y, out.intensities)
-    out = net(x)
+    return net(x), y
+
+
+def test_ignored_voxels_reach_no_term():
+    """Voxels labelled ``ignore_index`` (held-out or unlabelled slices) give no gradient to the logits, embeddings or
+    prototype logits through any term, and the loss does not depend on what the network predicts there."""
+    out, y = _initialised_output()
     hidden = y.clone()
     hidden[..., :8] = 255  # the first half of every image is held out
     fields = ("logits", "embeddings", "prototype_logits")
@@ -179,13 +184,7 @@ def test_ignored_voxels_reach_no_term():
 
 @pytest.mark.parametrize("term", ["contrastive", "compactness", "separation", "diversity", "prototype_ce"])
 def test_each_pso_term_is_computed_and_weighted(term):
-    torch.manual_seed(0)
-    net = tiny_net()
-    x = torch.rand(2, 1, 16, 16)
-    y = (x * 3).long().clamp(0, 2)
-    out = net(x)
-    net.initialize_prototypes(out.embeddings, y, out.intensities)
-    out = net(x)
+    out, y = _initialised_output()
     weights = dict.fromkeys(["contrastive", "compactness", "separation", "diversity", "prototype_ce"], 0.0)
     loss = MPCLSupervisedLoss(**{f"{k}_weight": 0.5 if k == term else 0.0 for k in weights}, diversity_margin=-1.0)
     total = loss(out, y)

@@ -10,6 +10,7 @@ from .harness import IO_HANDLERS, add_arguments, run_benchmark, strip_io_handler
 from .metrics import mean_of, reference_scores, score_prediction
 from .report import gap_closed, radiological, write_report
 from .runner import (
+    SAME_WIDTH_UNET,
     NetworkSpec,
     interleaved_inference_seconds,
     make_parser,

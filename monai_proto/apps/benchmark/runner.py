@@ -27,6 +27,7 @@ from monai_proto.apps.benchmark.splits import EvaluationSplit
 
 __all__ = [
     "NetworkSpec",
+    "SAME_WIDTH_UNET",
     "make_parser",
     "predict_classes",
     "train_with_curves",
@@ -50,6 +51,20 @@ class NetworkSpec:
     name: str
     overrides: dict = field(default_factory=dict)
     trainer_id: str = "train#trainer"
+
+
+#: the supervised baseline as a bundle-config ``network_def``: MONAI's ``UNet`` of the bundle backbone's width
+#: (``backbone_kwargs``: channels, strides, residual units), instance norm like the backbone
+SAME_WIDTH_UNET: dict = {
+    "_target_": "monai.networks.nets.UNet",
+    "spatial_dims": 3,
+    "in_channels": "@in_channels",
+    "out_channels": "@num_classes",
+    "channels": "@backbone_kwargs#channels",
+    "strides": "@backbone_kwargs#strides",
+    "num_res_units": "@backbone_kwargs#num_res_units",
+    "norm": "instance",
+}
 
 
 def make_parser(config_file: str | Sequence[str], overrides: Mapping[str, object]) -> ConfigParser:
