@@ -407,6 +407,22 @@ MUTANTS = [
             "tests/test_mpcl.py::test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps",
         ),
     ),
+    Mutant(
+        "mpcl",
+        "held-out labels reach the segmentation branch's Dice + CE",
+        "monai_proto/losses/mpcl.py",
+        'DiceCEIgnoreLoss(activation="softmax", ignore_index=ignore_index,',
+        'DiceCEIgnoreLoss(activation="softmax", ignore_index=None,',
+        ("tests/test_mpcl.py::test_ignored_voxels_reach_no_term",),
+    ),
+    Mutant(
+        "mpcl",
+        "held-out labels reach the PSO terms and the prototype-branch CE",
+        "monai_proto/losses/mpcl.py",
+        "usable = initialized[labels.clamp(0, num_classes - 1)] & (labels >= 0) & (labels < num_classes)",
+        "usable = initialized[labels.clamp(0, num_classes - 1)]",
+        ("tests/test_mpcl.py::test_ignored_voxels_reach_no_term",),
+    ),
 ]
 
 
