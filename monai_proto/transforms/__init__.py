@@ -1,7 +1,7 @@
 # Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Dictionary transforms of the bundles, apart from the data sets and data lists (``monai_proto.data``), as in
 MONAI: loading and writing (``io``), intensity presets and augmentation (``intensity``), label maps (``label``),
-regions of a volume (``spatial``) and input checks (``utility``)."""
+regions of a volume (``spatial``) and input checks with how an error names the file (``utility``)."""
 
 from .intensity import (
     MODALITIES,
@@ -21,5 +21,4 @@ from .spatial import (
     holdout_mask,
     slab_bounds,
 )
-from .utility import CheckImageLabeld, CheckLabelValuesd, CheckModalityd
-from .utils import describe_source
+from .utility import CheckImageLabeld, CheckLabelValuesd, CheckModalityd, describe_source

@@ -23,10 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import (
-    LoadImaged,
-    SaveImaged,
-)
+from monai.transforms import LoadImaged, SaveImaged
 
 __all__ = ["check_dicom_series", "segments_to_label_table", "LoadCheckedImaged", "dicom_modality", "AtomicSaveImaged"]
 

@@ -9,10 +9,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
-from monai.transforms import (
-    MapTransform,
-    Transform,
-)
+from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends
 
 __all__ = ["SelectLabels", "SelectLabelsd", "BinarizeClassd"]

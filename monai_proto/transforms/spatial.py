@@ -10,14 +10,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (
-    MapTransform,
-    RandomizableTransform,
-    SpatialCrop,
-)
+from monai.transforms import MapTransform, RandomizableTransform, SpatialCrop
 from monai.utils import ImageMetaKey, TransformBackends
 
-from monai_proto.transforms.utils import describe_source
+from monai_proto.transforms.utility import describe_source
 
 __all__ = [
     "affine_row_on_grid",

@@ -14,15 +14,25 @@ import torch
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import (
-    MapTransform,
-)
+from monai.transforms import MapTransform
+from monai.utils import ImageMetaKey
 
 from monai_proto.transforms.intensity import MODALITIES, check_modality
 from monai_proto.transforms.io import dicom_modality
-from monai_proto.transforms.utils import describe_source
 
-__all__ = ["CheckLabelValuesd", "CheckImageLabeld", "CheckModalityd"]
+__all__ = ["CheckLabelValuesd", "CheckImageLabeld", "CheckModalityd", "describe_source"]
+
+
+def describe_source(data: object, key: Hashable | None = None) -> str:
+    """
+    The file an array was loaded from (``meta["filename_or_obj"]`` of a MetaTensor), for error messages;
+    ``"<key 'image' (no file name)>"`` when the array carries no file name.
+    """
+    if isinstance(data, MetaTensor):
+        name = data.meta.get(ImageMetaKey.FILENAME_OR_OBJ)
+        if name:
+            return str(name)
+    return f"<key {key!r} (no file name)>" if key is not None else "<array (no file name)>"
 
 
 class CheckLabelValuesd(MapTransform):
