@@ -116,7 +116,8 @@ def train_with_curves(
 
     Returns:
         ``{"network", "final": {split: scores}, "curve": {"iterations", split: [mean Dice]}, "losses",
-        "seconds_per_iteration", "parameters", "state_dict"}`` (``state_dict`` on the CPU, for timing runs).
+        "seconds_per_iteration", "state_dict", "prediction"}`` (``state_dict`` on the CPU, for timing runs;
+        ``prediction``: split -> ``(*S)`` class map, for the overlays).
     """
     from ignite.engine import Events
 
@@ -157,7 +158,8 @@ def train_with_curves(
     train_seconds = time.perf_counter() - start - timing["eval"]  # curve points scored during the run excluded
     if not curve["iterations"] or curve["iterations"][-1] != trainer.state.iteration:
         score(trainer)  # the final weights are always a curve point
-    final = {split.name: score_prediction(predictor(network, split), split, organs) for split in splits}
+    predictions = {split.name: predictor(network, split) for split in splits}  # one inference per split
+    final = {split.name: score_prediction(predictions[split.name], split, organs) for split in splits}
     done = max(1, trainer.state.iteration)
     return {
         "network": spec.name,
@@ -166,9 +168,8 @@ def train_with_curves(
         "losses": losses,
         "iterations": done,
         "seconds_per_iteration": train_seconds / done,
-        "parameters": sum(p.numel() for p in network.parameters()),
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-        "prediction": {split.name: predictor(network, split)[0, 0].to(torch.uint8) for split in splits},
+        "prediction": {name: prediction[0, 0].to(torch.uint8) for name, prediction in predictions.items()},
     }
 
 
