@@ -35,7 +35,10 @@ import argparse
 import json
 import os
 
+import torch
+
 from monai_proto.apps.benchmark import SAME_WIDTH_UNET, NetworkSpec, add_arguments, run_benchmark
+from monai_proto.networks.nets import MPCLNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "bundles", "mpcl_semisupervised_segmentation", "configs", "train.json")
@@ -92,6 +95,13 @@ VARIANTS = {
 }
 
 
+def bank_ready(network: torch.nn.Module) -> None:
+    """``--cost_only``: mark an MPCLNet's bank as initialised (its random unit prototypes), as training does after
+    ``prototype_init_iteration``, so that the timed step computes the PSO terms and the prototype-branch CE."""
+    if isinstance(network, MPCLNet):
+        network.bank.initialized.fill_(True)
+
+
 def main() -> None:
     ap = add_arguments(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
@@ -140,6 +150,7 @@ def main() -> None:
         cost_reference=unet,
         comparisons=[("mean_teacher", "supervised_only")],
         bounds=("supervised_only", "fully_supervised"),
+        initial_state=bank_ready,
     )
 
 

@@ -423,6 +423,30 @@ MUTANTS = [
         "usable = initialized[labels.clamp(0, num_classes - 1)]",
         ("tests/test_mpcl.py::test_ignored_voxels_reach_no_term",),
     ),
+    Mutant(
+        "mpcl",
+        "prototype head without the stride-2 decoder map",
+        "monai_proto/networks/nets/mpcl.py",
+        "coarse = linear_resize(decoder[-2], list(fine.shape[2:]))",
+        "coarse = torch.zeros_like(linear_resize(decoder[-2], list(fine.shape[2:])))",
+        ("tests/test_mpcl.py::test_embeddings_read_the_last_two_decoder_maps",),
+    ),
+    Mutant(
+        "mpcl",
+        "labelled crops padded as background (label 0) instead of the ignore value",
+        "bundles/mpcl_semisupervised_segmentation/configs/train.json",
+        '"mode": "constant",\n                "value": "@ignore_index"',
+        '"mode": "constant",\n                "value": 0',
+        ("tests/test_mpcl_bundle.py::test_thin_labelled_volume_is_padded_with_the_ignore_value",),
+    ),
+    Mutant(
+        "mpcl",
+        "the demo data's protocol labelled region not applied by default",
+        "bundles/mpcl_semisupervised_segmentation/configs/train.json",
+        '"labeled_region": "$@labeled_regions[@modality] if',
+        '"labeled_region": "$None if',
+        ("tests/test_mpcl_bundle.py::test_hidden_labels_never_reach_training",),
+    ),
 ]
 
 

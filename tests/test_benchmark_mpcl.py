@@ -105,3 +105,24 @@ def test_mpcl_benchmark_smoke(tmp_path):
     assert speed["wall_train_time_ratio"] is None  # the cost reference is not trained
     assert all(len(result["curves"][net]["0"]["iterations"]) >= 2 for net in nets)
     assert "SMOKE RUN" in (tmp_path / "mpcl.md").read_text()
+
+
+@pytest.mark.slow  # five networks timed on a coarse grid, about a minute on 2 cores
+def test_cost_only_run_trains_nothing(tmp_path):
+    """``--cost_only`` times the four networks beside MONAI's UNet at their initial weights and writes only the cost
+    files: no Dice, no curves, no wall-time figures of training runs."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "mpcl.py"), "--smoke", "--cost_only", "--out",
+           str(tmp_path), "--workdir", str(tmp_path / "work"), "--repeats", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["mpcl_cost.json", "mpcl_cost.md"]
+    assert "== training" not in proc.stdout
+    result = json.loads((tmp_path / "mpcl_cost.json").read_text())
+    assert result["results"] == {} and all(not curves for curves in result["curves"].values())
+    speed = result["speed"]
+    assert speed["seconds_per_iteration"] == {} and speed["wall_train_time_ratio"] is None
+    assert set(speed["inference_seconds"]) == {"MPCLNet", "supervised_only", "mean_teacher", "fully_supervised", "UNet"}
+    assert all(speed[k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio"))
+    text = (tmp_path / "mpcl_cost.md").read_text()
+    assert "MPCLNet vs UNet: throughput" in text and "Dice" not in text and "s/iteration" not in text

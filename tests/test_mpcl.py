@@ -100,11 +100,34 @@ def test_network_shapes(spatial_dims, shape):
     assert set(net.state_dict()) >= {"bank.prototypes", "bank.initialized"}
 
 
+def test_embeddings_read_the_last_two_decoder_maps():
+    """The prototype head takes the full-resolution map and the wider map one level up (upsampled): changing
+    either one alone changes the embeddings, and the embeddings of the training output are exactly ``embed`` of the
+    backbone's decoder maps."""
+    torch.manual_seed(0)
+    net = tiny_net(3, out_channels=3)
+    x = torch.rand(1, 1, 16, 16, 16)
+    decoder = net.backbone(x).decoder
+    assert decoder[-2].shape[2:] == (8, 8, 8) and decoder[-2].shape[1] == net.backbone.decoder_channels[-2]
+    torch.testing.assert_close(net(x).embeddings, net.embed(decoder))
+    base = net.embed(decoder)
+    for level in (-2, -1):
+        changed = list(decoder)
+        changed[level] = decoder[level] + torch.randn_like(decoder[level])
+        assert (net.embed(changed) - base).abs().amax() > 1e-2, level
+
+
 @pytest.mark.parametrize("kwargs", [{"out_channels": 1}, {"embedding_dim": 0}, {"num_prototypes": 0}, {"tau": 0.0}])
 def test_network_rejects_bad_arguments(kwargs):
     args = {"spatial_dims": 2, "in_channels": 1, "out_channels": 3} | kwargs
     with pytest.raises(ValueError, match=str(list(kwargs.values())[0])):
         MPCLNet(**args)
+
+
+def test_network_needs_two_decoder_maps():
+    shallow = {"feature_channels": 4, "channels": (8, 16), "strides": (2,), "num_res_units": 1}
+    with pytest.raises(ValueError, match="last two decoder maps"):
+        MPCLNet(2, 1, 3, backbone_kwargs=shallow)
 
 
 # ---------------------------------------------------------------------------------------------- losses

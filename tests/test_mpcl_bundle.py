@@ -97,21 +97,66 @@ def test_evaluating_writes_metrics(trained, tmp_path):
 
 
 def test_hidden_labels_never_reach_training():
+    """On the demo data the default labelled voxels are the protocol's slab (scan A slices 78-89, issue 10): every
+    other label, the A-slab's included, is the ignore value while the image stays whole; the unlabelled pool has no
+    label and its copy of the A-slab is blanked."""
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     parser["train#random_transforms"] = []  # deterministic part only
+    parser["train#unlabeled#random_transforms"] = []
     labeled = parser.get_parsed_content("train#datalist")
     unlabeled = parser.get_parsed_content("train#unlabeled#datalist")
     assert all("label" not in d for d in unlabeled)
     full = parser.get_parsed_content("validate#preprocessing")(dict(labeled[0]))
-    slab = parser.get_parsed_content("train#preprocessing")(dict(labeled[0]))
-    size = full["label"].shape[-1]
-    assert slab["label"].shape[-1] == round(0.25 * size)
-    assert slab["label"].shape[1:3] == full["label"].shape[1:3]
-    start = int(round(slab["label"].affine[2, 3].item() - full["label"].affine[2, 3].item()) / 3)
-    assert torch.equal(slab["label"], full["label"][..., start : start + slab["label"].shape[-1]])
+    train = parser.get_parsed_content("train#preprocessing")(dict(labeled[0]))
+    assert torch.equal(train["image"], full["image"])
+    lo, hi = parser.get_parsed_content("labeled_regions")["ct"]["slices"]
+    assert (lo, hi) == (78, 90)
+    inside = train["label"][..., lo:hi]
+    assert torch.equal(inside, full["label"][..., lo:hi])
+    assert torch.equal(torch.unique(inside), torch.arange(7))  # all six organs are labelled in the slab
+    outside = torch.cat([train["label"][..., :lo], train["label"][..., hi:]], dim=-1)
+    assert torch.all(outside == 255)
+    a_slab = slice(*labeled[0]["holdout"]["slices"])
     for item in parser.get_parsed_content("train#unlabeled#dataset"):
         assert "label" not in item
+        assert torch.all(item["image"][..., a_slab] == 0) and item["image"][..., :lo].std() > 0
+
+
+def test_protocol_region_is_the_demo_datas_only(tmp_path):
+    """The labelled region is a fact of the demo data's protocol: with a user's own ``dataset_dir`` every voxel of a
+    labelled volume is labelled."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    assert parser.get_parsed_content("labeled_region") == parser.get_parsed_content("labeled_regions")["ct"]
+    parser["dataset_dir"] = str(tmp_path)
+    assert parser.get_parsed_content("labeled_region") is None
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser["modality"] = "mri"
+    assert parser.get_parsed_content("labeled_region")["slices"] == [6, 10]
+
+
+def test_thin_labelled_volume_is_padded_with_the_ignore_value():
+    """The MRI (20 slices) is thinner than a window: a labelled crop keeps its 20 slices and is padded to the size
+    divisor like inference pads (image replicated at the edge), with the ignore value as label, so no padded voxel
+    is trained as background."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser["modality"] = "mri"
+    parser["num_samples"] = 1
+    parser["train#random_transforms"] = parser["train#random_transforms"][:3]  # crop and padding, no augmentation
+    item = parser.get_parsed_content("train#datalist")[0]
+    crop = parser.get_parsed_content("train#preprocessing")(dict(item))[0]
+    assert crop["image"].shape[-1] == crop["label"].shape[-1] == 32 and crop["image"].shape[1:3] == (64, 64)
+    depth = 20
+    first = (32 - depth) // 2
+    label, image = crop["label"][0], crop["image"][0]
+    assert torch.all(label[..., :first] == 255) and torch.all(label[..., first + depth :] == 255)
+    assert (label[..., first : first + depth] < 7).any()
+    last = first + depth
+    torch.testing.assert_close(image[..., :first], image[..., first : first + 1].expand(-1, -1, first))
+    torch.testing.assert_close(image[..., last:], image[..., last - 1 : last].expand(-1, -1, 32 - last))
 
 
 def test_metadata_verifies():

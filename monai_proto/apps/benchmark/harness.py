@@ -18,7 +18,7 @@ import monai
 import torch
 
 from monai_proto.apps.benchmark.metrics import reference_scores
-from monai_proto.apps.benchmark.report import write_report
+from monai_proto.apps.benchmark.report import write_cost_report, write_report
 from monai_proto.apps.benchmark.runner import (
     NetworkSpec,
     interleaved_inference_seconds,
@@ -58,6 +58,12 @@ def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int
     ap.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks"), help="folder of the result files")
     ap.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations on a coarse grid: checks the harness only")
+    ap.add_argument(
+        "--cost_only",
+        action="store_true",
+        help="no training and no Dice: inference time, peak memory and training step of every network at its "
+        "initial weights, beside the cost reference; writes <name>_cost.{json,md}",
+    )
     ap.add_argument(
         "--modality",
         choices=("ct", "mri"),
@@ -120,6 +126,7 @@ def run_benchmark(
     cost_reference: NetworkSpec | None = None,
     comparisons: Sequence[tuple[str, str]] = (),
     bounds: tuple[str, str] | None = None,
+    initial_state: Callable[[torch.nn.Module], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a benchmark and write ``<args.out>/<name>.{json,md,png}``.
@@ -156,6 +163,9 @@ def run_benchmark(
             baseline (e.g. mean teacher against supervised-only).
         bounds: ``(lower, upper)``: two of the networks between which every other network's share of the gap in
             mean Dice is reported (e.g. supervised-only and the fully supervised bound).
+        initial_state: with ``--cost_only``, applied to every timed network at its initial weights to give it the
+            state training would have given it before the steady state (e.g. mark a prototype bank as initialised,
+            so that the loss terms that wait for it are timed).
         log: progress output.
 
     Returns:
@@ -205,7 +215,7 @@ def run_benchmark(
     if unknown:
         raise ValueError(f"{name}: comparisons and bounds must name trained networks ({names}), but got {unknown}.")
     runs: dict[str, list[dict]] = {s.name: [] for s in specs}
-    for seed in seeds:
+    for seed in [] if args.cost_only else seeds:
         for spec in specs:
             root = os.path.join(workdir, f"{spec.name}_seed{seed}")
             parser = make_parser(config_file, {**overrides, **spec.overrides, "seed": seed, "bundle_root": root})
@@ -216,13 +226,13 @@ def run_benchmark(
             log(f"   {run['seconds_per_iteration']:.2f} s/iteration")
             runs[spec.name].append(run)
     results: dict = {}
-    for split in splits:
+    for split in [] if args.cost_only else splits:
         refs = reference_scores(split, organs)
         results[split.name] = {s.name: summarise_seeds(runs[s.name], split.name, organs) for s in specs}
         results[split.name]["body_mask"] = refs["body_mask"]
         results[split.name]["empty"] = refs["empty"]
-    # cost: the first seed's trained weights (a cost reference keeps its initial ones), interleaved timing over the
-    # first split's whole volume
+    # cost: the first seed's trained weights (a cost reference, and every network with --cost_only, keeps its initial
+    # ones), interleaved timing over the first split's whole volume
     timing_split = splits[0] if timing_split is None else next(s for s in splits if s.name == timing_split)
     cost = {**overrides, **dict(cost_overrides or {})}
     timed = [*specs, *([] if cost_reference is None else [cost_reference])]
@@ -230,8 +240,10 @@ def run_benchmark(
     for spec in timed:
         parser = make_parser(config_file, {**cost, **spec.overrides})
         net = parser.get_parsed_content("network_def").to(torch.device(args.device))
-        if spec.name in runs:
+        if runs.get(spec.name):
             net.load_state_dict(runs[spec.name][0]["state_dict"])
+        elif args.cost_only and initial_state is not None:
+            initial_state(net)
         networks[spec.name] = net.eval()
     inferer = make_parser(config_file, cost).get_parsed_content("validate#inferer")
     log("== timing inference (interleaved)")
@@ -245,8 +257,10 @@ def run_benchmark(
         if "initialize" in parser:
             parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content(spec.trainer_id)
-        if spec.name in runs:
+        if runs.get(spec.name):
             trainer.network.load_state_dict(runs[spec.name][0]["state_dict"])
+        elif args.cost_only and initial_state is not None:
+            initial_state(trainer.network)
         trainers[spec.name] = trainer
     log("== timing training iterations (interleaved, data loading excluded)")
     step_repeats = 2 if args.smoke else 4 * args.repeats
@@ -263,9 +277,11 @@ def run_benchmark(
             args.threads,
         )
     first, second = method.name, (baselines[0] if cost_reference is None else cost_reference).name
-    per_it = {s.name: sum(r["seconds_per_iteration"] for r in runs[s.name]) / len(runs[s.name]) for s in specs}
+    per_it = {
+        s.name: sum(r["seconds_per_iteration"] for r in runs[s.name]) / len(runs[s.name]) for s in specs if runs[s.name]
+    }
     speed = {
-        "volume": f"{timing_split.item.get('image', timing_split.name)} ({timing_split.name} volume), "
+        "volume": f"{_in_repo(timing_split.item.get('image', timing_split.name))} ({timing_split.name} volume), "
         + "x".join(str(v) for v in timing_split.image.shape[2:]),
         "voxels": int(timing_split.image[0, 0].numel()),
         "repeats": 1 if args.smoke else args.repeats,
@@ -311,10 +327,21 @@ def run_benchmark(
         "losses": {s.name: {str(seed): run["losses"] for seed, run in zip(seeds, runs[s.name])} for s in specs},
         "speed": speed,
     }
-    predictions = {s.name: runs[s.name][0]["prediction"] for s in specs}
-    paths = write_report(result, predictions, splits, args.out, reading)
+    if args.cost_only:
+        result["name"] = f"{name}_cost"
+        result["title"] = f"{title}: cost only (initial weights, no training)" + (" (SMOKE RUN)" if args.smoke else "")
+        paths = write_cost_report(result, args.out)
+    else:
+        predictions = {s.name: runs[s.name][0]["prediction"] for s in specs}
+        paths = write_report(result, predictions, splits, args.out, reading)
     log("== wrote " + ", ".join(paths.values()))
     return result
+
+
+def _in_repo(path: str) -> str:
+    """A path inside the repository relative to it (the reports name no machine's folders), any other unchanged."""
+    absolute = os.path.abspath(path)
+    return os.path.relpath(absolute, REPO) if absolute.startswith(REPO + os.sep) else path
 
 
 def _compose(transforms):

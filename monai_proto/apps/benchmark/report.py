@@ -36,15 +36,21 @@ def _seeds(values: Sequence[float], digits: int = 3) -> str:
     return f"{_fmt(mean_of(values), digits)} ({'/'.join(_fmt(v, digits) for v in values)})"
 
 
-def _markdown(result: Mapping, reading: str) -> str:
-    organs = result["organs"]
-    nets = [result["method"], *result["baselines"]]
-    lines = [
+def _header(result: Mapping) -> list[str]:
+    return [
         f"# {result['title']}",
         "",
         f"Command: `{result['command']}`  ",
         f"Commit: `{result['commit']}`; hardware: {result['hardware']}; threads: {result['threads']}; "
         f"torch {result['versions']['torch']}, MONAI {result['versions']['monai']}; date {result['date']}.  ",
+    ]
+
+
+def _markdown(result: Mapping, reading: str) -> str:
+    organs = result["organs"]
+    nets = [result["method"], *result["baselines"]]
+    lines = [
+        *_header(result),
         f"Budget: {result['iterations']} iterations per network and seed; seeds {result['seeds']}; final weights "
         "evaluated (no model selection). Every network is trained by the same bundle config; what differs: "
         f"{result['differences']}.",
@@ -119,31 +125,63 @@ def _markdown(result: Mapping, reading: str) -> str:
                     f"- {n} is at or below the body mask ({_fmt(m)} <= {_fmt(body)}): it has learned nothing here."
                 )
         lines.append("")
+    lines += _cost_lines(result, "## Cost (same run)")
+    lines += [
+        f"![curves and overlays]({result['name']}.png)",
+        "",
+        "## Reading these figures",
+        "",
+        reading.strip(),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _cost_lines(result: Mapping, heading: str) -> list[str]:
+    """The cost table of a run: the method, its baselines and the cost reference, with the method's ratios."""
+    nets = [result["method"], *result["baselines"]]
     speed = result["speed"]
     reference = speed.get("reference", result["baselines"][0])
     timed = [*nets, *([] if reference in nets else [reference])]
+    trained = bool(speed["seconds_per_iteration"])
     cost_only = (
         f" {reference} is measured for cost only, at its initial weights (neither trained nor scored)."
-        if reference not in nets
+        if reference not in nets and trained
         else ""
     )
-    lines += [
-        "## Cost (same run)",
+    wall = (
+        "; training s/iteration: wall time of the runs above, data loading included, curve evaluation excluded, "
+        "runs not interleaved"
+        if trained
+        else ""
+    )
+    rows = [
+        "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in timed) + " |",
+        "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in timed) + " |",
+        "| training step s | " + " | ".join(_fmt(speed["training_step_seconds"][n], 3) for n in timed) + " |",
+        *(
+            [
+                "| training s/iteration | "
+                + " | ".join(_fmt(speed["seconds_per_iteration"].get(n), 2) for n in timed)
+                + " |"
+            ]
+            if trained
+            else []
+        ),
+        "| parameters (M) | " + " | ".join(_fmt(speed["parameters"][n] / 1e6, 2) for n in timed) + " |",
+    ]
+    return [
+        heading,
         "",
         f"Inference: sliding windows over {speed['volume']} ({speed['voxels']} voxels), median of {speed['repeats']} "
         "interleaved repeats; peak memory of one pass in a fresh process "
         f"({speed['memory_kind']}); training step: median seconds of one training iteration on a fixed batch, "
         f"{speed['training_step_repeats']} repeats interleaved, data loading "
-        "excluded (the training-time ratio); training s/iteration: wall time of the runs above, data loading "
-        f"included, curve evaluation excluded, runs not interleaved.{cost_only}",
+        f"excluded (the training-time ratio){wall}.{cost_only}",
         "",
         "| | " + " | ".join(timed) + " |",
         "|---|" + "---|" * len(timed),
-        "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in timed) + " |",
-        "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in timed) + " |",
-        "| training step s | " + " | ".join(_fmt(speed["training_step_seconds"][n], 3) for n in timed) + " |",
-        "| training s/iteration | " + " | ".join(_fmt(speed["seconds_per_iteration"].get(n), 2) for n in timed) + " |",
-        "| parameters (M) | " + " | ".join(_fmt(speed["parameters"][n] / 1e6, 2) for n in timed) + " |",
+        *rows,
         "",
         f"{result['method']} vs {reference}: throughput {_fmt(speed['throughput_ratio'], 2)}x, "
         f"peak memory {_fmt(speed['memory_ratio'], 2)}x, training time {_fmt(speed['train_time_ratio'], 2)}x "
@@ -154,14 +192,7 @@ def _markdown(result: Mapping, reading: str) -> str:
             else "."
         ),
         "",
-        f"![curves and overlays]({result['name']}.png)",
-        "",
-        "## Reading these figures",
-        "",
-        reading.strip(),
-        "",
     ]
-    return "\n".join(lines)
 
 
 def _plot(result: Mapping, predictions: Mapping, splits: Sequence, path: str) -> None:
@@ -243,6 +274,23 @@ def gap_closed(entries: Mapping[str, Mapping], lower: str, upper: str) -> dict[s
         for name, entry in entries.items()
         if name not in (lower, upper)
     }
+
+
+def write_cost_report(result: dict, out_dir: str) -> dict:
+    """Write ``<name>.json`` and ``<name>.md`` of a ``--cost_only`` run (no training, no Dice) into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{result['name']}.{ext}") for ext in ("json", "md")}
+    dump_json(paths["json"], result)
+    lines = [
+        *_header(result),
+        "No network was trained: every one is measured at its initial weights, which costs what trained weights "
+        "cost (the same layers run). What differs: " + f"{result['differences']}.",
+        "",
+        *_cost_lines(result, "## Cost"),
+    ]
+    with open(paths["md"], "w") as f:
+        f.write("\n".join(lines))
+    return paths
 
 
 def write_report(result: dict, predictions: Mapping, splits: Sequence, out_dir: str, reading: str = "") -> dict:

@@ -15,6 +15,7 @@ from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.blocks.prototype_bank import PrototypeBank
 from monai_proto.networks.layers.intensity import intensity_bin_assignment
 from monai_proto.networks.layers.prototype import flatten_voxels, multi_prototype_logits
+from monai_proto.networks.layers.resample import linear_resize
 
 __all__ = ["MPCLOutput", "MPCLNet"]
 
@@ -46,11 +47,16 @@ class MPCLNet(nn.Module):
 
     "Embracing Intra-Class Heterogeneity for Semi-Supervised Medical Image Segmentation: From Diversity to
     Precision" (2026); defaults calibrated on MPER (ICASSP 2025). The shared backbone (any
-    :class:`~monai_proto.networks.blocks.backbones.FeatureBackbone`) gives the full-resolution decoder map;
-    a 1x1 convolution predicts segmentation logits from it and a small projection (conv-norm-act, 1x1 conv)
-    predicts L2-normalised voxel embeddings. A :class:`~monai_proto.networks.blocks.prototype_bank.PrototypeBank`
-    holds ``num_prototypes`` intensity-aligned prototypes per class (IHPG): prototype ``m`` of class ``k`` is
-    the EMA of the embeddings of the ``m``-th intensity bin of class ``k`` (see :meth:`update_prototypes`).
+    :class:`~monai_proto.networks.blocks.backbones.FeatureBackbone`) gives the decoder maps; a 1x1 convolution
+    predicts segmentation logits from the full-resolution one. The prototype head reads the last two decoder
+    maps: the next-to-last one, upsampled linearly, concatenated with the full-resolution one, through a
+    per-voxel projection (1x1 conv-norm-act, 1x1 conv), L2-normalised, gives the voxel embeddings. So the
+    full-resolution map can stay as narrow as a plain UNet's output (``feature_channels``, 4 in the bundle), which
+    keeps the inference path (backbone and segmentation head) about as fast as MONAI's ``UNet`` of the same width,
+    while the embeddings draw on the wider map one level up (16 channels at stride 2 in the bundle).
+    A :class:`~monai_proto.networks.blocks.prototype_bank.PrototypeBank` holds ``num_prototypes`` intensity-aligned
+    prototypes per class (IHPG): prototype ``m`` of class ``k`` is the EMA of the embeddings of the ``m``-th
+    intensity bin of class ``k`` (see :meth:`update_prototypes`).
 
     In ``eval()`` mode :meth:`forward` returns the segmentation logits ``(B, out_channels, *S)`` only, so
     sliding-window inference, TorchScript tracing and ONNX export work as for any MONAI network; no label or
@@ -69,7 +75,7 @@ class MPCLNet(nn.Module):
 
     Raises:
         ValueError: when an argument is out of range (``out_channels < 2``, ``embedding_dim < 1``,
-            ``num_prototypes < 1``, ``tau <= 0``).
+            ``num_prototypes < 1``, ``tau <= 0``) or the backbone has fewer than two decoder maps.
     """
 
     def __init__(
@@ -95,12 +101,18 @@ class MPCLNet(nn.Module):
         self.embedding_dim = embedding_dim
         self.num_prototypes = num_prototypes
         self.tau = tau
+        if len(self.backbone.decoder_channels) < 2:
+            raise ValueError(
+                "MPCLNet's prototype head reads the last two decoder maps, but the backbone has "
+                f"{len(self.backbone.decoder_channels)} (a UNet backbone needs at least 3 levels in `channels`)."
+            )
         features = self.backbone.decoder_channels[-1]
+        coarse = self.backbone.decoder_channels[-2]
         conv = Conv[Conv.CONV, spatial_dims]
         self.segmentation_head = conv(features, out_channels, kernel_size=1)
         self.prototype_head = nn.Sequential(
-            Convolution(spatial_dims, features, features, kernel_size=3, norm="instance", act="prelu"),
-            conv(features, embedding_dim, kernel_size=1),
+            Convolution(spatial_dims, coarse + features, coarse, kernel_size=1, norm="instance", act="prelu"),
+            conv(coarse, embedding_dim, kernel_size=1),
         )
         self.bank = PrototypeBank(
             out_channels, num_prototypes, embedding_dim, momentum=prototype_momentum, use_sinkhorn=False
@@ -119,15 +131,21 @@ class MPCLNet(nn.Module):
             ``(B, out_channels, *S)`` segmentation logits in eval mode (and in a TorchScript module), an
             :class:`MPCLOutput` in train mode.
         """
-        decoded = self.backbone(x).decoder[-1]
-        logits = self.segmentation_head(decoded)
+        decoder = self.backbone(x).decoder
+        logits = self.segmentation_head(decoder[-1])
         if not torch.jit.is_scripting():  # the training outputs exist in Python only
             if self.training:
-                return self._training_output(x, decoded, logits)  # type: ignore[return-value]
+                return self._training_output(x, decoder, logits)  # type: ignore[return-value]
         return logits
 
-    def _training_output(self, x: torch.Tensor, decoded: torch.Tensor, logits: torch.Tensor) -> MPCLOutput:
-        embeddings = F.normalize(self.prototype_head(decoded), dim=1)
+    def embed(self, decoder: list[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised voxel embeddings ``(B, C_e, *S)`` of the backbone's decoder maps (coarse to fine)."""
+        fine = decoder[-1]
+        coarse = linear_resize(decoder[-2], list(fine.shape[2:]))
+        return F.normalize(self.prototype_head(torch.cat([coarse, fine], dim=1)), dim=1)
+
+    def _training_output(self, x: torch.Tensor, decoder: list[torch.Tensor], logits: torch.Tensor) -> MPCLOutput:
+        embeddings = self.embed(decoder)
         return MPCLOutput(
             logits=logits,
             embeddings=embeddings,
