@@ -284,7 +284,7 @@ def write_cost_report(result: dict, out_dir: str) -> dict:
     lines = [
         *_header(result),
         "No network was trained: every one is measured at its initial weights, which costs what trained weights "
-        "cost (the same layers run). What differs: " + f"{result['differences']}.",
+        f"cost (the same layers run). What differs: {result['differences']}.",
         "",
         *_cost_lines(result, "## Cost"),
     ]
