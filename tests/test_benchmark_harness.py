@@ -16,6 +16,7 @@ import torch
 from monai_proto.apps.benchmark import (
     EvaluationSplit,
     mri_body_mask,
+    pseudo_label_windows,
     radiological,
     reference_scores,
     score_prediction,
@@ -75,6 +76,22 @@ def test_verdict_follows_the_protocol():
     assert verdict([0.40, 0.41], [0.50, 0.52])["verdict"] == "behind"
     assert verdict([0.60], [0.10])["verdict"].startswith("n/a")  # one seed has no spread
     assert verdict([0.60, float("nan")], [0.10, 0.12])["verdict"].startswith("n/a")
+
+
+def test_pseudo_label_windows_are_differences_of_the_running_counts():
+    """The report's pseudo-label table takes what passed the threshold between two curve points from the handler's
+    running counts of the epoch, and starts afresh when a new epoch reset them."""
+    point = lambda voxels, a, b: {"pseudo_unlabelled_voxels": voxels, "pseudo_a_count": a, "pseudo_b_count": b}  # noqa: E731
+    curve = {
+        "iterations": [5, 10, 15, 20],
+        "train_metrics": [{"loss_x": 1.0}, point(100, 0, 10), point(300, 20, 30), point(100, 5, 5)],  # epoch 2 at 20
+    }
+    windows = pseudo_label_windows(curve, ["a", "b"])
+    assert [(w["start"], w["end"]) for w in windows] == [(0, 10), (10, 15), (15, 20)]
+    assert windows[0]["count"] == {"a": 0, "b": 10} and windows[0]["fraction"]["b"] == pytest.approx(0.1)
+    assert windows[1]["count"] == {"a": 20, "b": 20} and windows[1]["fraction"]["a"] == pytest.approx(0.1)
+    assert windows[2]["count"] == {"a": 5, "b": 5} and windows[2]["voxels"] == 100  # reset: not negative
+    assert pseudo_label_windows({"iterations": [5], "train_metrics": [{}]}, ["a"]) == []
 
 
 def test_radiological_orientation():

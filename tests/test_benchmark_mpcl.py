@@ -104,7 +104,13 @@ def test_mpcl_benchmark_smoke(tmp_path):
     assert all(speed[k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio"))
     assert speed["wall_train_time_ratio"] is None  # the cost reference is not trained
     assert all(len(result["curves"][net]["0"]["iterations"]) >= 2 for net in nets)
-    assert "SMOKE RUN" in (tmp_path / "mpcl.md").read_text()
+    # the pseudo-labels the teacher gave (running counts of PrototypeBankHandler) are in the curves and the report
+    mpcl_points = result["curves"]["MPCLNet"]["0"]["train_metrics"]
+    assert len(mpcl_points) == len(result["curves"]["MPCLNet"]["0"]["iterations"])
+    assert mpcl_points[-1]["pseudo_unlabelled_voxels"] > 0
+    assert all("pseudo_unlabelled_voxels" not in p for p in result["curves"]["supervised_only"]["0"]["train_metrics"])
+    report = (tmp_path / "mpcl.md").read_text()
+    assert "SMOKE RUN" in report and "## Pseudo-labels" in report
 
 
 @pytest.mark.slow  # five networks timed on a coarse grid, about a minute on 2 cores

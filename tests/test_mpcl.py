@@ -413,11 +413,16 @@ def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
     assert handler.threshold() == 0.7
     handler(Engine)
     assert not torch.allclose(net.bank.prototypes[2], before)  # learnt from the unlabelled image
-    handler.epoch_completed(Engine)
     metrics = Engine.state.metrics
-    assert metrics["pseudo_c_count"] == 64 and metrics["pseudo_c_fraction"] == pytest.approx(64 / 256)
+    assert metrics["pseudo_c_count"] == 64  # running figure of the epoch so far, after every iteration
+    handler(Engine)
+    assert metrics["pseudo_c_count"] == 128 and metrics["pseudo_unlabelled_voxels"] == 512
+    handler.epoch_completed(Engine)
+    assert metrics["pseudo_c_count"] == 128 and metrics["pseudo_c_fraction"] == pytest.approx(128 / 512)
     assert metrics["pseudo_a_count"] == 0  # uniform logits elsewhere: no confident voxel
-    assert metrics["pseudo_foreground_fraction"] == pytest.approx(64 / 256)
+    assert metrics["pseudo_foreground_fraction"] == pytest.approx(128 / 512)
+    handler(Engine)  # the next epoch counts afresh
+    assert metrics["pseudo_c_count"] == 64 and metrics["pseudo_c_fraction"] == pytest.approx(64 / 256)
 
 
 # ------------------------------------------------------------------------------------ data / no leaks

@@ -41,8 +41,10 @@ class PrototypeBankHandler:
       class's prototypes (:meth:`PrototypeBank.diversity`; 1 = collapsed), and ``name + "_max"``, every
       iteration; at the end of every epoch, for each class ``c``, ``pseudo_<c>_count`` and
       ``pseudo_<c>_fraction`` (the confident teacher pseudo-labels of class ``c`` over the epoch's unlabelled
-      voxels), ``pseudo_foreground_fraction`` and ``prototype_reseeds`` (re-seeded prototypes in the epoch),
-      which epoch-level ``StatsHandler``, ``TensorBoardStatsHandler`` and ``MLFlowHandler`` report.
+      voxels), ``pseudo_foreground_fraction``, ``pseudo_unlabelled_voxels`` and ``prototype_reseeds``
+      (re-seeded prototypes in the epoch), which epoch-level ``StatsHandler``, ``TensorBoardStatsHandler`` and
+      ``MLFlowHandler`` report; the same keys hold the running figures of the epoch so far after every
+      iteration (the benchmark's curves read them).
 
     The confidence threshold is ``confidence_threshold``, or, with ``threshold_source`` given, that object's
     ``confidence_threshold`` attribute read at every iteration (e.g. the
@@ -153,10 +155,10 @@ class PrototypeBankHandler:
         foreground = diversity[1:] if diversity.numel() > 1 else diversity
         engine.state.metrics[self.name] = float(foreground.mean())
         engine.state.metrics[self.name + "_max"] = float(foreground.max())
+        self._write_counts(engine.state.metrics)  # running figures of the epoch so far (curves, iteration logs)
 
-    def epoch_completed(self, engine: Engine) -> None:
-        """Write the epoch's pseudo-label counts and fractions per class, and the re-seeded prototypes."""
-        metrics = engine.state.metrics
+    def _write_counts(self, metrics: dict) -> None:
+        """Write the pseudo-label counts and fractions per class and the re-seeded prototypes since the epoch began."""
         metrics["prototype_reseeds"] = float(self._reseeds)
         if self._pseudo_counts is not None and self._unlabelled_voxels > 0:
             counts = self._pseudo_counts
@@ -166,4 +168,10 @@ class PrototypeBankHandler:
                 metrics[f"pseudo_{name}_count"] = float(count)
                 metrics[f"pseudo_{name}_fraction"] = float(count) / self._unlabelled_voxels
             metrics["pseudo_foreground_fraction"] = float(counts[1:].sum()) / self._unlabelled_voxels
+            metrics["pseudo_unlabelled_voxels"] = float(self._unlabelled_voxels)
+
+    def epoch_completed(self, engine: Engine) -> None:
+        """Write the epoch's pseudo-label counts and fractions per class, and the re-seeded prototypes; the
+        counters start again with the next epoch."""
+        self._write_counts(engine.state.metrics)
         self._pseudo_counts, self._unlabelled_voxels, self._reseeds = None, 0, 0

@@ -8,7 +8,7 @@ fresh process, and the JSON / Markdown / PNG writer. The scripts in ``benchmarks
 
 from .harness import IO_HANDLERS, add_arguments, run_benchmark, strip_io_handlers
 from .metrics import mean_of, reference_scores, score_prediction
-from .report import gap_closed, radiological, write_cost_report, write_report
+from .report import gap_closed, pseudo_label_windows, radiological, write_cost_report, write_report
 from .runner import (
     SAME_WIDTH_UNET,
     NetworkSpec,

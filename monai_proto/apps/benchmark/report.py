@@ -125,6 +125,7 @@ def _markdown(result: Mapping, reading: str) -> str:
                     f"- {n} is at or below the body mask ({_fmt(m)} <= {_fmt(body)}): it has learned nothing here."
                 )
         lines.append("")
+    lines += _pseudo_label_lines(result)
     lines += _cost_lines(result, "## Cost (same run)")
     lines += [
         f"![curves and overlays]({result['name']}.png)",
@@ -135,6 +136,73 @@ def _markdown(result: Mapping, reading: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def pseudo_label_windows(curve: Mapping, classes: Sequence[str]) -> list[dict]:
+    """Pseudo-labels per class between consecutive curve points, from the running counts that
+    :class:`~monai_proto.handlers.PrototypeBankHandler` leaves in the trainer's metrics (``pseudo_<c>_count``,
+    ``pseudo_unlabelled_voxels``; they start again with each epoch).
+
+    Returns:
+        one entry per curve point that has the counts: ``{"start", "end", "voxels", "count": {c: n}, "fraction":
+        {c: n / voxels}}``, ``start`` exclusive; empty when the run logged no pseudo-labels.
+    """
+    windows: list[dict] = []
+    previous, start = None, 0
+    for iteration, metrics in zip(curve.get("iterations", []), curve.get("train_metrics", [])):
+        if "pseudo_unlabelled_voxels" not in metrics:
+            continue
+        now = {"voxels": metrics["pseudo_unlabelled_voxels"]} | {
+            c: metrics.get(f"pseudo_{c}_count", 0.0) for c in classes
+        }
+        # the counters restart with each epoch: a fall means a new epoch began inside the window
+        base = previous if previous is not None and now["voxels"] >= previous["voxels"] else None
+        delta = {k: v - (base[k] if base else 0.0) for k, v in now.items()}
+        voxels = max(delta["voxels"], 1.0)
+        windows.append(
+            {
+                "start": start,
+                "end": iteration,
+                "voxels": delta["voxels"],
+                "count": {c: delta[c] for c in classes},
+                "fraction": {c: delta[c] / voxels for c in classes},
+            }
+        )
+        previous, start = now, iteration
+    return windows
+
+
+def _pseudo_label_lines(result: Mapping) -> list[str]:
+    """The pseudo-labels that passed the confidence threshold, per network, seed and curve window."""
+    classes = ["background", *result["organs"]]
+    rows = []
+    for net, seeds in result.get("curves", {}).items():
+        for seed, curve in seeds.items():
+            for w in pseudo_label_windows(curve, classes):
+                fg = sum(w["count"][c] for c in classes[1:])
+                cells = [f"{w['count'][c]:.0f} ({100 * w['fraction'][c]:.2g} %)" for c in classes[1:]]
+                rows.append(
+                    f"| {net} | {seed} | {w['start'] + 1}-{w['end']} | {w['voxels']:.3g} | "
+                    f"{100 * w['fraction']['background']:.3g} % | {fg:.0f} ({100 * fg / max(w['voxels'], 1):.2g} %) | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    if not rows:
+        return []
+    return [
+        "## Pseudo-labels (teacher voxels at or above the confidence threshold, per window of iterations)",
+        "",
+        "Counted on the unlabelled crops the trainer drew (`PrototypeBankHandler`, the threshold in force at each "
+        "iteration); these voxels feed the bank's pseudo-label update and the teacher-to-student direction of DKA. "
+        "Fractions are of the window's unlabelled voxels.",
+        "",
+        "| network | seed | iterations | unlabelled voxels | background | foreground | "
+        + " | ".join(result["organs"])
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(result["organs"]),
+        *rows,
+        "",
+    ]
 
 
 def _cost_lines(result: Mapping, heading: str) -> list[str]:

@@ -115,7 +115,8 @@ def train_with_curves(
         log: progress output.
 
     Returns:
-        ``{"network", "final": {split: scores}, "curve": {"iterations", split: [mean Dice]}, "losses",
+        ``{"network", "final": {split: scores}, "curve": {"iterations", split: [mean Dice], "train_metrics": [the
+        trainer's numeric ``state.metrics`` at each point]}, "losses",
         "seconds_per_iteration", "state_dict", "prediction"}`` (``state_dict`` on the CPU, for timing runs;
         ``prediction``: split -> ``(*S)`` class map, for the overlays).
     """
@@ -132,7 +133,7 @@ def train_with_curves(
         def predictor(net: torch.nn.Module, split: EvaluationSplit) -> torch.Tensor:
             return predict_classes(net, inferer, split.image, device)
 
-    curve: dict[str, list] = {"iterations": []} | {s.name: [] for s in splits}
+    curve: dict[str, list] = {"iterations": []} | {s.name: [] for s in splits} | {"train_metrics": []}
     losses: list[float] = []
     timing = {"eval": 0.0}
 
@@ -145,6 +146,10 @@ def train_with_curves(
         start = time.perf_counter()
         it = engine.state.iteration
         curve["iterations"].append(it)
+        # the trainer's own figures at this point (e.g. a handler's running pseudo-label counts), numbers only
+        curve["train_metrics"].append(
+            {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float)) and k != "loss"}
+        )
         for split in splits:
             scores = score_prediction(predictor(network, split), split, organs)
             curve[split.name].append(scores["mean_dice"])
