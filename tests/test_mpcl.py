@@ -18,7 +18,7 @@ from monai_proto.data import load_semisupervised_datalists, split_labeled_unlabe
 from monai_proto.engines.mean_teacher import MeanTeacherTrainer, ema_update
 from monai_proto.handlers.prototype import PrototypeBankHandler
 from monai_proto.handlers.schedules import RampHandler, ramp_value
-from monai_proto.losses.mpcl import MPCLSupervisedLoss, MPCLUnsupervisedLoss
+from monai_proto.losses.mpcl import MPCLSupervisedLoss, MPCLUnsupervisedLoss, confident_pseudo_labels
 from monai_proto.networks.layers.intensity import intensity_bin_assignment
 from monai_proto.networks.nets.mpcl import MPCLNet, MPCLOutput
 from monai_proto.transforms import LabelSlabCropd
@@ -378,6 +378,43 @@ def test_dka_aligns_both_directions_above_the_threshold():
     assert loss(unsure, output(torch.zeros(shape), torch.zeros(shape))) == 0
     with pytest.raises(ValueError, match="1.5"):
         loss.set_confidence_threshold(1.5)
+
+
+def test_per_class_thresholds_let_a_less_confident_class_through():
+    """With ``class_quantile`` a class the teacher labels at a steady 0.75 gets its own threshold (0.75 < the global
+    0.9) and reaches DKA and the bank's pseudo-labels; a class at 0.4 stays below the floor (0.5); a class never seen
+    keeps the global threshold. Without the option, only the 0.9 class passes."""
+    shape = (1, 4, 6, 6)
+    logits = torch.full(shape, -20.0)
+    probability = torch.zeros(shape[2:])
+
+    def set_class(k: int, rows: slice, p: float) -> None:  # softmax gives class k probability p, the rest shares 1-p
+        rest = (1 - p) / 3
+        logits[0, :, rows] = math.log(rest)
+        logits[0, k, rows] = math.log(p)
+        probability[rows] = p
+
+    set_class(0, slice(0, 2), 0.95)
+    set_class(1, slice(2, 4), 0.75)
+    set_class(2, slice(4, 6), 0.40)  # class 3 never the argmax
+    global_only = MPCLUnsupervisedLoss(consistency_weight=0.0, confidence_threshold=0.9)
+    per_class = MPCLUnsupervisedLoss(consistency_weight=0.0, confidence_threshold=0.9, class_quantile=0.5)
+    assert per_class.thresholds() == 0.9  # nothing observed yet
+    initialized = torch.ones(4, dtype=torch.bool)
+    teacher = MPCLOutput(logits, None, logits, None, initialized, None)
+    student = MPCLOutput(torch.zeros(shape), None, torch.zeros(shape), None, initialized, None)
+    global_only(student, teacher), per_class(student, teacher)
+    torch.testing.assert_close(per_class.thresholds(), torch.tensor([0.9, 0.75, 0.5, 0.9]), atol=1e-4, rtol=0)
+    _, labels, confident = confident_pseudo_labels(logits, per_class.thresholds())
+    assert confident[0, :4].all() and not confident[0, 4:].any()  # classes 0 and 1 pass, class 2 does not
+    _, _, confident = confident_pseudo_labels(logits, global_only.thresholds())
+    assert confident[0, :2].all() and not confident[0, 2:].any()
+    assert per_class.last_terms["dka"] > global_only.last_terms["dka"] > 0  # class 1 reaches DKA
+    # the bank handler reads the same per-class thresholds from its threshold source
+    handler = PrototypeBankHandler(tiny_net(out_channels=4), threshold_source=per_class)
+    torch.testing.assert_close(handler.threshold(), per_class.thresholds())
+    with pytest.raises(ValueError, match="class_quantile"):
+        MPCLUnsupervisedLoss(class_quantile=1.5)
 
 
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():

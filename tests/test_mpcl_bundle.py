@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser
 import monai_proto  # noqa: F401 - registers the bundle components
 from monai_proto.networks.nets.mpcl import MPCLNet
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the subprocess runs; the config tests below are fast
 
 BUNDLE = REPO_ROOT / "bundles" / "mpcl_semisupervised_segmentation"
 TRAIN, INFER = BUNDLE / "configs" / "train.json", BUNDLE / "configs" / "inference.json"
@@ -59,6 +59,7 @@ def trained(tmp_path_factory) -> Path:
     return root
 
 
+@slow
 def test_training_writes_loadable_checkpoints(trained):
     assert {"model.pt", "model_final.pt"} <= {p.name for p in (trained / "models").glob("*.pt")}
     state = torch.load(trained / "models" / "model_final.pt", map_location="cpu", weights_only=True)["model"]
@@ -70,6 +71,7 @@ def test_training_writes_loadable_checkpoints(trained):
     assert bool(net.bank.initialized.any())
 
 
+@slow
 def test_inference_on_scan_b(trained):
     run(["-m", "monai.bundle", "run", "inference", "--config_file", INFER, "--bundle_root", trained], trained)
     out = trained / "eval" / "scanB_ct_dicom_seg.nii.gz"
@@ -77,6 +79,7 @@ def test_inference_on_scan_b(trained):
     assert nib.load(str(out)).shape == (512, 512, 20)
 
 
+@slow
 def test_evaluating_writes_metrics(trained, tmp_path):
     """``run evaluating`` (evaluate.json over train.json) scores scan B with the trained weights: mean Dice and HD95
     per class."""
@@ -159,6 +162,7 @@ def test_thin_labelled_volume_is_padded_with_the_ignore_value():
     torch.testing.assert_close(image[..., last:], image[..., last - 1 : last].expand(-1, -1, 32 - last))
 
 
+@slow
 def test_metadata_verifies():
     if not SCHEMA.is_file():
         pytest.skip(f"{SCHEMA} not present")

@@ -13,6 +13,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
 from monai_proto.engines.mean_teacher import TEACHER_PRED, UNLABELED_PRED
+from monai_proto.losses.mpcl import confident_pseudo_labels
 from monai_proto.networks.utils import unwrap_network
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -47,9 +48,10 @@ class PrototypeBankHandler:
       iteration (the benchmark's curves read them).
 
     The confidence threshold is ``confidence_threshold``, or, with ``threshold_source`` given, that object's
-    ``confidence_threshold`` attribute read at every iteration (e.g. the
+    ``thresholds()`` (or ``confidence_threshold`` attribute) read at every iteration (e.g. the
     :class:`~monai_proto.losses.mpcl.MPCLUnsupervisedLoss` whose threshold a ``RampHandler`` raises from 0.7 to
-    0.9), so the bank and DKA always use the same pseudo-labels.
+    0.9, and which may set one per class), so the bank and DKA always use the same pseudo-labels
+    (:func:`~monai_proto.losses.mpcl.confident_pseudo_labels`).
 
     It reads the keys written by :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer`: ``pred``
     and ``label`` (labelled), ``unlabeled_pred``, ``teacher_pred`` and ``unlabeled_image`` (optional).
@@ -112,12 +114,16 @@ class PrototypeBankHandler:
             raise AttributeError(f"{type(network).__name__} has no prototype bank for PrototypeBankHandler.")
         return network
 
-    def threshold(self) -> float | None:
-        """The confidence threshold in force (from ``threshold_source`` when given)."""
+    def threshold(self) -> float | torch.Tensor | None:
+        """The confidence threshold in force: from ``threshold_source`` when given (its ``thresholds()``, one per
+        class, where it has them, else its ``confidence_threshold``), else ``confidence_threshold``."""
         if self.confidence_threshold is None:
             return None
-        if self.threshold_source is not None:
-            return float(self.threshold_source.confidence_threshold)  # type: ignore[attr-defined]
+        source = self.threshold_source
+        if source is not None:
+            if hasattr(source, "thresholds"):
+                return source.thresholds()
+            return float(source.confidence_threshold)  # type: ignore[attr-defined]
         return self.confidence_threshold
 
     @torch.no_grad()
@@ -132,8 +138,8 @@ class PrototypeBankHandler:
         pseudo = None
         if threshold is not None and teacher is not None and student is not None:
             logits = torch.as_tensor(teacher.logits).as_subclass(torch.Tensor)  # plain tensors for the counts
-            confidence, pseudo = torch.softmax(logits.float(), dim=1).max(dim=1, keepdim=True)
-            pseudo = torch.where(confidence >= threshold, pseudo, torch.full_like(pseudo, -1))
+            _, pseudo, confident = confident_pseudo_labels(logits, threshold)
+            pseudo = torch.where(confident, pseudo, torch.full_like(pseudo, -1)).unsqueeze(1)
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts
             self._unlabelled_voxels += pseudo.numel()

@@ -4,6 +4,8 @@ with dual-branch knowledge alignment (DKA) on top of the mean-teacher consistenc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
@@ -18,11 +20,32 @@ from monai_proto.losses.segmentation import IGNORE_INDEX, DiceCEIgnoreLoss
 from monai_proto.networks.layers.intensity import intensity_bin_assignment, intensity_bin_prototypes
 from monai_proto.networks.layers.prototype import flatten_voxels, sample_voxel_indices
 
-__all__ = ["MPCLSupervisedLoss", "MPCLUnsupervisedLoss"]
+__all__ = ["MPCLSupervisedLoss", "MPCLUnsupervisedLoss", "confident_pseudo_labels"]
 
 
 def _logits(output: object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
+
+
+def confident_pseudo_labels(
+    logits: torch.Tensor, threshold: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher pseudo-labels: the argmax of ``logits`` and whether its softmax confidence reaches the threshold.
+
+    The one rule for MPCL's pseudo-labels, used by DKA (:class:`MPCLUnsupervisedLoss`) and by the bank's
+    pseudo-label update (:class:`~monai_proto.handlers.prototype.PrototypeBankHandler`).
+
+    Args:
+        logits: ``(B, K, *S)`` teacher logits (no gradient is taken).
+        threshold: one confidence threshold, or one per class, ``(K,)``, applied by each voxel's argmax class.
+
+    Returns:
+        ``confidence`` ``(B, *S)`` float, ``labels`` ``(B, *S)`` long (the argmax) and ``confident`` ``(B, *S)`` bool.
+    """
+    confidence, labels = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(confidence.device)[labels]
+    return confidence, labels, confidence >= threshold
 
 
 def _check_weights(**weights: float) -> None:
@@ -179,15 +202,29 @@ class MPCLUnsupervisedLoss(_Loss):
     ``c >= confidence_threshold`` (0 elsewhere), averaged over voxels and over the two directions. With
     ``dka_weight=0`` this is the plain mean-teacher loss, the baseline of MPCL.
 
+    Per-class thresholds (``class_quantile`` given; off by default): a class the teacher is never very sure of (a
+    small organ early in training) would never pass one global threshold. With ``class_quantile=q`` the loss keeps,
+    per class ``k``, an EMA (``class_momentum``) of the ``q``-quantile of the teacher segmentation branch's
+    confidence over the voxels it labels ``k``, and the threshold of class ``k`` is that level clamped to
+    ``[class_floor, confidence_threshold]``: never stricter than the global (ramped) threshold, never below the
+    floor (0.5 by default: a pseudo-label is at least the majority class), and the global threshold for a class
+    not yet seen. Both DKA directions and the bank's pseudo-labels (via :meth:`thresholds`) use them.
+
     Args:
         consistency_weight: weight of the mean-teacher consistency. Defaults to 1.0.
         dka_weight: weight of DKA. Defaults to 1.0.
         confidence_threshold: teacher confidence below which a voxel is ignored by DKA. Defaults to 0.9.
         weight: initial overall weight, ramped during training by ``RampHandler(parameter_setter=loss.set_weight)``.
             Defaults to 1.0.
+        class_quantile: quantile of a class's teacher confidence that sets its threshold; None: one global
+            threshold. Defaults to None.
+        class_floor: lowest per-class threshold. Defaults to 0.5.
+        class_momentum: EMA momentum of the per-class levels (the first observation of a class sets its level).
+            Defaults to 0.9.
 
     Raises:
-        ValueError: when a weight is negative or ``confidence_threshold`` is outside ``[0, 1]``.
+        ValueError: when a weight is negative or ``confidence_threshold``, ``class_quantile``, ``class_floor`` or
+            ``class_momentum`` is outside ``[0, 1]``.
     """
 
     def __init__(
@@ -196,15 +233,28 @@ class MPCLUnsupervisedLoss(_Loss):
         dka_weight: float = 1.0,
         confidence_threshold: float = 0.9,
         weight: float = 1.0,
+        class_quantile: float | None = None,
+        class_floor: float = 0.5,
+        class_momentum: float = 0.9,
     ) -> None:
         super().__init__(reduction=LossReduction.MEAN.value)
         _check_weights(consistency_weight=consistency_weight, dka_weight=dka_weight, weight=weight)
-        if not 0.0 <= confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+        for name, value in {
+            "confidence_threshold": confidence_threshold,
+            "class_quantile": 0.0 if class_quantile is None else class_quantile,
+            "class_floor": class_floor,
+            "class_momentum": class_momentum,
+        }.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
         self.consistency_weight = consistency_weight
         self.dka_weight = dka_weight
         self.confidence_threshold = confidence_threshold
         self.weight = weight
+        self.class_quantile = class_quantile
+        self.class_floor = class_floor
+        self.class_momentum = class_momentum
+        self.class_levels: torch.Tensor | None = None  # (K,) EMA of the per-class confidence quantile; NaN: unseen
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def set_weight(self, value: float) -> None:
@@ -222,9 +272,34 @@ class MPCLUnsupervisedLoss(_Loss):
             raise ValueError(f"confidence_threshold must be in [0, 1], got {value}.")
         self.confidence_threshold = float(value)
 
+    def thresholds(self) -> float | torch.Tensor:
+        """The threshold in force: ``confidence_threshold``, or with ``class_quantile`` one per class ``(K,)``."""
+        if self.class_quantile is None or self.class_levels is None:
+            return self.confidence_threshold
+        levels = torch.nan_to_num(self.class_levels, nan=self.confidence_threshold)
+        return levels.clamp(min=self.class_floor).clamp(max=self.confidence_threshold)
+
+    @torch.no_grad()
+    def observe(self, teacher_logits: torch.Tensor, max_voxels: int = 200_000) -> None:
+        """Update the per-class levels from the teacher's ``(B, K, *S)`` logits (no-op without ``class_quantile``)."""
+        if self.class_quantile is None:
+            return
+        confidence, labels = torch.softmax(teacher_logits.detach().float(), dim=1).max(dim=1)
+        confidence, labels = confidence.flatten(), labels.flatten()
+        step = max(1, confidence.numel() // max_voxels)  # torch.quantile's input limit, and speed
+        confidence, labels = confidence[::step], labels[::step]
+        num_classes = teacher_logits.shape[1]
+        if self.class_levels is None or self.class_levels.numel() != num_classes:
+            self.class_levels = torch.full((num_classes,), float("nan"))
+        for k in labels.unique().tolist():
+            level = float(torch.quantile(confidence[labels == k], self.class_quantile))
+            old = float(self.class_levels[k])
+            m = self.class_momentum
+            self.class_levels[k] = level if math.isnan(old) else m * old + (1 - m) * level
+
     def _aligned(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, usable: torch.Tensor | None):
-        confidence, pseudo = torch.softmax(teacher_logits.detach().float(), dim=1).max(dim=1)
-        weights = confidence * (confidence >= self.confidence_threshold)
+        confidence, pseudo, confident = confident_pseudo_labels(teacher_logits, self.thresholds())
+        weights = confidence * confident
         if usable is not None:
             weights = weights * usable[pseudo]
         return (F.cross_entropy(student_logits, pseudo, reduction="none") * weights).mean()
@@ -240,6 +315,7 @@ class MPCLUnsupervisedLoss(_Loss):
         terms = {"consistency": consistency}
         total = self.consistency_weight * consistency
         structured = not isinstance(student_output, torch.Tensor) and not isinstance(teacher_output, torch.Tensor)
+        self.observe(teacher_logits)
         if self.dka_weight > 0 and structured:
             usable = teacher_output.prototypes_initialized.to(student_logits.dtype)  # type: ignore[attr-defined]
             if bool(usable.any()):
