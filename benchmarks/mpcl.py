@@ -21,6 +21,7 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --variant transductive   # + the A-slab's and B's images in the unlabelled pool
     python benchmarks/mpcl.py --modality mri           # the embedded MRI: labelled slices 6-9, held-out 10-13
     python benchmarks/mpcl.py --smoke                  # checks the harness only
+    python benchmarks/mpcl.py --class_quantile 0.5 --networks MPCLNet   # per-class pseudo-label thresholds only
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
@@ -107,9 +108,17 @@ def main() -> None:
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
     )
     ap.add_argument("--variant", choices=tuple(VARIANTS), default="inductive", help="unlabelled pool (see above)")
+    ap.add_argument(
+        "--class_quantile",
+        type=float,
+        default=None,
+        help="per-class pseudo-label thresholds (the bundle's confidence_class_quantile); results are written as "
+        "<name>_class_quantile.*",
+    )
     args = ap.parse_args()
     transductive = args.variant == "transductive"
     common = {
+        "confidence_class_quantile": args.class_quantile,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
@@ -127,9 +136,13 @@ def main() -> None:
         },
     )
     variant = "" if args.variant == "inductive" else f"_{args.variant}"
+    variant += "" if args.class_quantile is None else "_class_quantile"
     run_benchmark(
         name=f"mpcl{variant}",
-        title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant})",
+        title="MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, "
+        + args.variant
+        + ("" if args.class_quantile is None else f", per-class pseudo-label thresholds at q {args.class_quantile}")
+        + ")",
         bundle="mpcl_semisupervised_segmentation",
         config_file=CONFIG,
         method=NetworkSpec("MPCLNet", {"method": "mpcl"}),

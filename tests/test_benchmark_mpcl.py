@@ -113,6 +113,24 @@ def test_mpcl_benchmark_smoke(tmp_path):
     assert "SMOKE RUN" in report and "## Pseudo-labels" in report
 
 
+@pytest.mark.slow  # one network trained 2 iterations, two timed, about a minute on 2 cores
+def test_partial_run_with_per_class_thresholds(tmp_path):
+    """``--networks MPCLNet --class_quantile 0.5`` trains MPCL alone with per-class pseudo-label thresholds and writes
+    ``mpcl_class_quantile.*``: no baseline, no verdict among untrained networks, the pseudo-labels reported."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "mpcl.py"), "--smoke", "--networks", "MPCLNet",
+           "--class_quantile", "0.5", "--out", str(tmp_path), "--workdir", str(tmp_path / "work"),
+           "--repeats", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "mpcl_class_quantile.json").read_text())
+    assert result["baselines"] == [] and list(result["curves"]) == ["MPCLNet"] and result["bounds"] is None
+    assert result["comparisons"] == [] and "per-class pseudo-label thresholds" in result["title"]
+    assert "## Pseudo-labels" in (tmp_path / "mpcl_class_quantile.md").read_text()
+    bad = subprocess.run([*cmd[:3], "--networks", "mean_teacher"], capture_output=True, encoding="utf-8", env=env)
+    assert bad.returncode != 0 and "must name the method" in bad.stderr
+
+
 @pytest.mark.slow  # five networks timed on a coarse grid, about a minute on 2 cores
 def test_cost_only_run_trains_nothing(tmp_path):
     """``--cost_only`` times the four networks beside MONAI's UNet at their initial weights and writes only the cost

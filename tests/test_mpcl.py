@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import write_msd_dataset
 from ignite.engine import Events
-from monai.data import MetaTensor
+from monai.data import MetaTensor, list_data_collate
 from torch.utils.data import DataLoader
 
 from monai_proto.data import load_semisupervised_datalists, split_labeled_unlabeled
@@ -401,7 +401,8 @@ def test_per_class_thresholds_let_a_less_confident_class_through():
     per_class = MPCLUnsupervisedLoss(consistency_weight=0.0, confidence_threshold=0.9, class_quantile=0.5)
     assert per_class.thresholds() == 0.9  # nothing observed yet
     initialized = torch.ones(4, dtype=torch.bool)
-    teacher = MPCLOutput(logits, None, logits, None, initialized, None)
+    meta = MetaTensor(logits)  # as from a MONAI data pipeline (batched metadata)
+    teacher = MPCLOutput(meta, None, meta, None, initialized, None)
     student = MPCLOutput(torch.zeros(shape), None, torch.zeros(shape), None, initialized, None)
     global_only(student, teacher), per_class(student, teacher)
     torch.testing.assert_close(per_class.thresholds(), torch.tensor([0.9, 0.75, 0.5, 0.9]), atol=1e-4, rtol=0)
@@ -410,6 +411,9 @@ def test_per_class_thresholds_let_a_less_confident_class_through():
     _, _, confident = confident_pseudo_labels(logits, global_only.thresholds())
     assert confident[0, :2].all() and not confident[0, 2:].any()
     assert per_class.last_terms["dka"] > global_only.last_terms["dka"] > 0  # class 1 reaches DKA
+    # a batch from a MONAI pipeline (per-item metadata), subsampled: the levels come from plain tensors
+    batch = list_data_collate([{"x": MetaTensor(logits[0], meta={"f": f})} for f in "ab"])["x"]
+    per_class.observe(batch, max_voxels=10)
     # the bank handler reads the same per-class thresholds from its threshold source
     handler = PrototypeBankHandler(tiny_net(out_channels=4), threshold_source=per_class)
     torch.testing.assert_close(handler.threshold(), per_class.thresholds())

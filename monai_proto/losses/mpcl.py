@@ -42,7 +42,8 @@ def confident_pseudo_labels(
     Returns:
         ``confidence`` ``(B, *S)`` float, ``labels`` ``(B, *S)`` long (the argmax) and ``confident`` ``(B, *S)`` bool.
     """
-    confidence, labels = torch.softmax(logits.detach().float(), dim=1).max(dim=1)
+    logits = logits.detach().as_subclass(torch.Tensor)  # a MetaTensor's batch metadata has no place in counts
+    confidence, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.to(confidence.device)[labels]
     return confidence, labels, confidence >= threshold
@@ -284,7 +285,7 @@ class MPCLUnsupervisedLoss(_Loss):
         """Update the per-class levels from the teacher's ``(B, K, *S)`` logits (no-op without ``class_quantile``)."""
         if self.class_quantile is None:
             return
-        confidence, labels = torch.softmax(teacher_logits.detach().float(), dim=1).max(dim=1)
+        confidence, labels, _ = confident_pseudo_labels(teacher_logits, 0.0)
         confidence, labels = confidence.flatten(), labels.flatten()
         step = max(1, confidence.numel() // max_voxels)  # torch.quantile's input limit, and speed
         confidence, labels = confidence[::step], labels[::step]

@@ -59,6 +59,13 @@ def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int
     ap.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations on a coarse grid: checks the harness only")
     ap.add_argument(
+        "--networks",
+        nargs="+",
+        default=None,
+        help="train only these networks, the method among them (an ablation or a partial run; verdicts, gap "
+        "shares and cost only among them); default: all",
+    )
+    ap.add_argument(
         "--cost_only",
         action="store_true",
         help="no training and no Dice: inference time, peak memory and training step of every network at its "
@@ -214,6 +221,15 @@ def run_benchmark(
     unknown = sorted({n for pair in [*comparisons, *([bounds] if bounds else [])] for n in pair} - set(names))
     if unknown:
         raise ValueError(f"{name}: comparisons and bounds must name trained networks ({names}), but got {unknown}.")
+    chosen = getattr(args, "networks", None)
+    if chosen:  # a partial run: only the chosen networks, and only the verdicts among them
+        if method.name not in chosen or set(chosen) - set(names):
+            raise ValueError(f"{name}: --networks must name the method {method.name!r} and networks of {names}.")
+        baselines = [b for b in baselines if b.name in chosen]
+        specs = [method, *baselines]
+        comparisons = [pair for pair in comparisons if set(pair) <= set(chosen)]
+        bounds = bounds if bounds and set(bounds) <= set(chosen) else None
+        log(f"== partial run: {', '.join(s.name for s in specs)} only")
     runs: dict[str, list[dict]] = {s.name: [] for s in specs}
     for seed in [] if args.cost_only else seeds:
         for spec in specs:

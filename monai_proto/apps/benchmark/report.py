@@ -209,7 +209,7 @@ def _cost_lines(result: Mapping, heading: str) -> list[str]:
     """The cost table of a run: the method, its baselines and the cost reference, with the method's ratios."""
     nets = [result["method"], *result["baselines"]]
     speed = result["speed"]
-    reference = speed.get("reference", result["baselines"][0])
+    reference = speed.get("reference") or result["baselines"][0]
     timed = [*nets, *([] if reference in nets else [reference])]
     trained = bool(speed["seconds_per_iteration"])
     cost_only = (
