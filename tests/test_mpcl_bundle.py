@@ -140,6 +140,20 @@ def test_protocol_region_is_the_demo_datas_only(tmp_path):
     assert parser.get_parsed_content("labeled_region")["slices"] == [6, 10]
 
 
+def test_per_class_thresholds_are_a_config_choice():
+    """``confidence_class_quantile`` (default None: one ramped threshold) reaches the unsupervised loss, whose
+    thresholds the bank handler reads."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    assert parser.get_parsed_content("unsupervised_loss").class_quantile is None
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser["confidence_class_quantile"] = 0.5
+    loss = parser.get_parsed_content("unsupervised_loss")
+    handler = next(h for h in parser.get_parsed_content("train#handlers") if hasattr(h, "threshold_source"))
+    assert loss.class_quantile == 0.5 and handler.threshold_source is loss
+
+
 def test_thin_labelled_volume_is_padded_with_the_ignore_value():
     """The MRI (20 slices) is thinner than a window: a labelled crop keeps its 20 slices and is padded to the size
     divisor like inference pads (image replicated at the edge), with the ignore value as label, so no padded voxel
