@@ -386,13 +386,10 @@ def test_per_class_thresholds_let_a_less_confident_class_through():
     keeps the global threshold. Without the option, only the 0.9 class passes."""
     shape = (1, 4, 6, 6)
     logits = torch.full(shape, -20.0)
-    probability = torch.zeros(shape[2:])
 
     def set_class(k: int, rows: slice, p: float) -> None:  # softmax gives class k probability p, the rest shares 1-p
-        rest = (1 - p) / 3
-        logits[0, :, rows] = math.log(rest)
+        logits[0, :, rows] = math.log((1 - p) / 3)
         logits[0, k, rows] = math.log(p)
-        probability[rows] = p
 
     set_class(0, slice(0, 2), 0.95)
     set_class(1, slice(2, 4), 0.75)
@@ -406,7 +403,7 @@ def test_per_class_thresholds_let_a_less_confident_class_through():
     student = MPCLOutput(torch.zeros(shape), None, torch.zeros(shape), None, initialized, None)
     global_only(student, teacher), per_class(student, teacher)
     torch.testing.assert_close(per_class.thresholds(), torch.tensor([0.9, 0.75, 0.5, 0.9]), atol=1e-4, rtol=0)
-    _, labels, confident = confident_pseudo_labels(logits, per_class.thresholds())
+    _, _, confident = confident_pseudo_labels(logits, per_class.thresholds())
     assert confident[0, :4].all() and not confident[0, 4:].any()  # classes 0 and 1 pass, class 2 does not
     _, _, confident = confident_pseudo_labels(logits, global_only.thresholds())
     assert confident[0, :2].all() and not confident[0, 2:].any()

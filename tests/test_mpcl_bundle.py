@@ -140,7 +140,7 @@ def test_protocol_region_is_the_demo_datas_only(tmp_path):
     assert parser.get_parsed_content("labeled_region")["slices"] == [6, 10]
 
 
-def test_per_class_thresholds_are_a_config_choice():
+def test_per_class_thresholds_are_a_config_choice(tmp_path):
     """``confidence_class_quantile`` (default None: one ramped threshold) reaches the unsupervised loss, whose
     thresholds the bank handler reads."""
     parser = ConfigParser()
@@ -149,6 +149,7 @@ def test_per_class_thresholds_are_a_config_choice():
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     parser["confidence_class_quantile"] = 0.5
+    parser["bundle_root"] = str(tmp_path)  # the handlers' TensorBoard writer logs there, not in the repository
     loss = parser.get_parsed_content("unsupervised_loss")
     handler = next(h for h in parser.get_parsed_content("train#handlers") if hasattr(h, "threshold_source"))
     assert loss.class_quantile == 0.5 and handler.threshold_source is loss

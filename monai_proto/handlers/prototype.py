@@ -137,8 +137,7 @@ class PrototypeBankHandler:
         student = output.get(UNLABELED_PRED)
         pseudo = None
         if threshold is not None and teacher is not None and student is not None:
-            logits = torch.as_tensor(teacher.logits).as_subclass(torch.Tensor)  # plain tensors for the counts
-            _, pseudo, confident = confident_pseudo_labels(logits, threshold)
+            _, pseudo, confident = confident_pseudo_labels(teacher.logits, threshold)  # plain tensors
             pseudo = torch.where(confident, pseudo, torch.full_like(pseudo, -1)).unsqueeze(1)
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts
