@@ -140,7 +140,7 @@ def train_with_curves(
     def record_loss(engine) -> None:
         out = engine.state.output
         out = out[0] if isinstance(out, list) else out
-        losses.append(float(out["loss"]))
+        losses.append(float(torch.as_tensor(out["loss"]).detach()))  # detached: no autograd warning
 
     def score(engine) -> None:
         start = time.perf_counter()
