@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -316,11 +317,11 @@ def _plot(result: Mapping, predictions: Mapping, splits: Sequence, path: str) ->
             ax.axis("off")
         for col in range(len(panels), ncols):
             axes[row, col].axis("off")
-    fig.suptitle(
+    title = (
         f"{result['title']} (overlays: seed {result['seeds'][0]}, final weights; green = truth contour; "
-        "radiological orientation: patient's right on the left)",
-        fontsize=10,
+        "radiological orientation: patient's right on the left)"
     )
+    fig.suptitle(textwrap.fill(title, width=40 * ncols), fontsize=10)  # wrapped to the figure's width
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
