@@ -387,6 +387,14 @@ MUTANTS = [
     ),
     Mutant(
         "mpcl",
+        "per-class confidence levels left out of the checkpoint",
+        "monai_proto/losses/mpcl.py",
+        "    def get_extra_state(self) -> torch.Tensor:",
+        "    def _unused_extra_state(self) -> torch.Tensor:",
+        ("tests/test_mpcl.py::test_per_class_levels_are_checkpointed",),
+    ),
+    Mutant(
+        "mpcl",
         "pseudo-label bank update removed",
         "monai_proto/handlers/prototype.py",
         "                network.update_prototypes(student.embeddings, pseudo, student.intensities)",

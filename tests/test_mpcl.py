@@ -418,6 +418,27 @@ def test_per_class_thresholds_let_a_less_confident_class_through():
         MPCLUnsupervisedLoss(class_quantile=1.5)
 
 
+def test_per_class_levels_are_checkpointed(tmp_path):
+    """The per-class levels are part of the loss's ``state_dict`` (read back by ``torch.load(weights_only=True)``,
+    as MONAI's ``CheckpointLoader`` does), so a resumed run keeps its thresholds instead of falling back to the
+    global one; a loss that has observed nothing round-trips as such."""
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[0, 1, :2] = 2.0  # class 1 at softmax ~0.79 on half the image, the rest ties (class 0 by argmax)
+    observed = MPCLUnsupervisedLoss(confidence_threshold=0.9, class_quantile=0.5)
+    observed.observe(logits)
+    path = tmp_path / "loss.pt"
+    torch.save({"unsupervised_loss": observed.state_dict()}, path)
+    restored = MPCLUnsupervisedLoss(confidence_threshold=0.9, class_quantile=0.5)
+    assert restored.thresholds() == 0.9
+    restored.load_state_dict(torch.load(path, weights_only=True)["unsupervised_loss"])
+    assert isinstance(restored.thresholds(), torch.Tensor)
+    torch.testing.assert_close(restored.thresholds(), observed.thresholds())
+    assert float(restored.thresholds()[1]) < 0.9  # the level, not the global threshold
+    empty = MPCLUnsupervisedLoss(class_quantile=0.5)
+    empty.load_state_dict(MPCLUnsupervisedLoss(class_quantile=0.5).state_dict())
+    assert empty.class_levels is None
+
+
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
     """The teacher's confident pseudo-labels reach the bank (a class absent from the labelled batch moves) and
     their count per class is written at the end of the epoch; the threshold is read from the ramped loss."""

@@ -92,8 +92,8 @@ def test_every_bundle_checkpoints_what_a_resume_needs(bundle):
     assert saved["model"] == "@network" and saved["optimizer"] == "@optimizer"
     if "lr_scheduler" in parser.get():
         assert saved["lr_scheduler"] == "@lr_scheduler"
-    if bundle.startswith("mpcl"):  # the EMA teacher is the trainer's own teacher
-        assert saved["teacher"] == "@teacher_network"
+    if bundle.startswith("mpcl"):  # the EMA teacher is the trainer's own teacher; the loss holds per-class levels
+        assert saved["teacher"] == "@teacher_network" and saved["unsupervised_loss"] == "@unsupervised_loss"
         assert parser["train"]["trainer"]["teacher_network"] == "@teacher_network"
 
 

@@ -262,6 +262,15 @@ class MPCLUnsupervisedLoss(_Loss):
         """Set the overall weight (the ramp-up target of :class:`~monai_proto.handlers.schedules.RampHandler`)."""
         self.weight = float(value)
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The per-class levels in the loss's ``state_dict`` (a tensor, so ``torch.load(weights_only=True)`` reads
+        it; empty before the first observation), so that a resumed run keeps its thresholds."""
+        return torch.empty(0) if self.class_levels is None else self.class_levels.clone()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Restore the per-class levels written by :meth:`get_extra_state`."""
+        self.class_levels = None if state.numel() == 0 else state.detach().clone().float().cpu()
+
     def set_confidence_threshold(self, value: float) -> None:
         """Set the pseudo-label confidence threshold (ramped, e.g. 0.7 -> 0.9, by a ``RampHandler``; the
         :class:`~monai_proto.handlers.prototype.PrototypeBankHandler` can read it from here).
