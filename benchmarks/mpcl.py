@@ -21,7 +21,8 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --variant transductive   # + the A-slab's and B's images in the unlabelled pool
     python benchmarks/mpcl.py --modality mri           # the embedded MRI: labelled slices 6-9, held-out 10-13
     python benchmarks/mpcl.py --smoke                  # checks the harness only
-    python benchmarks/mpcl.py --class_quantile 0.5 --networks MPCLNet   # per-class pseudo-label thresholds only
+    python benchmarks/mpcl.py --class_quantile off     # one ramped pseudo-label threshold (the bundle's is per class)
+    python benchmarks/mpcl.py --class_quantile 0.3 --networks MPCLNet   # another per-class quantile, MPCL only
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
@@ -96,6 +97,19 @@ VARIANTS = {
 }
 
 
+OFF = "off"
+
+
+def class_quantile(value: str) -> float | str:
+    """``--class_quantile``: a quantile in [0, 1], or ``off`` (one ramped threshold)."""
+    if value.lower() in (OFF, "none"):
+        return OFF
+    q = float(value)
+    if not 0.0 <= q <= 1.0:
+        raise argparse.ArgumentTypeError(f"a quantile in [0, 1] or 'off', got {value}")
+    return q
+
+
 def bank_ready(network: torch.nn.Module) -> None:
     """``--cost_only``: mark an MPCLNet's bank as initialised (its random unit prototypes), as training does after
     ``prototype_init_iteration``, so that the timed step computes the PSO terms and the prototype-branch CE."""
@@ -110,23 +124,26 @@ def main() -> None:
     ap.add_argument("--variant", choices=tuple(VARIANTS), default="inductive", help="unlabelled pool (see above)")
     ap.add_argument(
         "--class_quantile",
-        type=float,
+        type=class_quantile,
         default=None,
-        help="per-class pseudo-label thresholds (the bundle's confidence_class_quantile); results are written as "
-        "<name>_class_quantile.*",
+        help="the bundle's confidence_class_quantile (default: the bundle's own); 'off' for one ramped pseudo-label "
+        "threshold, written as <name>_global_threshold.*; another quantile is written as <name>_class_quantile.*",
     )
     args = ap.parse_args()
     transductive = args.variant == "transductive"
+    with open(CONFIG) as f:
+        config = json.load(f)
+    shipped = config["confidence_class_quantile"]
+    quantile = shipped if args.class_quantile is None else None if args.class_quantile == OFF else args.class_quantile
     common = {
-        "confidence_class_quantile": args.class_quantile,
+        "confidence_class_quantile": quantile,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
         # the MRI data set's test entry is the MRI itself: its held-out slab is the only image to return
         "transductive_sections": [] if args.modality == "mri" else ["test"],
     }
-    with open(CONFIG) as f:
-        handlers = json.load(f)["train"]["handlers"]
+    handlers = config["train"]["handlers"]
     unet = NetworkSpec(
         "UNet",
         {
@@ -136,13 +153,14 @@ def main() -> None:
         },
     )
     variant = "" if args.variant == "inductive" else f"_{args.variant}"
-    variant += "" if args.class_quantile is None else "_class_quantile"
+    if quantile != shipped:
+        variant += "_global_threshold" if quantile is None else "_class_quantile"
+    thresholds = f"per-class pseudo-label thresholds at q {quantile}"
+    thresholds = "one ramped pseudo-label threshold" if quantile is None else thresholds
     run_benchmark(
         name=f"mpcl{variant}",
-        title="MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, "
-        + args.variant
-        + ("" if args.class_quantile is None else f", per-class pseudo-label thresholds at q {args.class_quantile}")
-        + ")",
+        title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant}, "
+        f"{thresholds})",
         bundle="mpcl_semisupervised_segmentation",
         config_file=CONFIG,
         method=NetworkSpec("MPCLNet", {"method": "mpcl"}),
