@@ -88,6 +88,7 @@ def test_mpcl_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"mpcl.{ext}").stat().st_size > 0
+    assert "per-class pseudo-label thresholds at q 0.5" in json.loads((tmp_path / "mpcl.json").read_text())["title"]
     result = json.loads((tmp_path / "mpcl.json").read_text())
     nets = ["MPCLNet", "supervised_only", "mean_teacher", "fully_supervised"]
     assert [result["method"], *result["baselines"]] == nets and result["cost_reference"] == "UNet"
@@ -114,19 +115,20 @@ def test_mpcl_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow  # one network trained 2 iterations, two timed, about a minute on 2 cores
-def test_partial_run_with_per_class_thresholds(tmp_path):
-    """``--networks MPCLNet --class_quantile 0.5`` trains MPCL alone with per-class pseudo-label thresholds and writes
-    ``mpcl_class_quantile.*``: no baseline, no verdict among untrained networks, the pseudo-labels reported."""
+def test_partial_run_with_one_global_threshold(tmp_path):
+    """``--networks MPCLNet --class_quantile off`` trains MPCL alone with one ramped pseudo-label threshold (the
+    bundle's default is per class) and writes ``mpcl_global_threshold.*``: no baseline, no verdict among untrained
+    networks, the pseudo-labels reported."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "mpcl.py"), "--smoke", "--networks", "MPCLNet",
-           "--class_quantile", "0.5", "--out", str(tmp_path), "--workdir", str(tmp_path / "work"),
+           "--class_quantile", "off", "--out", str(tmp_path), "--workdir", str(tmp_path / "work"),
            "--repeats", "1"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "mpcl_class_quantile.json").read_text())
+    result = json.loads((tmp_path / "mpcl_global_threshold.json").read_text())
     assert result["baselines"] == [] and list(result["curves"]) == ["MPCLNet"] and result["bounds"] is None
-    assert result["comparisons"] == [] and "per-class pseudo-label thresholds" in result["title"]
-    assert "## Pseudo-labels" in (tmp_path / "mpcl_class_quantile.md").read_text()
+    assert result["comparisons"] == [] and "one ramped pseudo-label threshold" in result["title"]
+    assert "## Pseudo-labels" in (tmp_path / "mpcl_global_threshold.md").read_text()
     bad = subprocess.run([*cmd[:3], "--networks", "mean_teacher"], capture_output=True, encoding="utf-8", env=env)
     assert bad.returncode != 0 and "must name the method" in bad.stderr
 

@@ -141,18 +141,18 @@ def test_protocol_region_is_the_demo_datas_only(tmp_path):
 
 
 def test_per_class_thresholds_are_a_config_choice(tmp_path):
-    """``confidence_class_quantile`` (default None: one ramped threshold) reaches the unsupervised loss, whose
-    thresholds the bank handler reads."""
+    """``confidence_class_quantile`` (default 0.5: per-class thresholds; None: one ramped threshold) reaches the
+    unsupervised loss, whose thresholds the bank handler reads."""
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
-    assert parser.get_parsed_content("unsupervised_loss").class_quantile is None
-    parser = ConfigParser()
-    parser.read_config(str(TRAIN))
-    parser["confidence_class_quantile"] = 0.5
     parser["bundle_root"] = str(tmp_path)  # the handlers' TensorBoard writer logs there, not in the repository
     loss = parser.get_parsed_content("unsupervised_loss")
     handler = next(h for h in parser.get_parsed_content("train#handlers") if hasattr(h, "threshold_source"))
     assert loss.class_quantile == 0.5 and handler.threshold_source is loss
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser["confidence_class_quantile"] = None  # --confidence_class_quantile None on the command line
+    assert parser.get_parsed_content("unsupervised_loss").class_quantile is None
 
 
 def test_thin_labelled_volume_is_padded_with_the_ignore_value():
