@@ -97,13 +97,10 @@ VARIANTS = {
 }
 
 
-OFF = "off"
-
-
-def class_quantile(value: str) -> float | str:
-    """``--class_quantile``: a quantile in [0, 1], or ``off`` (one ramped threshold)."""
-    if value.lower() in (OFF, "none"):
-        return OFF
+def class_quantile(value: str) -> float | None:
+    """``--class_quantile``: a quantile in [0, 1], or ``off`` (None: one ramped threshold)."""
+    if value.lower() in ("off", "none"):
+        return None
     q = float(value)
     if not 0.0 <= q <= 1.0:
         raise argparse.ArgumentTypeError(f"a quantile in [0, 1] or 'off', got {value}")
@@ -118,6 +115,9 @@ def bank_ready(network: torch.nn.Module) -> None:
 
 
 def main() -> None:
+    with open(CONFIG) as f:
+        config = json.load(f)
+    shipped = config["confidence_class_quantile"]
     ap = add_arguments(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
     )
@@ -125,16 +125,13 @@ def main() -> None:
     ap.add_argument(
         "--class_quantile",
         type=class_quantile,
-        default=None,
+        default=shipped,
         help="the bundle's confidence_class_quantile (default: the bundle's own); 'off' for one ramped pseudo-label "
         "threshold, written as <name>_global_threshold.*; another quantile is written as <name>_class_quantile.*",
     )
     args = ap.parse_args()
     transductive = args.variant == "transductive"
-    with open(CONFIG) as f:
-        config = json.load(f)
-    shipped = config["confidence_class_quantile"]
-    quantile = shipped if args.class_quantile is None else None if args.class_quantile == OFF else args.class_quantile
+    quantile = args.class_quantile
     common = {
         "confidence_class_quantile": quantile,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context

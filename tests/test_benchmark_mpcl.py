@@ -88,8 +88,8 @@ def test_mpcl_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"mpcl.{ext}").stat().st_size > 0
-    assert "per-class pseudo-label thresholds at q 0.5" in json.loads((tmp_path / "mpcl.json").read_text())["title"]
     result = json.loads((tmp_path / "mpcl.json").read_text())
+    assert "per-class pseudo-label thresholds at q 0.5" in result["title"]
     nets = ["MPCLNet", "supervised_only", "mean_teacher", "fully_supervised"]
     assert [result["method"], *result["baselines"]] == nets and result["cost_reference"] == "UNet"
     for split in ("A-slab", "B"):
