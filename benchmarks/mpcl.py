@@ -23,6 +23,7 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --smoke                  # checks the harness only
     python benchmarks/mpcl.py --class_quantile off     # one ramped pseudo-label threshold (the bundle's is per class)
     python benchmarks/mpcl.py --class_quantile 0.3 --networks MPCLNet   # another per-class quantile, MPCL only
+    python benchmarks/mpcl.py --share_cap 2 --networks MPCLNet  # cap each class at 2x its labelled share
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
@@ -107,6 +108,16 @@ def class_quantile(value: str) -> float | None:
     return q
 
 
+def share_cap(value: str) -> float | None:
+    """``--share_cap``: a positive multiple of a class's labelled share, or ``off`` (None: no cap)."""
+    if value.lower() in ("off", "none"):
+        return None
+    cap = float(value)
+    if not cap > 0:
+        raise argparse.ArgumentTypeError(f"a positive multiple or 'off', got {value}")
+    return cap
+
+
 def bank_ready(network: torch.nn.Module) -> None:
     """``--cost_only``: mark an MPCLNet's bank as initialised (its random unit prototypes), as training does after
     ``prototype_init_iteration``, so that the timed step computes the PSO terms and the prototype-branch CE."""
@@ -118,6 +129,7 @@ def main() -> None:
     with open(CONFIG) as f:
         config = json.load(f)
     shipped = config["confidence_class_quantile"]
+    shipped_cap = config["pseudo_label_share_cap"]
     ap = add_arguments(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
     )
@@ -129,11 +141,19 @@ def main() -> None:
         help="the bundle's confidence_class_quantile (default: the bundle's own); 'off' for one ramped pseudo-label "
         "threshold, written as <name>_global_threshold.*; another quantile is written as <name>_class_quantile.*",
     )
+    ap.add_argument(
+        "--share_cap",
+        type=share_cap,
+        default=shipped_cap,
+        help="the bundle's pseudo_label_share_cap (default: the bundle's own): a class's pseudo-labels take at most "
+        "this multiple of its labelled share; 'off' for none; another value is written as <name>_share_cap.*",
+    )
     args = ap.parse_args()
     transductive = args.variant == "transductive"
     quantile = args.class_quantile
     common = {
         "confidence_class_quantile": quantile,
+        "pseudo_label_share_cap": args.share_cap,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
@@ -154,6 +174,10 @@ def main() -> None:
         variant += "_global_threshold" if quantile is None else "_class_quantile"
     thresholds = f"per-class pseudo-label thresholds at q {quantile}"
     thresholds = "one ramped pseudo-label threshold" if quantile is None else thresholds
+    if args.share_cap != shipped_cap:
+        variant += "_share_cap"
+    if args.share_cap is not None:
+        thresholds += f", class share cap {args.share_cap:g}x"
     run_benchmark(
         name=f"mpcl{variant}",
         title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant}, "

@@ -79,7 +79,9 @@ class MeanTeacherTrainer(SupervisedTrainer):
     (Tarvainen & Valpola, NeurIPS 2017, as in SSL4MIS). Both losses are plain callables, so the same trainer
     runs a plain mean teacher, MPCL (whose prototype terms sit in the losses), or supervised-only training
     (``unsupervised_loss_function=None``: the unlabelled loader is not read). Ramps of the unsupervised weight
-    belong to a handler (e.g. :class:`~monai_proto.handlers.schedules.RampHandler` on the loss).
+    belong to a handler (e.g. :class:`~monai_proto.handlers.schedules.RampHandler` on the loss). An unsupervised
+    loss with an ``observe_labels(labels)`` method is given each labelled batch's labels before it is called
+    (the labelled class shares that :class:`~monai_proto.losses.mpcl.MPCLUnsupervisedLoss` caps pseudo-labels by).
 
     ``engine.state.output`` holds MONAI's ``image``, ``label``, ``pred`` (the student's output on the labelled
     batch), ``loss`` and, for handlers such as
@@ -208,6 +210,9 @@ class _MeanTeacherLoss:
         output[SUPERVISED_LOSS] = supervised
         total = supervised
         if unlabeled is not None:
+            observe_labels = getattr(engine.unsupervised_loss_function, "observe_labels", None)
+            if observe_labels is not None:  # e.g. the labelled class shares that cap MPCL's pseudo-labels
+                observe_labels(targets)
             output[UNLABELED_IMAGE] = unlabeled
             output[UNLABELED_PRED] = engine.inferer(unlabeled, engine.network)
             teacher_input = unlabeled

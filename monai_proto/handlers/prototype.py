@@ -50,7 +50,8 @@ class PrototypeBankHandler:
     The confidence threshold is ``confidence_threshold``, or, with ``threshold_source`` given, that object's
     ``thresholds()`` (or ``confidence_threshold`` attribute) read at every iteration (e.g. the
     :class:`~monai_proto.losses.mpcl.MPCLUnsupervisedLoss` whose threshold a ``RampHandler`` raises from 0.7 to
-    0.9, and which may set one per class), so the bank and DKA always use the same pseudo-labels
+    0.9, and which may set one per class); where the source has ``max_shares(num_classes)`` (the class share cap
+    of that loss), the same cap applies, so the bank and DKA always use the same pseudo-labels
     (:func:`~monai_proto.losses.mpcl.confident_pseudo_labels`).
 
     It reads the keys written by :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer`: ``pred``
@@ -137,7 +138,10 @@ class PrototypeBankHandler:
         student = output.get(UNLABELED_PRED)
         pseudo = None
         if threshold is not None and teacher is not None and student is not None:
-            _, pseudo, confident = confident_pseudo_labels(teacher.logits, threshold)  # plain tensors
+            max_share = None
+            if hasattr(self.threshold_source, "max_shares"):  # the class share cap of MPCLUnsupervisedLoss
+                max_share = self.threshold_source.max_shares(teacher.logits.shape[1])
+            _, pseudo, confident = confident_pseudo_labels(teacher.logits, threshold, max_share)  # plain tensors
             pseudo = torch.where(confident, pseudo, torch.full_like(pseudo, -1)).unsqueeze(1)
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts

@@ -28,7 +28,7 @@ def _logits(output: object) -> torch.Tensor:
 
 
 def confident_pseudo_labels(
-    logits: torch.Tensor, threshold: float | torch.Tensor
+    logits: torch.Tensor, threshold: float | torch.Tensor, max_share: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher pseudo-labels: the argmax of ``logits`` and whether its softmax confidence reaches the threshold.
 
@@ -38,6 +38,9 @@ def confident_pseudo_labels(
     Args:
         logits: ``(B, K, *S)`` teacher logits (no gradient is taken).
         threshold: one confidence threshold, or one per class, ``(K,)``, applied by each voxel's argmax class.
+        max_share: ``(K,)`` largest fraction of the batch's voxels that a class's confident pseudo-labels may take
+            (class-balanced selection, as in CBST, Zou et al., ECCV 2018): where more pass the threshold, only the
+            most confident are kept. ``inf`` or NaN: no cap for that class. None: no cap. Defaults to None.
 
     Returns:
         ``confidence`` ``(B, *S)`` float, ``labels`` ``(B, *S)`` long (the argmax) and ``confident`` ``(B, *S)`` bool.
@@ -46,7 +49,18 @@ def confident_pseudo_labels(
     confidence, labels = torch.softmax(logits.float(), dim=1).max(dim=1)
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.to(confidence.device)[labels]
-    return confidence, labels, confidence >= threshold
+    confident = confidence >= threshold
+    if max_share is not None:
+        for k, share in enumerate(max_share.tolist()):
+            if not math.isfinite(share):
+                continue
+            chosen = confident & (labels == k)
+            limit = int(share * confidence.numel())
+            if int(chosen.sum()) > limit:
+                # the limit-th highest confidence of the class's confident voxels: ties at it are kept
+                level = confidence[chosen].topk(limit).values[-1] if limit > 0 else math.inf
+                confident = confident & ~(chosen & (confidence < level))
+    return confidence, labels, confident
 
 
 def _check_weights(**weights: float) -> None:
@@ -211,6 +225,14 @@ class MPCLUnsupervisedLoss(_Loss):
     floor (0.5 by default: a pseudo-label is at least the majority class), and the global threshold for a class
     not yet seen. Both DKA directions and the bank's pseudo-labels (via :meth:`thresholds`) use them.
 
+    Class share cap (``class_share_cap`` given; off by default, not in the paper): a class whose teacher grows
+    over-confident can flood the pseudo-labels (confirmation bias that no confidence threshold stops). With
+    ``class_share_cap=r`` a class's confident pseudo-labels take at most ``r`` times its share of the labelled
+    voxels seen so far (:meth:`observe_labels`, called by
+    :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer` with every labelled batch) of an unlabelled
+    batch; the most confident are kept (:func:`confident_pseudo_labels`). DKA and the bank (via
+    :meth:`max_shares`) share the cap.
+
     Args:
         consistency_weight: weight of the mean-teacher consistency. Defaults to 1.0.
         dka_weight: weight of DKA. Defaults to 1.0.
@@ -222,10 +244,14 @@ class MPCLUnsupervisedLoss(_Loss):
         class_floor: lowest per-class threshold. Defaults to 0.5.
         class_momentum: EMA momentum of the per-class levels (the first observation of a class sets its level).
             Defaults to 0.9.
+        class_share_cap: largest ratio of a class's pseudo-label share of an unlabelled batch to its share of the
+            labelled voxels; None: no cap. Defaults to None.
+        ignore_index: label value that :meth:`observe_labels` skips (unlabelled voxels of a partly labelled volume).
+            Defaults to 255 (:data:`~monai_proto.losses.segmentation.IGNORE_INDEX`).
 
     Raises:
         ValueError: when a weight is negative or ``confidence_threshold``, ``class_quantile``, ``class_floor`` or
-            ``class_momentum`` is outside ``[0, 1]``.
+            ``class_momentum`` is outside ``[0, 1]``, or ``class_share_cap`` is not positive.
     """
 
     def __init__(
@@ -237,6 +263,8 @@ class MPCLUnsupervisedLoss(_Loss):
         class_quantile: float | None = None,
         class_floor: float = 0.5,
         class_momentum: float = 0.9,
+        class_share_cap: float | None = None,
+        ignore_index: int | None = IGNORE_INDEX,
     ) -> None:
         super().__init__(reduction=LossReduction.MEAN.value)
         _check_weights(consistency_weight=consistency_weight, dka_weight=dka_weight, weight=weight)
@@ -248,6 +276,8 @@ class MPCLUnsupervisedLoss(_Loss):
         }.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        if class_share_cap is not None and not class_share_cap > 0:
+            raise ValueError(f"class_share_cap must be positive or None, got {class_share_cap}.")
         self.consistency_weight = consistency_weight
         self.dka_weight = dka_weight
         self.confidence_threshold = confidence_threshold
@@ -256,20 +286,30 @@ class MPCLUnsupervisedLoss(_Loss):
         self.class_floor = class_floor
         self.class_momentum = class_momentum
         self.class_levels: torch.Tensor | None = None  # (K,) EMA of the per-class confidence quantile; NaN: unseen
+        self.class_share_cap = class_share_cap
+        self.ignore_index = ignore_index
+        self.label_counts: torch.Tensor | None = None  # labelled voxels per class seen by observe_labels
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def set_weight(self, value: float) -> None:
         """Set the overall weight (the ramp-up target of :class:`~monai_proto.handlers.schedules.RampHandler`)."""
         self.weight = float(value)
 
-    def get_extra_state(self) -> torch.Tensor:
-        """The per-class levels in the loss's ``state_dict`` (a tensor, so ``torch.load(weights_only=True)`` reads
-        it; empty before the first observation), so that a resumed run keeps its thresholds."""
-        return torch.empty(0) if self.class_levels is None else self.class_levels.clone()
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        """The per-class levels and labelled class counts in the loss's ``state_dict`` (tensors, so
+        ``torch.load(weights_only=True)`` reads them; empty before the first observation), so that a resumed run
+        keeps its thresholds and caps."""
+        return {
+            name: torch.empty(0) if value is None else value.clone()
+            for name, value in (("class_levels", self.class_levels), ("label_counts", self.label_counts))
+        }
 
-    def set_extra_state(self, state: torch.Tensor) -> None:
-        """Restore the per-class levels written by :meth:`get_extra_state`."""
-        self.class_levels = None if state.numel() == 0 else state.detach().clone().float().cpu()
+    def set_extra_state(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
+        """Restore what :meth:`get_extra_state` wrote (a bare tensor: the levels alone, as bundle 0.4.2 wrote)."""
+        state = state if isinstance(state, dict) else {"class_levels": state}
+        levels, counts = state.get("class_levels"), state.get("label_counts")
+        self.class_levels = None if levels is None or levels.numel() == 0 else levels.detach().clone().float().cpu()
+        self.label_counts = None if counts is None or counts.numel() == 0 else counts.detach().clone().double().cpu()
 
     def set_confidence_threshold(self, value: float) -> None:
         """Set the pseudo-label confidence threshold (ramped, e.g. 0.7 -> 0.9, by a ``RampHandler``; the
@@ -290,6 +330,33 @@ class MPCLUnsupervisedLoss(_Loss):
         return levels.clamp(min=self.class_floor).clamp(max=self.confidence_threshold)
 
     @torch.no_grad()
+    def observe_labels(self, labels: torch.Tensor) -> None:
+        """Count the classes of a labelled batch's ``(B, 1, *S)`` labels (``ignore_index`` skipped), the reference
+        of :meth:`max_shares` (no-op without ``class_share_cap``)."""
+        if self.class_share_cap is None:
+            return
+        labels = labels.detach().as_subclass(torch.Tensor).round().long().flatten()
+        keep = labels >= 0
+        if self.ignore_index is not None:
+            keep &= labels != self.ignore_index
+        counts = torch.bincount(labels[keep]).double().cpu()
+        if self.label_counts is not None:
+            size = max(counts.numel(), self.label_counts.numel())
+            counts = F.pad(counts, (0, size - counts.numel())) + F.pad(
+                self.label_counts, (0, size - self.label_counts.numel())
+            )
+        self.label_counts = counts
+
+    def max_shares(self, num_classes: int) -> torch.Tensor | None:
+        """``(K,)`` cap on each class's share of an unlabelled batch's pseudo-labels: ``class_share_cap`` times its
+        share of the labelled voxels seen so far (0 for a class never seen labelled); None without a cap or before
+        the first labelled batch."""
+        if self.class_share_cap is None or self.label_counts is None or float(self.label_counts.sum()) == 0:
+            return None
+        counts = F.pad(self.label_counts, (0, max(0, num_classes - self.label_counts.numel())))[:num_classes]
+        return (self.class_share_cap * counts / self.label_counts.sum()).float()
+
+    @torch.no_grad()
     def observe(self, teacher_logits: torch.Tensor, max_voxels: int = 200_000) -> None:
         """Update the per-class levels from the teacher's ``(B, K, *S)`` logits (no-op without ``class_quantile``)."""
         if self.class_quantile is None:
@@ -308,7 +375,8 @@ class MPCLUnsupervisedLoss(_Loss):
             self.class_levels[k] = level if math.isnan(old) else m * old + (1 - m) * level
 
     def _aligned(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, usable: torch.Tensor | None):
-        confidence, pseudo, confident = confident_pseudo_labels(teacher_logits, self.thresholds())
+        max_share = self.max_shares(teacher_logits.shape[1])
+        confidence, pseudo, confident = confident_pseudo_labels(teacher_logits, self.thresholds(), max_share)
         weights = confidence * confident
         if usable is not None:
             weights = weights * usable[pseudo]
