@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -98,24 +99,22 @@ VARIANTS = {
 }
 
 
-def class_quantile(value: str) -> float | None:
-    """``--class_quantile``: a quantile in [0, 1], or ``off`` (None: one ramped threshold)."""
-    if value.lower() in ("off", "none"):
-        return None
-    q = float(value)
-    if not 0.0 <= q <= 1.0:
-        raise argparse.ArgumentTypeError(f"a quantile in [0, 1] or 'off', got {value}")
-    return q
+def off_or_number(valid: Callable[[float], bool], meaning: str) -> Callable[[str], float | None]:
+    """An argparse type: ``off`` (or ``none``) gives None, else a number for which ``valid`` holds."""
+
+    def parse(value: str) -> float | None:
+        if value.lower() in ("off", "none"):
+            return None
+        number = float(value)
+        if not valid(number):
+            raise argparse.ArgumentTypeError(f"{meaning} or 'off', got {value}")
+        return number
+
+    return parse
 
 
-def share_cap(value: str) -> float | None:
-    """``--share_cap``: a positive multiple of a class's labelled share, or ``off`` (None: no cap)."""
-    if value.lower() in ("off", "none"):
-        return None
-    cap = float(value)
-    if not cap > 0:
-        raise argparse.ArgumentTypeError(f"a positive multiple or 'off', got {value}")
-    return cap
+class_quantile = off_or_number(lambda q: 0.0 <= q <= 1.0, "a quantile in [0, 1]")  # None: one ramped threshold
+share_cap = off_or_number(lambda r: r > 0.0, "a positive multiple of the labelled share")  # None: no cap
 
 
 def bank_ready(network: torch.nn.Module) -> None:

@@ -251,7 +251,7 @@ def _trainer(net, unsup=None, handlers=(), iterations=3, ema_decay=0.99, images=
 
 def test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps():
     net = tiny_net()
-    unsup = MPCLUnsupervisedLoss(weight=0.0)
+    unsup = MPCLUnsupervisedLoss(weight=0.0, class_share_cap=2.0)
     ramp = RampHandler(unsup.set_weight, 0.0, 0.1, 4, "sigmoid", per_iteration=True, name="w")
     trainer = _trainer(net, unsup, [ramp, PrototypeBankHandler()], iterations=3, ema_decay=0.5)
     teacher = trainer.teacher_network
@@ -267,6 +267,9 @@ def test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps():
     assert not torch.equal(before[name], dict(teacher.named_parameters())[name])
     assert not torch.equal(dict(net.named_parameters())[name], dict(teacher.named_parameters())[name])
     assert {"unlabeled_pred", "teacher_pred", "loss_terms"} <= set(trainer.state.output)
+    # every labelled batch's labels reached the loss (the reference of its class share cap)
+    labels = torch.cat([b["label"] for b in trainer.data_loader]).flatten()
+    torch.testing.assert_close(unsup.label_counts, 3 * torch.bincount(labels).double())
     # one manual EMA step reproduces the rule t <- d t + (1 - d) s
     t0, s0 = dict(teacher.named_parameters())[name].clone(), dict(net.named_parameters())[name].clone()
     ema_update(teacher, net, 0.5)
@@ -437,6 +440,70 @@ def test_per_class_levels_are_checkpointed(tmp_path):
     empty = MPCLUnsupervisedLoss(class_quantile=0.5)
     empty.load_state_dict(MPCLUnsupervisedLoss(class_quantile=0.5).state_dict())
     assert empty.class_levels is None
+
+
+def _flooding_teacher() -> tuple[torch.Tensor, MPCLOutput]:
+    """A teacher sure of class 1 on 64 of 128 voxels (confidence rising from 0.91 to 0.99), of class 0 on the
+    other 64."""
+    p = torch.linspace(0.91, 0.99, 64)
+    logits = torch.zeros(1, 3, 8, 16)
+    flat = logits.view(3, 128)
+    flat[0, 64:] = 10.0
+    flat[1, :64], flat[0, :64], flat[2, :64] = torch.log(p), torch.log((1 - p) / 2), torch.log((1 - p) / 2)
+    return logits, MPCLOutput(logits, None, logits, None, torch.ones(3, dtype=torch.bool), None)
+
+
+def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class():
+    """With ``class_share_cap=2`` and class 1 at 1/6 of the labelled voxels, class 1 may take 1/3 of an unlabelled
+    batch's pseudo-labels: of the 64 voxels the teacher is sure of, the 42 most confident are kept, in DKA and in
+    the bank (same rule); class 0 (2/3 of the labelled voxels) is not cut; without a labelled batch seen, or
+    without the option, nothing is cut. The labelled counts are checkpointed, and a 0.4.2 state (the levels
+    alone) still loads."""
+    logits, teacher = _flooding_teacher()
+    label = torch.zeros(1, 1, 8, 16)
+    label.view(-1)[:16] = 1
+    label.view(-1)[16:32] = 2
+    label.view(-1)[96:] = 255  # ignored: 96 labelled voxels
+    capped = MPCLUnsupervisedLoss(consistency_weight=0.0, confidence_threshold=0.9, class_share_cap=2.0)
+    assert capped.max_shares(3) is None  # no labelled batch seen: no cap
+    capped.observe_labels(label)
+    torch.testing.assert_close(capped.label_counts, torch.tensor([64.0, 16.0, 16.0], dtype=torch.float64))
+    torch.testing.assert_close(capped.max_shares(3), torch.tensor([4 / 3, 1 / 3, 1 / 3]))
+    confidence, labels, confident = confident_pseudo_labels(logits, 0.9, capped.max_shares(3))
+    kept = confident & (labels == 1)
+    assert int(kept.sum()) == 42  # int(128 / 3) of the 64
+    assert float(confidence[kept].min()) > float(confidence[(labels == 1) & ~kept].max())  # the most confident
+    assert int((confident & (labels == 0)).sum()) == 64
+    uncapped = MPCLUnsupervisedLoss(consistency_weight=0.0, confidence_threshold=0.9)
+    uncapped.observe_labels(label)  # no-op without the option
+    assert uncapped.label_counts is None and uncapped.max_shares(3) is None
+    zeros = torch.zeros(1, 3, 8, 16)
+    student = MPCLOutput(zeros, None, zeros, None, teacher.prototypes_initialized, None)
+    capped(student, teacher), uncapped(student, teacher)
+    assert 0 < capped.last_terms["dka"] < uncapped.last_terms["dka"]
+    # the bank handler reads the same cap from its threshold source
+    net = tiny_net(out_channels=3)
+    labelled = net(torch.rand(1, 1, 8, 16))
+    net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
+    unlabelled = net(torch.rand(1, 1, 8, 16))
+
+    class Engine:
+        class state:
+            iteration = 2
+            metrics: dict = {}
+            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+
+    handler = PrototypeBankHandler(net, threshold_source=capped, duplicate_threshold=None, max_idle=None)
+    handler(Engine)
+    assert Engine.state.metrics["pseudo_1_count"] == 42 and Engine.state.metrics["pseudo_0_count"] == 64
+    # checkpointed with the levels; a bundle 0.4.2 state (a bare tensor of levels) still loads
+    restored = MPCLUnsupervisedLoss(class_share_cap=2.0)
+    restored.load_state_dict(capped.state_dict())
+    torch.testing.assert_close(restored.max_shares(3), capped.max_shares(3))
+    restored.set_extra_state(torch.tensor([0.9, 0.8, 0.7]))
+    assert restored.label_counts is None and restored.class_levels is not None
+    with pytest.raises(ValueError, match="class_share_cap"):
+        MPCLUnsupervisedLoss(class_share_cap=0.0)
 
 
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
