@@ -405,8 +405,8 @@ MUTANTS = [
         "mpcl",
         "class share cap keeps the least confident pseudo-labels",
         "monai_proto/losses/mpcl.py",
-        "confidence[chosen].topk(limit).values[-1]",
-        "confidence[chosen].topk(limit, largest=False).values[-1]",
+        "margin[chosen].topk(chosen.numel() - limit, largest=False).indices",
+        "margin[chosen].topk(chosen.numel() - limit, largest=True).indices",
         ("tests/test_mpcl.py::test_class_share_cap_keeps_the_most_confident_of_a_flooding_class",),
     ),
     Mutant(
@@ -424,6 +424,22 @@ MUTANTS = [
         "                observe_labels(targets)",
         "                pass",
         ("tests/test_mpcl.py::test_mean_teacher_trainer_updates_teacher_by_ema_and_ramps",),
+    ),
+    Mutant(
+        "mpcl",
+        "class share cap: a class never labelled keeps its pseudo-labels",
+        "monai_proto/losses/mpcl.py",
+        "            if chosen.numel() > limit:",
+        "            if chosen.numel() > limit > 0:",
+        ("tests/test_mpcl.py::test_class_share_cap_keeps_the_most_confident_of_a_flooding_class",),
+    ),
+    Mutant(
+        "mpcl",
+        "class share cap: labelled counts not summed over DDP ranks",
+        "monai_proto/losses/mpcl.py",
+        "            dist.all_reduce(counts)",
+        "            pass",
+        ("tests/test_mpcl.py::test_labelled_class_counts_are_summed_over_ranks",),
     ),
     Mutant(
         "mpcl",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
@@ -39,8 +40,10 @@ def confident_pseudo_labels(
         logits: ``(B, K, *S)`` teacher logits (no gradient is taken).
         threshold: one confidence threshold, or one per class, ``(K,)``, applied by each voxel's argmax class.
         max_share: ``(K,)`` largest fraction of the batch's voxels that a class's confident pseudo-labels may take
-            (class-balanced selection, as in CBST, Zou et al., ECCV 2018): where more pass the threshold, only the
-            most confident are kept. ``inf`` or NaN: no cap for that class. None: no cap. Defaults to None.
+            (class-balanced selection, as in CBST, Zou et al., ECCV 2018): where more pass the threshold, exactly
+            ``int(max_share[k] * B * prod(S))`` are kept, those with the largest margin between the top two logits
+            (the most confident; the margin does not saturate where the softmax rounds to 1). ``inf`` or NaN: no
+            cap for that class. None: no cap. Defaults to None.
 
     Returns:
         ``confidence`` ``(B, *S)`` float, ``labels`` ``(B, *S)`` long (the argmax) and ``confident`` ``(B, *S)`` bool.
@@ -51,15 +54,16 @@ def confident_pseudo_labels(
         threshold = threshold.to(confidence.device)[labels]
     confident = confidence >= threshold
     if max_share is not None:
+        top = logits.float().topk(min(2, logits.shape[1]), dim=1).values
+        margin = (top[:, 0] - top[:, -1]).flatten()
         for k, share in enumerate(max_share.tolist()):
             if not math.isfinite(share):
                 continue
-            chosen = confident & (labels == k)
+            chosen = (confident & (labels == k)).flatten().nonzero().squeeze(1)
             limit = int(share * confidence.numel())
-            if int(chosen.sum()) > limit:
-                # the limit-th highest confidence of the class's confident voxels: ties at it are kept
-                level = confidence[chosen].topk(limit).values[-1] if limit > 0 else math.inf
-                confident = confident & ~(chosen & (confidence < level))
+            if chosen.numel() > limit:  # drop all but the `limit` largest margins of the class (one sync per class)
+                dropped = chosen[margin[chosen].topk(chosen.numel() - limit, largest=False).indices]
+                confident = confident.flatten().index_fill(0, dropped, False).view_as(confident)
     return confidence, labels, confident
 
 
@@ -332,14 +336,21 @@ class MPCLUnsupervisedLoss(_Loss):
     @torch.no_grad()
     def observe_labels(self, labels: torch.Tensor) -> None:
         """Count the classes of a labelled batch's ``(B, 1, *S)`` labels (``ignore_index`` skipped), the reference
-        of :meth:`max_shares` (no-op without ``class_share_cap``)."""
+        of :meth:`max_shares` (no-op without ``class_share_cap``). Under ``torch.distributed`` the counts are summed
+        over the ranks (every rank calls this at every iteration), so that all ranks apply the same cap."""
         if self.class_share_cap is None:
             return
         labels = labels.detach().as_subclass(torch.Tensor).round().long().flatten()
         keep = labels >= 0
         if self.ignore_index is not None:
             keep &= labels != self.ignore_index
-        counts = torch.bincount(labels[keep]).double().cpu()
+        counts = torch.bincount(labels[keep]).double()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            size = torch.tensor([counts.numel()], device=counts.device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX)  # ranks may see different highest labels
+            counts = F.pad(counts, (0, int(size) - counts.numel()))
+            dist.all_reduce(counts)
+        counts = counts.cpu()
         if self.label_counts is not None:
             size = max(counts.numel(), self.label_counts.numel())
             counts = F.pad(counts, (0, size - counts.numel())) + F.pad(
@@ -349,12 +360,12 @@ class MPCLUnsupervisedLoss(_Loss):
 
     def max_shares(self, num_classes: int) -> torch.Tensor | None:
         """``(K,)`` cap on each class's share of an unlabelled batch's pseudo-labels: ``class_share_cap`` times its
-        share of the labelled voxels seen so far (0 for a class never seen labelled); None without a cap or before
-        the first labelled batch."""
-        if self.class_share_cap is None or self.label_counts is None or float(self.label_counts.sum()) == 0:
+        share of the labelled voxels of classes ``0..K-1`` seen so far (0 for a class never seen labelled: its
+        pseudo-labels are all dropped); None without a cap or before the first labelled batch."""
+        if self.class_share_cap is None or self.label_counts is None or float(self.label_counts[:num_classes].sum()) == 0:
             return None
         counts = F.pad(self.label_counts, (0, max(0, num_classes - self.label_counts.numel())))[:num_classes]
-        return (self.class_share_cap * counts / self.label_counts.sum()).float()
+        return (self.class_share_cap * counts / counts.sum()).float()
 
     @torch.no_grad()
     def observe(self, teacher_logits: torch.Tensor, max_voxels: int = 200_000) -> None:
