@@ -5,6 +5,7 @@ labelled/unlabelled splits (no hidden label leaks) and the prototype-collapse gu
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -453,12 +454,13 @@ def _flooding_teacher() -> tuple[torch.Tensor, MPCLOutput]:
     return logits, MPCLOutput(logits, None, logits, None, torch.ones(3, dtype=torch.bool), None)
 
 
-def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class():
+def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class(tmp_path):
     """With ``class_share_cap=2`` and class 1 at 1/6 of the labelled voxels, class 1 may take 1/3 of an unlabelled
     batch's pseudo-labels: of the 64 voxels the teacher is sure of, the 42 most confident are kept, in DKA and in
     the bank (same rule); class 0 (2/3 of the labelled voxels) is not cut; without a labelled batch seen, or
     without the option, nothing is cut. The labelled counts are checkpointed, and a 0.4.2 state (the levels
-    alone) still loads."""
+    alone) still loads. A saturated teacher, whose confidences all round to 1, is cut to the cap by its logit
+    margins; a class never labelled keeps no pseudo-label."""
     logits, teacher = _flooding_teacher()
     label = torch.zeros(1, 1, 8, 16)
     label.view(-1)[:16] = 1
@@ -481,6 +483,15 @@ def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class():
     student = MPCLOutput(zeros, None, zeros, None, teacher.prototypes_initialized, None)
     capped(student, teacher), uncapped(student, teacher)
     assert 0 < capped.last_terms["dka"] < uncapped.last_terms["dka"]
+    # a saturated teacher (softmax confidence 1.0 everywhere): still exactly the cap's count, by logit margin
+    saturated = logits.clone()
+    saturated.view(3, 128)[1, :64] += 40.0 + torch.linspace(0, 1, 64)
+    confidence, labels, confident = confident_pseudo_labels(saturated, 0.9, capped.max_shares(3))
+    assert bool((confidence[labels == 1] == 1.0).all()) and int((confident & (labels == 1)).sum()) == 42
+    assert bool(confident.view(-1)[22:64].all()) and not confident.view(-1)[:22].any()  # the largest margins
+    # a class never labelled (share 0) keeps none of its pseudo-labels
+    _, labels, confident = confident_pseudo_labels(logits, 0.9, torch.tensor([1.0, 0.0, 1.0]))
+    assert not (confident & (labels == 1)).any() and int(confident.sum()) == 64
     # the bank handler reads the same cap from its threshold source
     net = tiny_net(out_channels=3)
     labelled = net(torch.rand(1, 1, 8, 16))
@@ -498,12 +509,37 @@ def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class():
     assert Engine.state.metrics["pseudo_1_count"] == 42 and Engine.state.metrics["pseudo_0_count"] == 64
     # checkpointed with the levels; a bundle 0.4.2 state (a bare tensor of levels) still loads
     restored = MPCLUnsupervisedLoss(class_share_cap=2.0)
-    restored.load_state_dict(capped.state_dict())
+    torch.save({"unsupervised_loss": capped.state_dict()}, tmp_path / "loss.pt")
+    restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=True)["unsupervised_loss"])
     torch.testing.assert_close(restored.max_shares(3), capped.max_shares(3))
     restored.set_extra_state(torch.tensor([0.9, 0.8, 0.7]))
     assert restored.label_counts is None and restored.class_levels is not None
     with pytest.raises(ValueError, match="class_share_cap"):
         MPCLUnsupervisedLoss(class_share_cap=0.0)
+
+
+def _count_labels_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loss = MPCLUnsupervisedLoss(class_share_cap=2.0)
+        label = torch.zeros(1, 1, 4, 4)
+        label.view(-1)[: 2 + rank] = 1 + rank  # rank 0 sees classes 0-1, rank 1 classes 0 and 2 (a longer count)
+        loss.observe_labels(label)
+        torch.save(loss.label_counts, os.path.join(out_dir, f"counts{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_labelled_class_counts_are_summed_over_ranks(tmp_path):
+    """Under DDP every rank applies the same class share cap: the labelled counts are summed over the ranks (gloo,
+    2 processes), also when the ranks' highest labels differ."""
+    torch.multiprocessing.spawn(
+        _count_labels_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    expected = torch.tensor([14.0 + 13.0, 2.0, 3.0], dtype=torch.float64)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"counts{rank}.pt"), expected)
 
 
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():

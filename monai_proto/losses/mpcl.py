@@ -362,9 +362,11 @@ class MPCLUnsupervisedLoss(_Loss):
         """``(K,)`` cap on each class's share of an unlabelled batch's pseudo-labels: ``class_share_cap`` times its
         share of the labelled voxels of classes ``0..K-1`` seen so far (0 for a class never seen labelled: its
         pseudo-labels are all dropped); None without a cap or before the first labelled batch."""
-        if self.class_share_cap is None or self.label_counts is None or float(self.label_counts[:num_classes].sum()) == 0:
+        if self.class_share_cap is None or self.label_counts is None:
             return None
         counts = F.pad(self.label_counts, (0, max(0, num_classes - self.label_counts.numel())))[:num_classes]
+        if float(counts.sum()) == 0:
+            return None
         return (self.class_share_cap * counts / counts.sum()).float()
 
     @torch.no_grad()
