@@ -149,10 +149,14 @@ def test_per_class_thresholds_are_a_config_choice(tmp_path):
     loss = parser.get_parsed_content("unsupervised_loss")
     handler = next(h for h in parser.get_parsed_content("train#handlers") if hasattr(h, "threshold_source"))
     assert loss.class_quantile == 0.5 and handler.threshold_source is loss
+    assert loss.class_share_cap is None and loss.ignore_index == parser["ignore_index"]  # the cap is off
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     parser["confidence_class_quantile"] = None  # --confidence_class_quantile None on the command line
-    assert parser.get_parsed_content("unsupervised_loss").class_quantile is None
+    parser["pseudo_label_share_cap"] = 2.0
+    parser["ignore_index"] = 99
+    loss = parser.get_parsed_content("unsupervised_loss")
+    assert loss.class_quantile is None and loss.class_share_cap == 2.0 and loss.ignore_index == 99
 
 
 def test_thin_labelled_volume_is_padded_with_the_ignore_value():
