@@ -23,7 +23,9 @@ from monai_proto.networks.layers.prototype import (
     prototype_similarity,
     sample_voxel_indices,
     sinkhorn_knopp,
+    voxel_norm,
 )
+from monai_proto.networks.layers.resample import linear_resize, linear_resize_leading
 
 # four voxels laid out as a 2D (2, 2) or a 3D (2, 1, 2) grid: the flat order is the same
 SPATIAL_4 = [(2, 2), (2, 1, 2)]
@@ -87,6 +89,36 @@ def test_prototype_similarity(spatial):
     torch.testing.assert_close(batched, cos)
     with pytest.raises(ValueError):
         prototype_similarity(features, torch.rand(2, 3))
+
+
+@pytest.mark.parametrize("spatial", SPATIAL_4)
+def test_shared_voxel_norms_give_the_same_similarities(spatial):
+    """Voxel norms computed once and passed to several similarity calls (IPLSL shares them between its three logit
+    passes, its query masks and its peak strengths) give what each call computes alone, and are the ones used."""
+    features = _grid([[1, 0, 1, -3], [0, 2, 1, 0]], spatial)
+    protos = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    norm = voxel_norm(features)
+    assert norm.shape == (1, 1, *spatial)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(features, dim=1, keepdim=True))
+    cos = prototype_similarity(features, protos)
+    torch.testing.assert_close(prototype_similarity(features, protos, feature_norm=norm), cos)
+    torch.testing.assert_close(prototype_similarity(features, protos, feature_norm=2 * norm), cos / 2)
+    grouped = protos.reshape(2, 1, 2)
+    shared = multi_prototype_logits(features, grouped, tau=0.5, feature_norm=norm)
+    torch.testing.assert_close(shared, multi_prototype_logits(features, grouped, 0.5))
+
+
+@pytest.mark.parametrize("size", [(9, 7), (5, 6, 3)])
+def test_resize_of_the_leading_axes_equals_the_full_linear_resize(size):
+    """The slab path's in-plane upsampling (each slice along the last axis interpolated alone) gives the values of
+    a linear interpolation over every axis that keeps the last one."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *size)
+    target = [2 * v + 1 for v in size[:-1]]
+    out = linear_resize_leading(x, target)
+    assert out.shape == (2, 3, *target, size[-1])
+    torch.testing.assert_close(out, linear_resize(x, target + [size[-1]]), atol=1e-6, rtol=0)
+    assert linear_resize_leading(x, list(size[:-1])) is x
 
 
 @pytest.mark.parametrize("spatial", SPATIAL_4)

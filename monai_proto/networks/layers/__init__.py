@@ -11,5 +11,6 @@ from .prototype import (
     sample_voxel_indices,
     sinkhorn_knopp,
     spherical_kmeans,
+    voxel_norm,
 )
-from .resample import area_downsample, linear_resize
+from .resample import area_downsample, linear_resize, linear_resize_leading

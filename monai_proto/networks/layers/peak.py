@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from .prototype import masked_average_pooling
+from .prototype import masked_average_pooling, voxel_norm
 
-__all__ = ["activation_strength", "peak_average_pooling", "peak_keep_count", "peak_mask"]
+__all__ = ["activation_strength", "peak_average_pooling", "peak_keep_count", "peak_mask", "peak_thresholds"]
 
 
 def activation_strength(features: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def activation_strength(features: torch.Tensor) -> torch.Tensor:
     Returns:
         strength maps ``(B, 1, *S)``.
     """
-    return torch.linalg.vector_norm(features, dim=1, keepdim=True)
+    return voxel_norm(features)
 
 
 def peak_keep_count(counts: torch.Tensor, fraction: float, min_voxels: int = 1) -> torch.Tensor:
@@ -89,10 +89,35 @@ def peak_mask(
     ranked = torch.where(inside, flat_strength, torch.full_like(flat_strength, -math.inf))
     counts = inside.sum(dim=2)  # (B, K)
     keep = peak_keep_count(counts, fraction, min_voxels)
-    sorted_strength = torch.sort(ranked, dim=2, descending=True).values
-    threshold = sorted_strength.gather(2, (keep - 1).unsqueeze(-1))  # (B, K, 1)
+    by_sort = torch.jit.is_tracing() or torch.compiler.is_compiling()  # a trace or an export keeps no Python loop
+    threshold = peak_thresholds(ranked, inside, keep, by_sort)
     selected = inside & (ranked >= threshold)
     return selected.reshape(weights.shape).to(weights.dtype)
+
+
+def peak_thresholds(ranked: torch.Tensor, inside: torch.Tensor, keep: torch.Tensor, by_sort: bool) -> torch.Tensor:
+    """
+    The ``keep``-th largest value of every channel's voxels: :func:`peak_mask`'s selection threshold.
+
+    Args:
+        ranked: strengths ``(B, K, N)``, ``-inf`` outside the channel.
+        inside: ``(B, K, N)``, the channel's voxels.
+        keep: ``(B, K)`` counts, each between 1 and the channel's voxel count (or 1 for an empty channel).
+        by_sort: sort every channel whole (no data-dependent Python, for tracing and export); otherwise one
+            ``kthvalue`` of each channel's own voxels (several times faster: no sort of a volume per channel).
+
+    Returns:
+        ``(B, K, 1)``; an empty channel's threshold selects nothing.
+    """
+    if by_sort:
+        return torch.sort(ranked, dim=2, descending=True).values.gather(2, (keep - 1).unsqueeze(-1))
+    threshold = torch.full(keep.shape, math.inf, dtype=ranked.dtype, device=ranked.device)
+    for b in range(int(keep.shape[0])):
+        for k in range(int(keep.shape[1])):
+            values = ranked[b, k][inside[b, k]]
+            if values.numel() > 0:
+                threshold[b, k] = torch.kthvalue(values, values.numel() - int(keep[b, k].item()) + 1).values
+    return threshold.unsqueeze(-1)
 
 
 def peak_average_pooling(

@@ -7,6 +7,8 @@ All operations are spatial-dimension generic: features are ``(B, C, *S)`` with `
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,27 @@ __all__ = [
     "sample_voxel_indices",
     "sinkhorn_knopp",
     "spherical_kmeans",
+    "voxel_norm",
 ]
+
+
+def voxel_norm(features: torch.Tensor) -> torch.Tensor:
+    """
+    The L2 norm of every voxel's feature vector.
+
+    Computed as a sum of squares by ``einsum`` (``torch.linalg.vector_norm`` over the channel dimension is several
+    times slower on CPU). Several operations on the same features (cosine similarities to several prototype sets,
+    peak strengths) can share one result.
+
+    Args:
+        features: feature maps ``(B, C, *S)``.
+
+    Returns:
+        norms ``(B, 1, *S)``.
+    """
+    flat = features.flatten(2)
+    squared = torch.einsum("bcn,bcn->bn", flat, flat)
+    return squared.sqrt().reshape([features.shape[0], 1] + list(features.shape[2:]))
 
 
 def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -79,6 +101,7 @@ def prototype_similarity(
     prototypes: torch.Tensor,
     normalize: bool = True,
     eps: float = 1e-8,
+    feature_norm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Similarity maps between every voxel feature and every prototype.
@@ -89,6 +112,8 @@ def prototype_similarity(
         normalize: if True, cosine similarity (both sides L2-normalised along ``C``); otherwise the dot
             product. Defaults to True.
         eps: numerical floor of the L2 norm. Defaults to 1e-8.
+        feature_norm: the voxel norms of ``features`` (:func:`voxel_norm`, ``(B, 1, *S)``) when already computed;
+            None computes them. Defaults to None.
 
     Returns:
         similarity maps of shape ``(B, P, *S)``.
@@ -111,8 +136,8 @@ def prototype_similarity(
     equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
     sim = torch.einsum(equation, flat, prototypes)
     if normalize:  # F.normalize(features)'s max(|f|, eps), applied to the P maps instead of the C channels
-        squared = torch.einsum("bcn,bcn->bn", flat, flat)
-        sim = sim / squared.clamp_min(eps * eps).sqrt().unsqueeze(1)
+        norm = voxel_norm(features) if feature_norm is None else feature_norm
+        sim = sim / norm.flatten(2).clamp_min(eps)
     return sim.reshape([sim.shape[0], sim.shape[1]] + list(features.shape[2:]))
 
 
@@ -121,6 +146,7 @@ def multi_prototype_logits(
     prototypes: torch.Tensor,
     tau: float = 0.1,
     reduction: str = "max",
+    feature_norm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """
     Class logits from several prototypes per class.
@@ -138,6 +164,7 @@ def multi_prototype_logits(
         prototypes: ``(K, M, C)`` shared by the batch, or ``(B, K, M, C)`` per sample.
         tau: temperature (> 0). Defaults to 0.1.
         reduction: ``"max"`` or ``"logsumexp"`` over the ``M`` prototypes of a class. Defaults to ``"max"``.
+        feature_norm: the voxel norms of ``features`` (:func:`voxel_norm`) when already computed. Defaults to None.
 
     Returns:
         class logits of shape ``(B, K, *S)``.
@@ -153,10 +180,15 @@ def multi_prototype_logits(
         raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
     flat_protos = prototypes.reshape(list(prototypes.shape[:-3]) + [num_classes * num_protos, prototypes.shape[-1]])
-    sim = prototype_similarity(features, flat_protos, normalize=True)  # (B, K*M, *S)
-    sim = sim.reshape([sim.shape[0], num_classes, num_protos] + list(sim.shape[2:])) / tau
     if reduction == "max":
-        return sim.max(dim=2).values
+        # the voxel's norm and tau scale a voxel's M similarities alike: divided after the max (K maps, not K * M)
+        unit = F.normalize(flat_protos.to(features.dtype), dim=-1, eps=1e-8)
+        dots = prototype_similarity(features, unit, normalize=False)  # (B, K*M, *S)
+        best = dots.reshape([dots.shape[0], num_classes, num_protos] + list(dots.shape[2:])).max(dim=2).values
+        norm = voxel_norm(features) if feature_norm is None else feature_norm
+        return best / (norm.clamp_min(1e-8) * tau)
+    sim = prototype_similarity(features, flat_protos, normalize=True, feature_norm=feature_norm)  # (B, K*M, *S)
+    sim = sim.reshape([sim.shape[0], num_classes, num_protos] + list(sim.shape[2:])) / tau
     return torch.logsumexp(sim, dim=2)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["area_downsample", "linear_resize"]
+__all__ = ["area_downsample", "linear_resize", "linear_resize_leading"]
 
 
 def area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
@@ -38,3 +38,24 @@ def linear_resize(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     if list(x.shape[2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="trilinear" if x.dim() == 5 else "bilinear", align_corners=False)
+
+
+def linear_resize_leading(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Interpolate ``(B, C, *S)`` linearly (``align_corners=False``) in every spatial dimension but the last, which
+    is kept: ``linear_resize(x, size + [S[-1]])``, computed as one lower-dimensional interpolation of every slice
+    along the last axis (an interpolation with an identity axis costs as much as a full one on CPU; this is several
+    times faster and gives the same values).
+
+    Args:
+        x: ``(B, C, *S)``, 2 or 3 spatial dimensions.
+        size: the output's size in the spatial dimensions but the last (``len(S) - 1`` values).
+
+    Returns:
+        ``(B, C, *size, S[-1])``, a view of a tensor whose last spatial axis comes first in memory.
+    """
+    if list(x.shape[2:-1]) == size:
+        return x
+    batch, channels, depth = int(x.shape[0]), int(x.shape[1]), int(x.shape[-1])
+    slices = x.movedim(-1, 1).reshape([batch * depth, channels] + [int(v) for v in x.shape[2:-1]])
+    out = F.interpolate(slices, size=size, mode="bilinear" if len(size) == 2 else "linear", align_corners=False)
+    return out.reshape([batch, depth, channels] + size).movedim(1, -1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.layers.prototype import multi_prototype_logits
-from monai_proto.networks.layers.resample import linear_resize
+from monai_proto.networks.layers.resample import linear_resize, linear_resize_leading
 
 __all__ = ["FewShotOutput", "PrototypeFewShotNet", "class_slots"]
 
@@ -208,14 +208,46 @@ class PrototypeFewShotNet(nn.Module):
             for p in padded[::-1]:
                 pad += [p // 2, p - p // 2]
             image = F.pad(image, pad, mode="replicate")
-        levels: list[torch.Tensor] = []
-        for f in self._compute_features(image):
-            levels.append(linear_resize(f, list(image.shape[2:])))
-        features = torch.cat(levels, dim=1)
+        features = self.features_from_levels(self._compute_features(image), list(image.shape[2:]))
         for d in range(len(size)):
             if padded[d] > 0:
                 features = features.narrow(2 + d, padded[d] // 2, size[d])
         return features
+
+    def features_from_levels(self, levels: list[torch.Tensor], size: list[int]) -> torch.Tensor:
+        """
+        The levels at their own strides (:meth:`extract_levels`) upsampled to ``size`` (linear interpolation) and
+        concatenated: :meth:`extract_features` of the image they were computed from (``size`` its own).
+
+        Args:
+            levels: one ``(B, level_channels[i], *S_i)`` map per level.
+            size: the spatial size of the result.
+
+        Returns:
+            ``(B, sum(level_channels), *size)``.
+        """
+        return torch.cat([linear_resize(level, size) for level in levels], dim=1)
+
+    @torch.jit.unused
+    def extract_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """
+        Every feature level at its own stride (``level_strides``), not upsampled: what the support-conditioned
+        inferer stitches over a whole query before upsampling it once (:meth:`features_from_levels`), instead of
+        upsampling and stitching every window at full resolution.
+
+        Args:
+            image: ``(B, in_channels, *S)``, ``S`` divisible by the backbone's ``size_divisible``.
+
+        Returns:
+            one ``(B, level_channels[i], *S / level_strides[i])`` map per level.
+
+        Raises:
+            ValueError: when ``S`` is not divisible by ``size_divisible``.
+        """
+        div = int(self.backbone.size_divisible)
+        if any(int(s) % div for s in image.shape[2:]):
+            raise ValueError(f"the image's spatial size must be divisible by {div}, but got {list(image.shape[2:])}.")
+        return tuple(self._compute_features(image))
 
     @torch.jit.unused
     def extract_semantic_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -232,10 +264,7 @@ class PrototypeFewShotNet(nn.Module):
         Raises:
             ValueError: when ``S`` is not divisible by ``size_divisible``.
         """
-        div = int(self.backbone.size_divisible)
-        if any(int(s) % div for s in image.shape[2:]):
-            raise ValueError(f"the image's spatial size must be divisible by {div}, but got {list(image.shape[2:])}.")
-        levels = self._compute_features(image)
+        levels = self.extract_levels(image)
         return tuple(levels[i] for i in self.semantic_levels)
 
     @torch.jit.unused
@@ -275,7 +304,7 @@ class PrototypeFewShotNet(nn.Module):
             above = (below + 1).clamp_max(int(level.shape[-1]) - 1)
             lo, hi = int(below[0]), int(above[-1]) + 1
             planes = level[..., lo:hi].to(device=device, dtype=torch.float32)
-            planes = linear_resize(planes, [int(v) * stride for v in level.shape[2:-1]] + [hi - lo])  # in-plane only
+            planes = linear_resize_leading(planes, [int(v) * stride for v in level.shape[2:-1]])  # in-plane only
             planes = planes[(slice(None), slice(None), *[slice(0, int(v)) for v in size[:-1]])]
             slab = planes.new_empty(list(planes.shape[:-1]) + [stop - start])
             for t, (b, a, w) in enumerate(zip(below.tolist(), above.tolist(), weight)):
@@ -408,13 +437,17 @@ class PrototypeFewShotNet(nn.Module):
             shots.append(self.prototypes_from_features(features, label))
         return self.combine_shots(shots)
 
-    def prototype_logits(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> torch.Tensor:
+    def prototype_logits(
+        self, levels: list[torch.Tensor], prototypes: torch.Tensor, norms: Optional[list[torch.Tensor]] = None
+    ) -> torch.Tensor:
         """
         Cosine logits averaged over the prototype levels: ``mean_l max_m cos(F_l(x), P_lkm) / tau``.
 
         Args:
             levels: ``L`` feature maps ``(B, C, *S)``.
             prototypes: ``(B, L, K, M, C)``.
+            norms: the levels' voxel norms (:func:`~monai_proto.networks.layers.prototype.voxel_norm`) when several
+                calls share them; None computes them.
 
         Returns:
             logits ``(B, K, *S)``.
@@ -423,7 +456,8 @@ class PrototypeFewShotNet(nn.Module):
             raise ValueError(f"prototypes must be (B, {len(levels)}, K, M, C), but got {list(prototypes.shape)}.")
         logits: list[torch.Tensor] = []
         for i in range(len(levels)):
-            logits.append(multi_prototype_logits(levels[i], prototypes[:, i], tau=self.tau))
+            norm = None if norms is None else norms[i]
+            logits.append(multi_prototype_logits(levels[i], prototypes[:, i], tau=self.tau, feature_norm=norm))
         return torch.stack(logits).mean(dim=0)
 
     # ----------------------------------------------------------------------------------------------- segment

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,12 @@ from monai.networks.layers import Conv
 from monai_proto.networks.blocks.backbones import FeatureBackbone
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
 from monai_proto.networks.layers.peak import activation_strength, peak_average_pooling, peak_keep_count
-from monai_proto.networks.layers.prototype import masked_average_pooling, partition_mask, prototype_similarity
+from monai_proto.networks.layers.prototype import (
+    masked_average_pooling,
+    partition_mask,
+    prototype_similarity,
+    voxel_norm,
+)
 from monai_proto.networks.nets.fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
 
 __all__ = ["IPLSLNet"]
@@ -179,15 +184,22 @@ class IPLSLNet(PrototypeFewShotNet):
         return [decoder[-1], self.embed_mid(decoder[self.mid_level]), self.embed_high(decoder[self.high_level])]
 
     def class_prototypes(
-        self, semantic: list[torch.Tensor], foreground: torch.Tensor, background_parts: torch.Tensor
+        self,
+        semantic: list[torch.Tensor],
+        foreground: torch.Tensor,
+        background_parts: torch.Tensor,
+        strength: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Mean (mid level) and peak (high level) prototypes ``(B, 2, K, M, C)`` of ``K - 1`` foreground masks
-        ``(B, K - 1, *S)`` and ``M`` background parts ``(B, M, *S)``."""
+        ``(B, K - 1, *S)`` and ``M`` background parts ``(B, M, *S)``; ``strength`` ``(B, 1, *S)`` ranks the high
+        level's voxels for the peaks (its voxel norm when None)."""
         mid, high = semantic
+        if strength is None:
+            strength = voxel_norm(high.detach())
         mean = class_slots(masked_average_pooling(mid, background_parts), masked_average_pooling(mid, foreground))
         peak = class_slots(
-            peak_average_pooling(high, background_parts, fraction=self.peak_fraction),
-            peak_average_pooling(high, foreground, fraction=self.peak_fraction),
+            peak_average_pooling(high, background_parts, fraction=self.peak_fraction, strength=strength),
+            peak_average_pooling(high, foreground, fraction=self.peak_fraction, strength=strength),
         )
         return torch.stack([mean, peak], dim=1)
 
@@ -199,29 +211,42 @@ class IPLSLNet(PrototypeFewShotNet):
         return self.class_prototypes([mid, high], masks[:, 1:], parts)
 
     def pool_query(
-        self, semantic: list[torch.Tensor], logits: torch.Tensor, support_prototypes: torch.Tensor
+        self,
+        semantic: list[torch.Tensor],
+        logits: torch.Tensor,
+        support_prototypes: torch.Tensor,
+        norms: Optional[list[torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         The query's own prototypes under its predicted classes (hard masks), background voxels pooled by their
-        nearest support background part, and which of them rest on enough voxels.
+        nearest support background part, and which of them rest on enough voxels. ``norms``: the levels' voxel
+        norms, when the caller shares them between steps (None computes them).
 
         Returns:
             prototypes ``(B, 2, K, M, C)`` and ``valid`` ``(B, K, M)``.
         """
-        parts, foreground = self.query_masks(semantic[0], logits, support_prototypes)
-        prototypes = self.class_prototypes(semantic, foreground, parts)
+        if norms is None:
+            norms = [voxel_norm(level) for level in semantic]
+        parts, foreground = self.query_masks(semantic[0], logits, support_prototypes, norms[0])
+        prototypes = self.class_prototypes(semantic, foreground, parts, norms[1].detach())
         counts = class_slots(parts.flatten(2).sum(-1, keepdim=True), foreground.flatten(2).sum(-1, keepdim=True))
         return prototypes, counts[..., 0] >= self.min_self_count(int(parts[0, 0].numel()))
 
     def query_masks(
-        self, mid: torch.Tensor, logits: torch.Tensor, support_prototypes: torch.Tensor
+        self,
+        mid: torch.Tensor,
+        logits: torch.Tensor,
+        support_prototypes: torch.Tensor,
+        mid_norm: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The query's hard masks under ``logits`` ``(B, K, *S)``: the background split into the ``M`` parts of the
-        nearest support background prototype (mid level), ``(B, M, *S)``, and the ``K - 1`` foreground classes,
-        ``(B, K - 1, *S)``; every voxel lies in exactly one of them."""
+        nearest support background prototype (mid level; ``mid_norm`` its voxel norms when already computed),
+        ``(B, M, *S)``, and the ``K - 1`` foreground classes, ``(B, K - 1, *S)``; every voxel lies in exactly one
+        of them."""
         num_classes, slots = logits.shape[1], support_prototypes.shape[3]
-        predicted = F.one_hot(logits.argmax(dim=1), num_classes).movedim(-1, 1).to(logits.dtype)
-        nearest = prototype_similarity(mid, support_prototypes[:, 0, 0]).argmax(dim=1)
+        # max(dim=1).indices, not argmax(dim=1): the same first-maximum rule, many times faster on CPU
+        predicted = F.one_hot(logits.max(dim=1).indices, num_classes).movedim(-1, 1).to(logits.dtype)
+        nearest = prototype_similarity(mid, support_prototypes[:, 0, 0], feature_norm=mid_norm).max(dim=1).indices
         parts = F.one_hot(nearest, slots).movedim(-1, 1).to(logits.dtype) * predicted[:, :1]
         return parts, predicted[:, 1:]
 
@@ -290,14 +315,15 @@ class IPLSLNet(PrototypeFewShotNet):
 
     def _segment_features(self, levels: list[torch.Tensor], prototypes: torch.Tensor) -> FewShotOutput:
         low, semantic = levels[0], levels[1:]
+        norms = [voxel_norm(level) for level in semantic]  # shared by every cosine and the peak strengths
         # initial prediction from the support prototypes alone
-        initial_logits = self.prototype_logits(semantic, prototypes)
-        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes)
+        initial_logits = self.prototype_logits(semantic, prototypes, norms)
+        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes, norms)
         support_refined, query_refined = self.interact(prototypes, query_prototypes, query_valid)
-        refined_logits = self.prototype_logits(semantic, support_refined)
+        refined_logits = self.prototype_logits(semantic, support_refined, norms)
         # query-guided self-learning: the query segments itself with its own prototypes where it has enough of them
-        self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined)
-        self_logits = self.prototype_logits(semantic, self.mix(self_prototypes, self_valid, support_refined))
+        self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined, norms)
+        self_logits = self.prototype_logits(semantic, self.mix(self_prototypes, self_valid, support_refined), norms)
         return FewShotOutput(
             logits=self.fuse_boundary(low, self_logits),
             initial_logits=initial_logits,
@@ -370,7 +396,7 @@ class IPLSLNet(PrototypeFewShotNet):
             voxels = slice(offset, offset + mid[0, 0].numel())
             offset = voxels.stop
             strength[:, voxels] = activation_strength(high).flatten(1).cpu()
-            ids[:, voxels] = masks.argmax(dim=1).flatten(1).to(torch.int16).cpu()
+            ids[:, voxels] = masks.max(dim=1).indices.flatten(1).to(torch.int16).cpu()
         # the peak threshold of every mask: its ceil(fraction * n)-th strongest voxel (peak_mask's rule)
         thresholds = torch.full((batch, num_masks), math.inf, dtype=strength.dtype)
         for b in range(batch):
