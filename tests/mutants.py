@@ -282,9 +282,9 @@ MUTANTS = [
     Mutant(
         "iplsl",
         "one-pass coarse stitching cropped at the wrong end of its padding",
-        "monai_proto/inferers/support.py",
-        "        return features[tuple([slice(None), slice(None)] + [slice(0, v) for v in size])]\n",
-        "        return features[tuple([slice(None), slice(None)] + [slice(p - v, p) for v, p in zip(size, padded)])]\n",
+        "monai_proto/networks/nets/fewshot.py",
+        "                    resized = resized.narrow(2 + d, 0, keep[d])\n",
+        "                    resized = resized.narrow(2 + d, int(resized.shape[2 + d]) - keep[d], keep[d])\n",
         ("tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",),
     ),
     Mutant(

@@ -283,8 +283,7 @@ class SupportConditionedInferer(Inferer):
         levels = self.window(query, net.extract_levels, **kwargs)
         del query
         levels = [levels] if isinstance(levels, torch.Tensor) else list(levels)  # MONAI unpacks a 1-tuple
-        features = net.features_from_levels(levels, padded)
-        return features[tuple([slice(None), slice(None)] + [slice(0, v) for v in size])]
+        return net.features_from_levels(levels, padded, size)
 
     @staticmethod
     def _pad_end(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -342,7 +341,8 @@ class SupportConditionedInferer(Inferer):
             logits = self._segment_by_slabs(inputs, net, prototypes.to(device), **kwargs)
         if logits is None:
             features = self._stitch_features(inputs, net, **kwargs)
-            logits = net.segment_features(features.to(device), prototypes.to(device))
+            # contiguous once: a stitched or cropped map is a strided view, and every later flatten would copy it
+            logits = net.segment_features(features.to(device).contiguous(), prototypes.to(device))
         if isinstance(inputs, MetaTensor) and not isinstance(logits, MetaTensor):  # keep the query's geometry
             logits = convert_to_dst_type(logits, inputs, device=logits.device)[0]
         return logits

@@ -214,19 +214,30 @@ class PrototypeFewShotNet(nn.Module):
                 features = features.narrow(2 + d, padded[d] // 2, size[d])
         return features
 
-    def features_from_levels(self, levels: list[torch.Tensor], size: list[int]) -> torch.Tensor:
+    def features_from_levels(
+        self, levels: list[torch.Tensor], size: list[int], keep: Optional[list[int]] = None
+    ) -> torch.Tensor:
         """
         The levels at their own strides (:meth:`extract_levels`) upsampled to ``size`` (linear interpolation) and
         concatenated: :meth:`extract_features` of the image they were computed from (``size`` its own).
 
         Args:
             levels: one ``(B, level_channels[i], *S_i)`` map per level.
-            size: the spatial size of the result.
+            size: the spatial size they are upsampled to.
+            keep: the first voxels kept along each axis (e.g. a volume's own size within its end-padded one),
+                cropped before the levels are concatenated, so the result is one contiguous tensor; None keeps all.
 
         Returns:
-            ``(B, sum(level_channels), *size)``.
+            ``(B, sum(level_channels), *size)``, or ``(B, sum(level_channels), *keep)``.
         """
-        return torch.cat([linear_resize(level, size) for level in levels], dim=1)
+        maps: list[torch.Tensor] = []
+        for level in levels:
+            resized = linear_resize(level, size)
+            if keep is not None:
+                for d in range(len(keep)):
+                    resized = resized.narrow(2 + d, 0, keep[d])
+            maps.append(resized)
+        return torch.cat(maps, dim=1)
 
     @torch.jit.unused
     def extract_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
