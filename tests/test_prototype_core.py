@@ -103,6 +103,10 @@ def test_shared_voxel_norms_give_the_same_similarities(spatial):
     cos = prototype_similarity(features, protos)
     torch.testing.assert_close(prototype_similarity(features, protos, feature_norm=norm), cos)
     torch.testing.assert_close(prototype_similarity(features, protos, feature_norm=2 * norm), cos / 2)
+    zero = torch.zeros(1, 2, 3, requires_grad=True)  # a zero feature vector: finite (zero) gradients
+    prototype_similarity(zero, protos).sum().backward()
+    multi_prototype_logits(zero, protos.reshape(2, 1, 2), feature_norm=voxel_norm(zero)).sum().backward()
+    assert torch.isfinite(zero.grad).all()
     grouped = protos.reshape(2, 1, 2)
     shared = multi_prototype_logits(features, grouped, tau=0.5, feature_norm=norm)
     torch.testing.assert_close(shared, multi_prototype_logits(features, grouped, 0.5))

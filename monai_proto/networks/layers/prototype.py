@@ -26,23 +26,25 @@ __all__ = [
 ]
 
 
-def voxel_norm(features: torch.Tensor) -> torch.Tensor:
+def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """
-    The L2 norm of every voxel's feature vector.
+    The L2 norm of every voxel's feature vector, at least ``eps``.
 
     Computed as a sum of squares by ``einsum`` (``torch.linalg.vector_norm`` over the channel dimension is several
     times slower on CPU). Several operations on the same features (cosine similarities to several prototype sets,
-    peak strengths) can share one result.
+    peak strengths) can share one result. The floor is applied to the sum of squares, before the square root, so
+    the gradient stays finite (zero) at a zero feature vector.
 
     Args:
         features: feature maps ``(B, C, *S)``.
+        eps: the smallest norm returned (``F.normalize``'s floor). Defaults to 1e-8.
 
     Returns:
         norms ``(B, 1, *S)``.
     """
     flat = features.flatten(2)
     squared = torch.einsum("bcn,bcn->bn", flat, flat)
-    return squared.sqrt().reshape([features.shape[0], 1] + list(features.shape[2:]))
+    return squared.clamp_min(eps * eps).sqrt().reshape([features.shape[0], 1] + list(features.shape[2:]))
 
 
 def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -136,7 +138,7 @@ def prototype_similarity(
     equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
     sim = torch.einsum(equation, flat, prototypes)
     if normalize:  # F.normalize(features)'s max(|f|, eps), applied to the P maps instead of the C channels
-        norm = voxel_norm(features) if feature_norm is None else feature_norm
+        norm = voxel_norm(features, eps) if feature_norm is None else feature_norm
         sim = sim / norm.flatten(2).clamp_min(eps)
     return sim.reshape([sim.shape[0], sim.shape[1]] + list(features.shape[2:]))
 
