@@ -51,6 +51,24 @@ def test_perfect_and_doubled_predictions():
     assert doubled["volume_ratio"]["a"] == pytest.approx(2.0)
 
 
+def test_share_of_the_prediction_outside_the_body():
+    """A network that paints the air around the patient is told apart from one that over-segments inside the body:
+    the share of an organ's predicted voxels (in the region) outside the body mask."""
+    split = _split()
+    assert score_prediction(split.label, split, ORGANS)["outside_body"] == {"a": 0.0, "b": 0.0}
+    pred = split.label.clone()
+    pred[0, 0, 0, :, :] = 1  # a row of air (outside the body: x = 0) painted as organ a: 100 voxels
+    pred[0, 0][split.label[0, 0] == 2] = 0  # organ b not predicted at all
+    scores = score_prediction(pred, split, ORGANS)
+    assert scores["outside_body"]["a"] == pytest.approx(100 / 140)
+    assert math.isnan(scores["outside_body"]["b"])
+    inside = split.label.clone()
+    inside[0, 0, 4:6, 2:4, :] = 1  # over-segmented inside the body
+    assert score_prediction(inside, split, ORGANS)["outside_body"]["a"] == 0.0
+    sliced = _split(slice(0, 5))  # only the region counts
+    assert score_prediction(pred, sliced, ORGANS)["outside_body"]["a"] == pytest.approx(50 / 70)
+
+
 def test_region_limits_what_is_scored():
     split = _split(slice(0, 5))  # only the first 5 slices count
     pred = split.label.clone()
@@ -127,7 +145,7 @@ def test_iapl_benchmark_smoke(tmp_path):
         entries = result["results"][split]
         for net in ("IAPLNet", "UNet"):
             assert all(math.isfinite(v) for v in entries[net]["mean_dice"])
-            assert set(entries[net]["volume_ratio"]) == set(result["organs"])
+            assert set(entries[net]["volume_ratio"]) == set(entries[net]["outside_body"]) == set(result["organs"])
         assert 0 < entries["body_mask"]["mean_dice"] < 1 and entries["empty"]["mean_dice"] == 0
     assert result["splits"]["A-slab"]["region_box"][2] == [45, 51]  # the slab on the smoke run's 6 mm grid
     speed = result["speed"]

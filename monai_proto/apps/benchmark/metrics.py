@@ -36,9 +36,11 @@ def score_prediction(prediction: torch.Tensor, split: EvaluationSplit, organs: S
         organs: class names in order.
 
     Returns:
-        ``{"mean_dice", "dice": {organ: ...}, "hd95": {...}, "volume_ratio": {...}}``; Dice is NaN for an organ
-        absent from the region (both empty), HD95 NaN when either mask is empty, volume ratio NaN for an absent
-        organ.
+        ``{"mean_dice", "dice": {organ: ...}, "hd95": {...}, "volume_ratio": {...}, "outside_body": {...}}``; Dice
+        is NaN for an organ absent from the region (both empty), HD95 NaN when either mask is empty, volume ratio
+        NaN for an absent organ; ``outside_body`` is the share of the organ's predicted voxels in the region that lie
+        outside the split's body mask (NaN when none is predicted): it tells a network that paints the air around
+        the patient from one that over-segments inside the body.
     """
     num_classes = len(organs) + 1
     pred = torch.as_tensor(prediction).reshape(split.label.shape[2:]).long().cpu()
@@ -54,10 +56,13 @@ def score_prediction(prediction: torch.Tensor, split: EvaluationSplit, organs: S
     hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
     label_clean = torch.where(region, label[box], torch.zeros_like(label[box]))[None, None]
     hd_values = hd(one_hot(pred_box, num_classes, dim=1), one_hot(label_clean, num_classes, dim=1), spacing=spacing)
-    result: dict = {"dice": {}, "hd95": {}, "volume_ratio": {}}
+    result: dict = {"dice": {}, "hd95": {}, "volume_ratio": {}, "outside_body": {}}
+    outside = split.region & ~split.body.cpu()
     for i, organ in enumerate(organs):
         true_vox = int((label[split.region] == i + 1).sum())
         pred_vox = int((pred[split.region] == i + 1).sum())
+        pred_out = int((pred[outside] == i + 1).sum())
+        result["outside_body"][organ] = pred_out / pred_vox if pred_vox else float("nan")
         present = true_vox > 0
         result["dice"][organ] = float(dice_values[i]) if present else float("nan")
         hd_value = float(hd_values[0, i])

@@ -88,6 +88,17 @@ def _markdown(result: Mapping, reading: str) -> str:
             )
         lines += [
             "",
+            "Share of each organ's predicted voxels outside the body mask (mean over seeds where any is predicted; "
+            "a high share is the air around the patient painted as the organ):",
+            "",
+            "| organ | " + " | ".join(nets) + " |",
+            "|---|" + "---|" * len(nets),
+        ]
+        for organ in organs:
+            row = [_fmt(mean_of(entries[n]["outside_body"][organ]), 2) for n in nets]
+            lines.append(f"| {organ} | " + " | ".join(row) + " |")
+        lines += [
+            "",
             "HD95 in mm (mean over seeds where defined):",
             "",
             "| organ | " + " | ".join(nets) + " |",

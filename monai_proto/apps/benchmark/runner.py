@@ -334,6 +334,7 @@ def summarise_seeds(runs: Sequence[dict], split: str, organs: Sequence[str]) -> 
         "dice": {o: [f["dice"][o] for f in finals] for o in organs},
         "hd95": {o: [f["hd95"][o] for f in finals] for o in organs},
         "volume_ratio": {o: [f["volume_ratio"][o] for f in finals] for o in organs},
+        "outside_body": {o: [f["outside_body"][o] for f in finals] for o in organs},
     }
 
 
