@@ -652,6 +652,12 @@ def test_one_pass_stitches_the_levels_at_their_own_strides(network, monkeypatch)
     assert inferer._coarse_size([46, 40, 37], 4) == [48, 40, 40]
     stitched, former, truth = _against_one_forward_pass(net, inferer, prototypes, query, big, monkeypatch)
     assert not torch.equal(stitched, former)
+    affine = torch.diag(torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64))
+    support_geometry = MetaTensor(prototypes, affine=torch.diag(torch.tensor([0.8, 0.8, 1.0, 1.0])))
+    with torch.no_grad():  # the logits keep the query's geometry, not the padded copy's nor the support's
+        logits = inferer(MetaTensor(big, affine=affine), net, prototypes=support_geometry)
+    assert isinstance(logits, MetaTensor) and torch.equal(logits.affine, affine)
+    torch.testing.assert_close(logits.as_tensor(), stitched)
     agreement = [float((x.argmax(1) == truth.argmax(1)).float().mean()) for x in (stitched, former)]
     assert agreement[0] >= agreement[1] - 0.02, agreement  # measured 0.67 / 0.65 (IPLSL), 0.64 / 0.63 (PANet)
 

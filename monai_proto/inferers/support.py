@@ -279,7 +279,8 @@ class SupportConditionedInferer(Inferer):
         padded = self._coarse_size(size, max(int(v) for v in strides)) if coarse else None
         if padded is None:
             return self.window(inputs, net.extract_features, **kwargs)
-        query = self._pad_end(torch.as_tensor(inputs), padded)
+        # a plain tensor: the padded copy's geometry is not the query's (the caller restores the query's own)
+        query = self._pad_end(torch.as_tensor(inputs).as_subclass(torch.Tensor), padded)
         levels = self.window(query, net.extract_levels, **kwargs)
         del query
         levels = [levels] if isinstance(levels, torch.Tensor) else list(levels)  # MONAI unpacks a 1-tuple
@@ -343,6 +344,7 @@ class SupportConditionedInferer(Inferer):
             features = self._stitch_features(inputs, net, **kwargs)
             # contiguous once: a stitched or cropped map is a strided view, and every later flatten would copy it
             logits = net.segment_features(features.to(device).contiguous(), prototypes.to(device))
-        if isinstance(inputs, MetaTensor) and not isinstance(logits, MetaTensor):  # keep the query's geometry
-            logits = convert_to_dst_type(logits, inputs, device=logits.device)[0]
+        if isinstance(inputs, MetaTensor):  # the query's geometry (not what an operand such as the prototypes carries)
+            plain = logits.as_subclass(torch.Tensor) if isinstance(logits, MetaTensor) else logits
+            logits = convert_to_dst_type(plain, inputs, device=logits.device)[0]
         return logits
