@@ -37,7 +37,7 @@ from monai.networks.layers import Conv
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
-from monai_proto.networks.layers.peak import activation_strength, peak_average_pooling, peak_keep_count
+from monai_proto.networks.layers.peak import peak_average_pooling, peak_keep_count
 from monai_proto.networks.layers.prototype import (
     masked_average_pooling,
     partition_mask,
@@ -389,13 +389,14 @@ class IPLSLNet(PrototypeFewShotNet):
         offset = 0
         for start in range(0, depth, slab):
             mid, high = self.upsample_slab(levels, size, start, min(start + slab, depth), device)
-            logits = self.prototype_logits([mid, high], logit_prototypes)
-            masks = torch.cat(self.query_masks(mid, logits, support_prototypes), dim=1)  # one mask per voxel
+            norms = [voxel_norm(mid), voxel_norm(high)]  # shared by the cosines, the masks and the peak strengths
+            logits = self.prototype_logits([mid, high], logit_prototypes, norms)
+            masks = torch.cat(self.query_masks(mid, logits, support_prototypes, norms[0]), dim=1)  # one mask a voxel
             mean_sums += torch.einsum("bkn,bcn->bkc", masks.flatten(2), mid.flatten(2))
             counts += masks.flatten(2).sum(-1)
             voxels = slice(offset, offset + mid[0, 0].numel())
             offset = voxels.stop
-            strength[:, voxels] = activation_strength(high).flatten(1).cpu()
+            strength[:, voxels] = norms[1].flatten(1).cpu()  # activation_strength: the voxel norm
             ids[:, voxels] = masks.max(dim=1).indices.flatten(1).to(torch.int16).cpu()
         # the peak threshold of every mask: its ceil(fraction * n)-th strongest voxel (peak_mask's rule)
         thresholds = torch.full((batch, num_masks), math.inf, dtype=strength.dtype)
