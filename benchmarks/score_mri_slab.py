@@ -41,7 +41,7 @@ def main() -> None:
     pred = np.asarray(nib.as_closest_canonical(nib.load(args.prediction)).dataobj)
     if pred.shape != label.shape:
         raise ValueError(f"{args.prediction}: shape {pred.shape} differs from the MRI's {label.shape}.")
-    body = mri_body_mask(image).numpy()[..., lo:hi]
+    body = mri_body_mask(image[None]).numpy()[..., lo:hi]
     rows = {}
     for index, (organ, truth_id) in enumerate(zip(DEFAULT_ORGANS, label_ids_for(list(DEFAULT_ORGANS), folder)), 1):
         truth, predicted = label[..., lo:hi] == truth_id, pred[..., lo:hi] == index

@@ -1,8 +1,19 @@
 # Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
 """Dictionary transforms of the bundles, apart from the data sets and data lists (``monai_proto.data``), as in
 MONAI: loading and writing (``io``), intensity presets and augmentation (``intensity``), label maps (``label``),
-regions of a volume (``spatial``) and input checks with how an error names the file (``utility``)."""
+regions of a volume (``spatial``), the body mask and predictions restricted to it (``body``)
+and input checks with how an error names the file (``utility``)."""
 
+from .body import (
+    BodyMaskd,
+    RestrictToBodyd,
+    body_mask,
+    body_mask_of,
+    insert_body_mask,
+    mri_body_mask,
+    otsu_threshold,
+    restrict_to_body,
+)
 from .intensity import (
     MODALITIES,
     ModalityIntensityd,

@@ -230,6 +230,7 @@ def run_benchmark(
         comparisons = [pair for pair in comparisons if set(pair) <= set(chosen)]
         bounds = bounds if bounds and set(bounds) <= set(chosen) else None
         log(f"== partial run: {', '.join(s.name for s in specs)} only")
+    restrict = getattr(args, "body_restriction", "on") == "on"
     runs: dict[str, list[dict]] = {s.name: [] for s in specs}
     for seed in [] if args.cost_only else seeds:
         for spec in specs:
@@ -238,7 +239,7 @@ def run_benchmark(
             strip_io_handlers(parser)
             predictor = predictor_factory(parser, spec) if predictor_factory else None
             log(f"== training {spec.name}, seed {seed}")
-            run = train_with_curves(parser, spec, splits, organs, iterations, eval_every, predictor, log)
+            run = train_with_curves(parser, spec, splits, organs, iterations, eval_every, predictor, log, restrict)
             log(f"   {run['seconds_per_iteration']:.2f} s/iteration")
             runs[spec.name].append(run)
     results: dict = {}
@@ -329,6 +330,7 @@ def run_benchmark(
         "date": time.strftime("%Y-%m-%d"),
         "iterations": iterations,
         "seeds": seeds,
+        "body_restriction": restrict,
         "method": method.name,
         "baselines": [b.name for b in baselines],
         "cost_reference": None if cost_reference is None else cost_reference.name,

@@ -56,6 +56,16 @@ def _markdown(result: Mapping, reading: str) -> str:
         "evaluated (no model selection). Every network is trained by the same bundle config; what differs: "
         f"{result['differences']}.",
         "",
+        *(
+            [
+                "Body restriction on: every network's prediction is set to background outside the split's body mask "
+                "before scoring, as every bundle's inference does (`BodyMaskd` + `RestrictToBodyd`); the volume ratios "
+                "are after it, the outside-body shares and the raw mean Dice (below each table) before it.",
+                "",
+            ]
+            if result.get("body_restriction")
+            else []
+        ),
     ]
     for split, entries in result["results"].items():
         lines += [
@@ -73,6 +83,9 @@ def _markdown(result: Mapping, reading: str) -> str:
         row = [f"**{_seeds(entries[n]['mean_dice'])}**" for n in nets]
         row += [_fmt(entries["body_mask"]["mean_dice"]), _fmt(entries["empty"]["mean_dice"])]
         lines.append("| **mean** | " + " | ".join(row) + " |")
+        if all("unrestricted_mean_dice" in entries[n] for n in nets):
+            row = [_seeds(entries[n]["unrestricted_mean_dice"]) for n in nets]
+            lines.append("| mean without body restriction | " + " | ".join(row) + " | | |")
         lines += [
             "",
             "Predicted / true volume (mean over seeds; 1 is right, the body mask's ratio shows what painting "
@@ -88,8 +101,8 @@ def _markdown(result: Mapping, reading: str) -> str:
             )
         lines += [
             "",
-            "Share of each organ's predicted voxels outside the body mask (mean over seeds where any is predicted; "
-            "a high share is the air around the patient painted as the organ):",
+            "Share of each organ's predicted voxels outside the body mask, before any body restriction (mean over "
+            "seeds where any is predicted; a high share is the air around the patient painted as the organ):",
             "",
             "| organ | " + " | ".join(nets) + " |",
             "|---|" + "---|" * len(nets),

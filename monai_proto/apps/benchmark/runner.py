@@ -24,6 +24,7 @@ from monai.bundle import ConfigParser
 
 from monai_proto.apps.benchmark.metrics import mean_of, score_prediction
 from monai_proto.apps.benchmark.splits import EvaluationSplit
+from monai_proto.transforms import restrict_to_body
 
 __all__ = [
     "NetworkSpec",
@@ -97,6 +98,7 @@ def train_with_curves(
     eval_every: int,
     predictor: Callable[[torch.nn.Module, EvaluationSplit], torch.Tensor] | None = None,
     log: Callable[[str], None] = print,
+    restrict: bool = False,
 ) -> dict:
     """Train one network for ``iterations`` iterations and score the held-out splits every ``eval_every``.
 
@@ -113,6 +115,8 @@ def train_with_curves(
         predictor: ``(network, split) -> class map (1, 1, *S)``; default: the bundle's ``validate#inferer`` on
             ``split.image`` + argmax.
         log: progress output.
+        restrict: score predictions restricted to each split's body mask (as the bundles' inference does; see
+            :func:`~monai_proto.apps.benchmark.metrics.score_prediction`).
 
     Returns:
         ``{"network", "final": {split: scores}, "curve": {"iterations", split: [mean Dice], "train_metrics": [the
@@ -151,7 +155,7 @@ def train_with_curves(
             {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float)) and k != "loss"}
         )
         for split in splits:
-            scores = score_prediction(predictor(network, split), split, organs)
+            scores = score_prediction(predictor(network, split), split, organs, restrict)
             curve[split.name].append(scores["mean_dice"])
         timing["eval"] += time.perf_counter() - start
         log(f"   [{spec.name}] iteration {it}: " + ", ".join(f"{s.name} {curve[s.name][-1]:.3f}" for s in splits))
@@ -164,7 +168,9 @@ def train_with_curves(
     if not curve["iterations"] or curve["iterations"][-1] != trainer.state.iteration:
         score(trainer)  # the final weights are always a curve point
     predictions = {split.name: predictor(network, split) for split in splits}  # one inference per split
-    final = {split.name: score_prediction(predictions[split.name], split, organs) for split in splits}
+    final = {split.name: score_prediction(predictions[split.name], split, organs, restrict) for split in splits}
+    if restrict:  # the overlays show what is scored
+        predictions = {s.name: restrict_to_body(predictions[s.name], s.body.cpu()) for s in splits}
     done = max(1, trainer.state.iteration)
     return {
         "network": spec.name,
@@ -329,7 +335,12 @@ def run_in_fresh_process(target: Callable, args: tuple, what: str) -> dict:
 def summarise_seeds(runs: Sequence[dict], split: str, organs: Sequence[str]) -> dict:
     """Per-seed lists of one network on one split, in the protocol's JSON layout."""
     finals = [run["final"][split] for run in runs]
-    return {
+    unrestricted = (
+        {"unrestricted_mean_dice": [f["unrestricted_mean_dice"] for f in finals]}
+        if all("unrestricted_mean_dice" in f for f in finals) and finals
+        else {}
+    )
+    return unrestricted | {
         "mean_dice": [f["mean_dice"] for f in finals],
         "dice": {o: [f["dice"][o] for f in finals] for o in organs},
         "hd95": {o: [f["hd95"][o] for f in finals] for o in organs},

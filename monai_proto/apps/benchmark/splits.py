@@ -20,7 +20,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
 
 from monai_proto.data import load_msd_datalist
-from monai_proto.transforms import holdout_mask
+from monai_proto.transforms import body_mask, body_mask_of, holdout_mask, mri_body_mask, otsu_threshold
 
 __all__ = [
     "EvaluationSplit",
@@ -75,74 +75,6 @@ def region_slices(region: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(idx.min(0).values, idx.max(0).values))
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray | None:
-    """The largest connected component of a boolean array, or ``None`` when it has no foreground."""
-    from scipy import ndimage
-
-    components, count = ndimage.label(mask)
-    if count == 0:
-        return None
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(np.argmax(sizes))
-
-
-def body_mask(hu: torch.Tensor, threshold: float = -500.0) -> torch.Tensor:
-    """Body mask of a CT volume: voxels above ``threshold`` HU, largest connected component, holes filled.
-
-    Args:
-        hu: ``(1, *S)`` image in Hounsfield units.
-        threshold: HU threshold (protocol: -500).
-
-    Returns:
-        ``(*S)`` boolean mask.
-    """
-    from scipy import ndimage
-
-    above = np.asarray(torch.as_tensor(hu)[0].cpu()) > threshold
-    largest = _largest_component(above)
-    if largest is None:
-        return torch.zeros(above.shape, dtype=torch.bool)
-    body = ndimage.binary_fill_holes(largest)
-    return torch.from_numpy(np.ascontiguousarray(body))
-
-
-def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of an intensity array (the bin centre that maximises the between-class variance)."""
-    hist, edges = np.histogram(np.asarray(x).ravel(), bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
-    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
-    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
-
-
-def mri_body_mask(image: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Body mask of an MRI: the largest connected component above an Otsu threshold, closed, holes filled per
-    axial slice (fat is bright in a T1-like scan; without filling, the mask misses the darker organs).
-
-    Args:
-        image: ``(1, *S)`` (or ``(*S)``) raw MR intensities, RAS, axial slices along the last axis.
-
-    Returns:
-        ``(*S)`` boolean mask.
-    """
-    from scipy import ndimage
-
-    x = np.asarray(torch.as_tensor(image).cpu(), dtype=np.float32)
-    x = x[0] if x.ndim == 4 else x
-    # closing on an edge-padded copy: scipy's closing erodes from the array's border, which would eat the first
-    # and last slices of a thin volume (the MRI has 20)
-    padded = np.pad(x > otsu_threshold(x), 2, mode="edge")
-    foreground = ndimage.binary_closing(padded, iterations=2)[tuple(slice(2, -2) for _ in range(x.ndim))]
-    largest = _largest_component(foreground)
-    if largest is None:
-        return torch.zeros(x.shape, dtype=torch.bool)
-    body = np.stack([ndimage.binary_fill_holes(largest[..., z]) for z in range(largest.shape[-1])], axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(body))
-
-
 def _raw_loader(pixdim: Sequence[float]) -> Callable[[dict], dict]:
     return Compose(
         [
@@ -195,7 +127,7 @@ def load_splits(
                 image=torch.as_tensor(data["image"]).as_subclass(torch.Tensor).unsqueeze(0).float(),
                 label=torch.as_tensor(label).as_subclass(torch.Tensor).unsqueeze(0).long(),
                 region=region,
-                body=mri_body_mask(hu) if modality == "mri" else body_mask(hu),
+                body=body_mask_of(hu, modality),
                 spacing=spacing,
                 item=item,
                 options=dict((options or {}).get(name, {})),
