@@ -544,6 +544,33 @@ MUTANTS = [
         '"labeled_region": "$None if',
         ("tests/test_mpcl_bundle.py::test_hidden_labels_never_reach_training",),
     ),
+    Mutant(
+        "body",
+        "prediction not restricted to the body (restrict_to_body returns it unchanged)",
+        "monai_proto/transforms/body.py",
+        "    channel = prediction.ndim - len(spatial) - 1\n",
+        "    channel = prediction.ndim - len(spatial) - 1\n    return prediction\n",
+        (
+            "tests/test_body.py::test_restricted_class_map_keeps_the_body_and_clears_the_air",
+            "tests/test_body.py::test_harness_scores_the_restricted_prediction_and_reports_the_raw_one",
+        ),
+    ),
+    Mutant(
+        "body",
+        "CT body mask filled in 3D only (air inside the body that reaches the volume's ends counted as outside)",
+        "monai_proto/transforms/body.py",
+        "_fill_holes(ndimage.binary_fill_holes(largest))",
+        "ndimage.binary_fill_holes(largest)",
+        ("tests/test_body.py::test_ct_body_mask_is_the_largest_component_with_holes_filled",),
+    ),
+    Mutant(
+        "body",
+        "RestrictToBodyd removed from an inference config",
+        "bundles/mpcl_semisupervised_segmentation/configs/inference.json",
+        '"_target_": "RestrictToBodyd"',
+        '"_target_": "Identityd"',
+        ("tests/test_body.py::test_every_bundle_restricts_its_output_to_the_body",),
+    ),
 ]
 
 
