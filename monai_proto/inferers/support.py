@@ -228,7 +228,8 @@ class SupportConditionedInferer(Inferer):
                 stacklevel=3,
             )
             return None
-        source = torch.as_tensor(inputs).as_subclass(torch.Tensor)  # a plain tensor: padded copies have no geometry to keep
+        # a plain tensor: padded copies have no geometry to keep
+        source = torch.as_tensor(inputs).as_subclass(torch.Tensor)
         dtype = source.dtype
         coarse = self.coarse_dtype or dtype
         query = self._pad_end(source.to(coarse), padded)
