@@ -25,7 +25,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from monai_proto.transforms.intensity import check_modality
+from monai_proto.transforms.intensity import ModalityIntensityd, check_modality
 from monai_proto.transforms.utility import describe_source
 
 __all__ = [
@@ -175,8 +175,6 @@ def insert_body_mask(transforms: Sequence[Any], body_transform: Any | None) -> l
     Raises:
         ValueError: when the list holds no ``ModalityIntensityd``.
     """
-    from monai_proto.transforms.intensity import ModalityIntensityd
-
     transforms = list(transforms)
     if body_transform is None:
         return transforms
@@ -262,9 +260,10 @@ class RestrictToBodyd(MapTransform):
                 f"RestrictToBodyd: no body mask under {self.body_key!r}; add BodyMaskd to the preprocessing "
                 "(after Spacingd, before ModalityIntensityd)."
             )
+        body = torch.as_tensor(d[self.body_key])[0]  # (1, *S) -> (*S), once for every key
         for key in self.key_iterator(d):
             try:
-                d[key] = restrict_to_body(d[key], torch.as_tensor(d[self.body_key])[0])
+                d[key] = restrict_to_body(d[key], body)
             except ValueError as e:
                 raise ValueError(f"{describe_source(d[key], key)}: {e}") from e
         return d
