@@ -165,6 +165,14 @@ MUTANTS = [
     ),
     Mutant(
         "iplsl",
+        "one-pass query masks take the nearest part of the foreground's slots, not the background's",
+        "monai_proto/networks/nets/iplsl.py",
+        "return torch.stack([mid, high]).mean(dim=0), parts[:, 0]",
+        "return torch.stack([mid, high]).mean(dim=0), parts[:, -1]",
+        ("tests/test_iplsl.py::test_slab_wise_query_step_equals_the_whole_volume_pass",),
+    ),
+    Mutant(
+        "iplsl",
         "peak prototypes replaced by mean prototypes at the high level",
         "monai_proto/networks/nets/iplsl.py",
         "            peak_average_pooling(high, background_parts, fraction=self.peak_fraction, strength=strength),\n"

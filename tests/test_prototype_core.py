@@ -20,6 +20,7 @@ from monai_proto.networks.layers.prototype import (
     flatten_voxels,
     masked_average_pooling,
     multi_prototype_logits,
+    nearest_prototype_logits,
     prototype_similarity,
     sample_voxel_indices,
     sinkhorn_knopp,
@@ -143,6 +144,32 @@ def test_multi_prototype_logits(spatial):
         multi_prototype_logits(features, protos, reduction="mean")
     with pytest.raises(ValueError):
         multi_prototype_logits(features, protos, tau=0.0)
+
+
+def test_nearest_prototype_logits_names_the_nearest_prototype_of_each_class():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 8, 5, 6, 4, generator=gen)
+    protos = torch.randn(2, 3, 4, 8, generator=gen)  # (B, K, M, C)
+    logits, nearest = nearest_prototype_logits(features, protos, tau=0.2)
+    torch.testing.assert_close(logits, multi_prototype_logits(features, protos, tau=0.2))
+    assert nearest.shape == (2, 3, 5, 6, 4) and nearest.dtype == torch.long
+    for k in range(3):  # the cosine ranking of each class's own prototypes
+        expected = prototype_similarity(features, protos[:, k]).argmax(dim=1)
+        assert torch.equal(nearest[:, k], expected)
+    assert len(torch.unique(nearest)) == 4  # every prototype is nearest somewhere: the test can tell them apart
+    with pytest.raises(ValueError):
+        nearest_prototype_logits(features, protos, tau=0.0)
+
+
+def test_channels_last_keeps_the_values():
+    from monai_proto.networks.utils import channels_last
+
+    for shape, fmt in (((1, 3, 4, 5, 6), torch.channels_last_3d), ((2, 3, 4, 5), torch.channels_last)):
+        x = torch.randn(shape)
+        y = channels_last(x)
+        assert torch.equal(x, y) and y.is_contiguous(memory_format=fmt) and not x.is_contiguous(memory_format=fmt)
+    z = torch.randn(2, 3, 4)
+    assert channels_last(z) is z
 
 
 # ---------------------------------------------------------------- Sinkhorn-Knopp

@@ -6,6 +6,7 @@ from .prototype import (
     flatten_voxels,
     masked_average_pooling,
     multi_prototype_logits,
+    nearest_prototype_logits,
     partition_mask,
     prototype_similarity,
     sample_voxel_indices,

@@ -17,6 +17,7 @@ __all__ = [
     "flatten_voxels",
     "masked_average_pooling",
     "multi_prototype_logits",
+    "nearest_prototype_logits",
     "partition_mask",
     "prototype_similarity",
     "sample_voxel_indices",
@@ -183,15 +184,43 @@ def multi_prototype_logits(
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
     flat_protos = prototypes.reshape(list(prototypes.shape[:-3]) + [num_classes * num_protos, prototypes.shape[-1]])
     if reduction == "max":
-        # the voxel's norm and tau scale a voxel's M similarities alike: divided after the max (K maps, not K * M)
-        unit = F.normalize(flat_protos.to(features.dtype), dim=-1, eps=1e-8)
-        dots = prototype_similarity(features, unit, normalize=False)  # (B, K*M, *S)
-        best = dots.reshape([dots.shape[0], num_classes, num_protos] + list(dots.shape[2:])).max(dim=2).values
-        norm = voxel_norm(features) if feature_norm is None else feature_norm
-        return best / (norm.clamp_min(1e-8) * tau)
+        return nearest_prototype_logits(features, prototypes, tau=tau, feature_norm=feature_norm)[0]
     sim = prototype_similarity(features, flat_protos, normalize=True, feature_norm=feature_norm)  # (B, K*M, *S)
     sim = sim.reshape([sim.shape[0], num_classes, num_protos] + list(sim.shape[2:])) / tau
     return torch.logsumexp(sim, dim=2)
+
+
+def nearest_prototype_logits(
+    features: torch.Tensor, prototypes: torch.Tensor, tau: float = 0.1, feature_norm: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    :func:`multi_prototype_logits` with ``reduction="max"``, and which of its ``M`` prototypes is each class's
+    nearest at every voxel (the same cosine ranking, from the same similarity pass).
+
+    Args:
+        features: feature maps of shape ``(B, C, *S)``.
+        prototypes: ``(K, M, C)`` shared by the batch, or ``(B, K, M, C)`` per sample.
+        tau: temperature (> 0). Defaults to 0.1.
+        feature_norm: the voxel norms of ``features`` (:func:`voxel_norm`) when already computed. Defaults to None.
+
+    Returns:
+        class logits ``(B, K, *S)`` and the nearest prototype's index ``(B, K, *S)`` (``long``, in ``[0, M)``).
+
+    Raises:
+        ValueError: when ``tau <= 0`` or ``prototypes`` is not 3D or 4D.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}.")
+    if prototypes.ndim not in (3, 4):
+        raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
+    num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
+    flat_protos = prototypes.reshape(list(prototypes.shape[:-3]) + [num_classes * num_protos, prototypes.shape[-1]])
+    # the voxel's norm and tau scale a voxel's M similarities alike: divided after the max (K maps, not K * M)
+    unit = F.normalize(flat_protos.to(features.dtype), dim=-1, eps=1e-8)
+    dots = prototype_similarity(features, unit, normalize=False)  # (B, K*M, *S)
+    best = dots.reshape([dots.shape[0], num_classes, num_protos] + list(dots.shape[2:])).max(dim=2)
+    norm = voxel_norm(features) if feature_norm is None else feature_norm
+    return best.values / (norm.clamp_min(1e-8) * tau), best.indices
 
 
 @torch.no_grad()

@@ -40,11 +40,14 @@ from monai_proto.networks.blocks.prototype_interaction import PrototypeInteracti
 from monai_proto.networks.layers.peak import peak_average_pooling, peak_keep_count
 from monai_proto.networks.layers.prototype import (
     masked_average_pooling,
+    multi_prototype_logits,
+    nearest_prototype_logits,
     partition_mask,
     prototype_similarity,
     voxel_norm,
 )
 from monai_proto.networks.nets.fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
+from monai_proto.networks.utils import channels_last
 
 __all__ = ["IPLSLNet"]
 
@@ -216,18 +219,20 @@ class IPLSLNet(PrototypeFewShotNet):
         logits: torch.Tensor,
         support_prototypes: torch.Tensor,
         norms: Optional[list[torch.Tensor]] = None,
+        nearest: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         The query's own prototypes under its predicted classes (hard masks), background voxels pooled by their
         nearest support background part, and which of them rest on enough voxels. ``norms``: the levels' voxel
-        norms, when the caller shares them between steps (None computes them).
+        norms, when the caller shares them between steps (None computes them); ``nearest``: the nearest parts,
+        when the caller has them (:meth:`query_masks`).
 
         Returns:
             prototypes ``(B, 2, K, M, C)`` and ``valid`` ``(B, K, M)``.
         """
         if norms is None:
             norms = [voxel_norm(level) for level in semantic]
-        parts, foreground = self.query_masks(semantic[0], logits, support_prototypes, norms[0])
+        parts, foreground = self.query_masks(semantic[0], logits, support_prototypes, norms[0], nearest)
         prototypes = self.class_prototypes(semantic, foreground, parts, norms[1].detach())
         counts = class_slots(parts.flatten(2).sum(-1, keepdim=True), foreground.flatten(2).sum(-1, keepdim=True))
         return prototypes, counts[..., 0] >= self.min_self_count(int(parts[0, 0].numel()))
@@ -238,17 +243,30 @@ class IPLSLNet(PrototypeFewShotNet):
         logits: torch.Tensor,
         support_prototypes: torch.Tensor,
         mid_norm: Optional[torch.Tensor] = None,
+        nearest: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The query's hard masks under ``logits`` ``(B, K, *S)``: the background split into the ``M`` parts of the
-        nearest support background prototype (mid level; ``mid_norm`` its voxel norms when already computed),
+        nearest support background prototype (mid level; ``mid_norm`` its voxel norms when already computed;
+        ``nearest`` ``(B, *S)`` the part indices when already known, e.g. from :meth:`logits_and_parts`),
         ``(B, M, *S)``, and the ``K - 1`` foreground classes, ``(B, K - 1, *S)``; every voxel lies in exactly one
         of them."""
         num_classes, slots = logits.shape[1], support_prototypes.shape[3]
         # max(dim=1).indices, not argmax(dim=1): the same first-maximum rule, many times faster on CPU
         predicted = F.one_hot(logits.max(dim=1).indices, num_classes).movedim(-1, 1).to(logits.dtype)
-        nearest = prototype_similarity(mid, support_prototypes[:, 0, 0], feature_norm=mid_norm).max(dim=1).indices
+        if nearest is None:
+            similarity = prototype_similarity(mid, support_prototypes[:, 0, 0], feature_norm=mid_norm)
+            nearest = similarity.max(dim=1).indices
         parts = F.one_hot(nearest, slots).movedim(-1, 1).to(logits.dtype) * predicted[:, :1]
         return parts, predicted[:, 1:]
+
+    def logits_and_parts(
+        self, semantic: list[torch.Tensor], prototypes: torch.Tensor, norms: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`prototype_logits` of the mid and high levels ``semantic`` (voxel norms ``norms``) and, from the same
+        similarity pass, each voxel's nearest background part at the mid level ``(B, *S)`` (:meth:`query_masks`)."""
+        mid, parts = nearest_prototype_logits(semantic[0], prototypes[:, 0], tau=self.tau, feature_norm=norms[0])
+        high = multi_prototype_logits(semantic[1], prototypes[:, 1], tau=self.tau, feature_norm=norms[1])
+        return torch.stack([mid, high]).mean(dim=0), parts[:, 0]
 
     def min_self_count(self, num_voxels: int) -> float:
         """Fewest voxels a query prototype must rest on, in a query of ``num_voxels`` voxels."""
@@ -302,7 +320,8 @@ class IPLSLNet(PrototypeFewShotNet):
         """The boundary head's residual on the low level and the self-learning logits (zero without a head)."""
         if self.boundary_head is None:
             return torch.zeros_like(self_logits)
-        return self.boundary_head(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
+        fused = channels_last(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
+        return self.boundary_head(fused).contiguous()
 
     @torch.jit.unused
     def window_residual(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -317,12 +336,12 @@ class IPLSLNet(PrototypeFewShotNet):
         low, semantic = levels[0], levels[1:]
         norms = [voxel_norm(level) for level in semantic]  # shared by every cosine and the peak strengths
         # initial prediction from the support prototypes alone
-        initial_logits = self.prototype_logits(semantic, prototypes, norms)
-        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes, norms)
+        initial_logits, parts = self.logits_and_parts(semantic, prototypes, norms)
+        query_prototypes, query_valid = self.pool_query(semantic, initial_logits, prototypes, norms, parts)
         support_refined, query_refined = self.interact(prototypes, query_prototypes, query_valid)
-        refined_logits = self.prototype_logits(semantic, support_refined, norms)
+        refined_logits, parts = self.logits_and_parts(semantic, support_refined, norms)
         # query-guided self-learning: the query segments itself with its own prototypes where it has enough of them
-        self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined, norms)
+        self_prototypes, self_valid = self.pool_query(semantic, refined_logits, support_refined, norms, parts)
         self_logits = self.prototype_logits(semantic, self.mix(self_prototypes, self_valid, support_refined), norms)
         return FewShotOutput(
             logits=self.fuse_boundary(low, self_logits),
