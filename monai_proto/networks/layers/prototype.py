@@ -179,12 +179,12 @@ def multi_prototype_logits(
         raise ValueError(f"tau must be positive, got {tau}.")
     if reduction not in ("max", "logsumexp"):
         raise ValueError(f"reduction must be 'max' or 'logsumexp', got '{reduction}'.")
+    if reduction == "max":  # validates tau and the prototypes' shape itself
+        return nearest_prototype_logits(features, prototypes, tau=tau, feature_norm=feature_norm)[0]
     if prototypes.ndim not in (3, 4):
         raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
     flat_protos = prototypes.reshape(list(prototypes.shape[:-3]) + [num_classes * num_protos, prototypes.shape[-1]])
-    if reduction == "max":
-        return nearest_prototype_logits(features, prototypes, tau=tau, feature_norm=feature_norm)[0]
     sim = prototype_similarity(features, flat_protos, normalize=True, feature_norm=feature_norm)  # (B, K*M, *S)
     sim = sim.reshape([sim.shape[0], num_classes, num_protos] + list(sim.shape[2:])) / tau
     return torch.logsumexp(sim, dim=2)
