@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,7 @@ def test_iapl_benchmark_smoke(tmp_path):
     assert set(speed["training_step_seconds"]) == {"IAPLNet", "UNet"}
     steps = speed["training_step_seconds"]
     assert speed["train_time_ratio"] == steps["IAPLNet"] / steps["UNet"]
+    assert set(speed["other_processes_cores"]) == {"before", "after"}
     assert len(result["curves"]["IAPLNet"]["0"]["iterations"]) >= 2
     assert "SMOKE RUN" in (tmp_path / "iapl.md").read_text()
 
@@ -231,3 +233,45 @@ def test_mri_refuses_splits_built_for_ct_and_the_few_shot_supports_follow_their_
     ct, mr = crops["ct"]["liver"][0]["image"], crops["mri"]["liver"][0]["image"]
     assert float(ct.min()) >= 0.0 and float(ct.max()) <= 1.0
     assert float(mr.min()) < 0.0
+
+
+def test_other_processes_cores_sees_a_busy_process_and_the_report_flags_it():
+    from monai_proto.apps.benchmark.report import _cost_lines
+    from monai_proto.apps.benchmark.runner import CONTENDED_CORES, other_processes_cores
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        load = other_processes_cores(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    if load is None:
+        pytest.skip("no /proc/stat here")
+    assert load > 0.6  # one spinning process is about one core
+
+    speed = {
+        "reference": "UNet",
+        "seconds_per_iteration": {},
+        "inference_seconds": {"Net": 2.0, "UNet": 1.0},
+        "peak_memory_mb": {"Net": 2.0, "UNet": 1.0},
+        "training_step_seconds": {"Net": 2.0, "UNet": 1.0},
+        "parameters": {"Net": 1e6, "UNet": 1e6},
+        "volume": "v",
+        "voxels": 8,
+        "repeats": 1,
+        "memory_kind": "RSS",
+        "training_step_repeats": 2,
+        "throughput_ratio": 0.5,
+        "memory_ratio": 2.0,
+        "train_time_ratio": 2.0,
+        "wall_train_time_ratio": None,
+    }
+    result = {"method": "Net", "baselines": ["UNet"], "speed": speed}
+    text = "\n".join(_cost_lines(result, "## Cost"))
+    assert "not sampled" in text and "Contended" not in text
+    speed["other_processes_cores"] = {"before": 0.05, "after": None}
+    text = "\n".join(_cost_lines(result, "## Cost"))
+    assert "at most 0.05 cores" in text and "Contended" not in text
+    speed["other_processes_cores"] = {"before": 0.05, "after": CONTENDED_CORES + 0.7}
+    assert "Contended" in "\n".join(_cost_lines(result, "## Cost"))

@@ -20,10 +20,12 @@ import torch
 from monai_proto.apps.benchmark.metrics import reference_scores
 from monai_proto.apps.benchmark.report import write_cost_report, write_report
 from monai_proto.apps.benchmark.runner import (
+    CONTENDED_CORES,
     NetworkSpec,
     interleaved_inference_seconds,
     interleaved_training_step_seconds,
     make_parser,
+    other_processes_cores,
     peak_inference_memory_mb,
     summarise_seeds,
     train_with_curves,
@@ -263,6 +265,9 @@ def run_benchmark(
             initial_state(net)
         networks[spec.name] = net.eval()
     inferer = make_parser(config_file, cost).get_parsed_content("validate#inferer")
+    load_before = other_processes_cores()
+    if load_before is not None and load_before >= CONTENDED_CORES:
+        log(f"WARNING: other processes keep {load_before:.1f} cores busy: the cost figures will be contended")
     log("== timing inference (interleaved)")
     seconds = interleaved_inference_seconds(
         networks, inferer, timing_split.image, repeats=1 if args.smoke else args.repeats
@@ -283,6 +288,7 @@ def run_benchmark(
     step_repeats = 2 if args.smoke else 4 * args.repeats
     step_seconds = interleaved_training_step_seconds(trainers, repeats=step_repeats)
     del trainers
+    load_after = other_processes_cores()
     memory = {}
     for spec in timed:
         log(f"== peak memory of {spec.name} (fresh process)")
@@ -310,6 +316,8 @@ def run_benchmark(
         "training_step_seconds": step_seconds,
         "training_step_repeats": step_repeats,
         "parameters": {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()},
+        # cores kept busy by other processes just before and just after the timed inference and training steps
+        "other_processes_cores": {"before": load_before, "after": load_after},
         "throughput_ratio": seconds[second] / seconds[first],
         "memory_ratio": memory[first]["peak_memory_mb"] / max(memory[second]["peak_memory_mb"], 1e-9),
         "train_time_ratio": step_seconds[first] / step_seconds[second],

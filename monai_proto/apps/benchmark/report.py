@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from monai_proto.apps.benchmark.metrics import mean_of
-from monai_proto.apps.benchmark.runner import dump_json, verdict
+from monai_proto.apps.benchmark.runner import CONTENDED_CORES, dump_json, verdict
 
 __all__ = ["gap_closed", "radiological", "write_report"]
 
@@ -248,6 +248,18 @@ def _cost_lines(result: Mapping, heading: str) -> list[str]:
         if trained
         else ""
     )
+    load = [v for v in (speed.get("other_processes_cores") or {}).values() if v is not None]
+    if not load:
+        contention = " Other processes' load was not sampled."
+    elif max(load) >= CONTENDED_CORES:
+        contention = (
+            f" **Contended: other processes kept up to {max(load):.1f} cores busy around the timing**, which moves "
+            "the ratios toward 1: these cost figures are not of record."
+        )
+    else:
+        contention = (
+            f" Other processes kept at most {max(load):.2f} cores busy around the timing (sampled before and after)."
+        )
     rows = [
         "| inference s/volume | " + " | ".join(_fmt(speed["inference_seconds"][n], 2) for n in timed) + " |",
         "| peak memory MB | " + " | ".join(_fmt(speed["peak_memory_mb"][n], 0) for n in timed) + " |",
@@ -270,7 +282,7 @@ def _cost_lines(result: Mapping, heading: str) -> list[str]:
         "interleaved repeats; peak memory of one pass in a fresh process "
         f"({speed['memory_kind']}); training step: median seconds of one training iteration on a fixed batch, "
         f"{speed['training_step_repeats']} repeats interleaved, data loading "
-        f"excluded (the training-time ratio){wall}.{cost_only}",
+        f"excluded (the training-time ratio){wall}.{cost_only}{contention}",
         "",
         "| | " + " | ".join(timed) + " |",
         "|---|" + "---|" * len(timed),

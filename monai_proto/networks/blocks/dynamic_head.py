@@ -82,9 +82,11 @@ class DynamicPrototypeHead(nn.Module):
         if num_voxels <= chunk:
             out = self._apply_layers(x, weights, biases)
         else:
+            # ``split``, not slicing: the backward of a slice writes its gradient into a zero tensor of the whole
+            # input, one per chunk, and sums them all; split's backward concatenates the chunks' gradients once
             parts: list[torch.Tensor] = []
-            for s in range(0, num_voxels, chunk):
-                parts.append(self._apply_layers(x[..., s : s + chunk], weights, biases))
+            for part in x.split(chunk, dim=-1):
+                parts.append(self._apply_layers(part, weights, biases))
             out = torch.cat(parts, dim=-1)
         return out.reshape([batch, num_classes] + list(features.shape[2:]))
 
