@@ -126,6 +126,33 @@ def test_resize_of_the_leading_axes_equals_the_full_linear_resize(size):
     assert linear_resize_leading(x, list(size[:-1])) is x
 
 
+@pytest.mark.parametrize(
+    "size, target",
+    [
+        ((4, 5, 3), [8, 10, 6]),
+        ((6, 5, 4), [3, 9, 4]),
+        ((6, 5, 4), [6, 5, 7]),
+        ((7, 6), [13, 3]),
+        ((3, 3, 2), [3, 3, 2]),
+    ],
+)
+def test_linear_resize_equals_trilinear_interpolation_with_its_gradient(size, target):
+    """The separable form (last axis, then the leading axes through a channels-last view) gives F.interpolate's
+    linear values and gradients, up- and downsampling, with kept axes, in 2D and 3D; a kept size is ``x`` itself."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *size, requires_grad=True)
+    out = linear_resize(x, target)
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    ref = torch.nn.functional.interpolate(x, size=target, mode=mode, align_corners=False)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    weights = torch.rand_like(ref)
+    grad = torch.autograd.grad((out * weights).sum(), x)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad((ref * weights).sum(), x)[0], atol=1e-5, rtol=0)
+    if list(size) == target:
+        assert out is x
+
+
 @pytest.mark.parametrize("spatial", SPATIAL_4)
 def test_multi_prototype_logits(spatial):
     # class 0: prototypes (1,0), (0,1); class 1: (-1,0), (0,-1); every voxel is (1,0)
@@ -159,6 +186,16 @@ def test_nearest_prototype_logits_names_the_nearest_prototype_of_each_class():
     assert len(torch.unique(nearest)) == 4  # every prototype is nearest somewhere: the test can tell them apart
     with pytest.raises(ValueError):
         nearest_prototype_logits(features, protos, tau=0.0)
+    # ties name the first maximum, as max(dim) does; the gradient is max(dim)'s when the tied slots share one source
+    tied = torch.cat([protos[:, :, :2], protos[:, :, :1].expand(-1, -1, 2, -1)], dim=2)  # slots 2, 3 repeat slot 0
+    feats = features.clone().requires_grad_(True)
+    logits, nearest = nearest_prototype_logits(feats, tied, tau=0.2)
+    reference = prototype_similarity(feats, tied.reshape(2, 12, 8)).reshape(2, 3, 4, 5, 6, 4).max(dim=2)
+    assert torch.equal(nearest, reference.indices) and int(nearest.max()) == 1
+    weights = torch.rand_like(logits)
+    grad = torch.autograd.grad((logits * weights).sum(), feats)[0]
+    expected = torch.autograd.grad((reference.values / 0.2 * weights).sum(), feats)[0]
+    torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_channels_last_keeps_the_values():

@@ -31,10 +31,12 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """
     The L2 norm of every voxel's feature vector, at least ``eps``.
 
-    Computed as a sum of squares by ``einsum`` (``torch.linalg.vector_norm`` over the channel dimension is several
-    times slower on CPU). Several operations on the same features (cosine similarities to several prototype sets,
-    peak strengths) can share one result. The floor is applied to the sum of squares, before the square root, so
-    the gradient stays finite (zero) at a zero feature vector.
+    Computed as a running sum of squares over the channels, one multiply-add over the voxels per channel: on the CPU
+    ``torch.linalg.vector_norm`` over the channel dimension, and an ``einsum`` (which runs one tiny matrix product
+    per voxel), are many times slower (1 thread, 32 channels of a 167 x 167 x 14 volume: 3 ms against 60-90 ms and
+    25-35 ms). Several operations on the same features (cosine similarities to several prototype sets, peak
+    strengths) can share one result. The floor is applied to the sum of squares, before the square root, so the
+    gradient stays finite (zero) at a zero feature vector.
 
     Args:
         features: feature maps ``(B, C, *S)``.
@@ -44,7 +46,9 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         norms ``(B, 1, *S)``.
     """
     flat = features.flatten(2)
-    squared = torch.einsum("bcn,bcn->bn", flat, flat)
+    squared = flat[:, 0] * flat[:, 0]
+    for c in range(1, int(flat.shape[1])):
+        squared = squared.addcmul_(flat[:, c], flat[:, c])
     return squared.clamp_min(eps * eps).sqrt().reshape([features.shape[0], 1] + list(features.shape[2:]))
 
 
@@ -179,8 +183,8 @@ def multi_prototype_logits(
         raise ValueError(f"tau must be positive, got {tau}.")
     if reduction not in ("max", "logsumexp"):
         raise ValueError(f"reduction must be 'max' or 'logsumexp', got '{reduction}'.")
-    if reduction == "max":  # validates tau and the prototypes' shape itself
-        return nearest_prototype_logits(features, prototypes, tau=tau, feature_norm=feature_norm)[0]
+    if reduction == "max":  # validates the prototypes' shape itself
+        return _nearest_prototype(features, prototypes, tau, feature_norm, False)[0]
     if prototypes.ndim not in (3, 4):
         raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
@@ -211,6 +215,25 @@ def nearest_prototype_logits(
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}.")
+    logits, indices = _nearest_prototype(features, prototypes, tau, feature_norm, True)
+    assert indices is not None
+    return logits, indices
+
+
+def _nearest_prototype(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    tau: float,
+    feature_norm: Optional[torch.Tensor],
+    with_indices: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The max-reduction logits ``(B, K, *S)`` and, when ``with_indices``, each class's first nearest prototype.
+
+    ``amax`` and a running comparison replace ``max(dim)``, whose indexed reduction over the short ``M`` axis is
+    many times slower on the CPU (1 thread, ``(1, 2, 4, 167, 167, 14)`` similarities: 13-23 ms against 0.3 ms for
+    ``amax``). The values are the same; the gradient differs from ``max(dim)``'s only at exact ties, which
+    ``amax`` shares evenly: for the repeated slots of one prototype (:func:`class_slots`) the sum is the same.
+    """
     if prototypes.ndim not in (3, 4):
         raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
@@ -218,9 +241,17 @@ def nearest_prototype_logits(
     # the voxel's norm and tau scale a voxel's M similarities alike: divided after the max (K maps, not K * M)
     unit = F.normalize(flat_protos.to(features.dtype), dim=-1, eps=1e-8)
     dots = prototype_similarity(features, unit, normalize=False)  # (B, K*M, *S)
-    best = dots.reshape([dots.shape[0], num_classes, num_protos] + list(dots.shape[2:])).max(dim=2)
+    grouped = dots.reshape([dots.shape[0], num_classes, num_protos] + list(dots.shape[2:]))
+    best = grouped.amax(dim=2)
+    indices: Optional[torch.Tensor] = None
+    if with_indices:
+        with torch.no_grad():  # the first maximum, as max(dim) gives it: lower indices are written last
+            found = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+            for m in range(num_protos - 1, -1, -1):
+                found.masked_fill_(grouped[:, :, m] == best, m)
+        indices = found
     norm = voxel_norm(features) if feature_norm is None else feature_norm
-    return best.values / (norm.clamp_min(1e-8) * tau), best.indices
+    return best / (norm.clamp_min(1e-8) * tau), indices
 
 
 @torch.no_grad()
