@@ -307,3 +307,29 @@ def test_eval_metrics_are_the_benchmark_figures() -> None:
         "mean_dice_B_unet_baseline": mean("B", "UNet"),
     }
     assert meta["eval_metrics"] == expected
+
+
+def test_mpcl_eval_metrics_are_the_benchmark_figures() -> None:
+    """The MPCL bundle's eval_metrics are docs/benchmarks/mpcl.json's means over seeds (body mask: its reference)."""
+    meta = _load_json(REPO_ROOT / "bundles" / "mpcl_semisupervised_segmentation" / "configs" / "metadata.json")
+    bench = _load_json(REPO_ROOT / "docs" / "benchmarks" / "mpcl.json")
+    assert len(bench["seeds"]) >= 2 and bench["body_restriction"], "eval_metrics must come from a protocol run"
+
+    def mean(split: str, net: str) -> float:
+        values = bench["results"][split][net]["mean_dice"]
+        values = values if isinstance(values, list) else [values]
+        return round(sum(values) / len(values), 3)
+
+    names = {
+        "": "MPCLNet",
+        "_supervised_only": "supervised_only",
+        "_mean_teacher": "mean_teacher",
+        "_fully_supervised_bound": "fully_supervised",
+        "_body_mask": "body_mask",
+    }
+    expected = {
+        f"mean_dice_{split.replace('-', '_')}{suffix}": mean(split, net)
+        for split in ("A-slab", "B")
+        for suffix, net in names.items()
+    }
+    assert meta["eval_metrics"] == expected
