@@ -259,13 +259,15 @@ def other_processes_cores(seconds: float = 1.0) -> float | None:
         where ``/proc/stat`` cannot be read.
     """
 
-    def sample() -> tuple[list[int], float] | None:
+    def sample() -> tuple[list[int], int, float, float] | None:
         try:
             with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
+                lines = f.read().splitlines()
+            fields = [int(v) for v in lines[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
             return None
-        return fields, time.process_time()
+        cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())  # the online cores
+        return fields, max(cores, 1), time.process_time(), time.monotonic()
 
     first = sample()
     if first is None:
@@ -277,10 +279,11 @@ def other_processes_cores(seconds: float = 1.0) -> float | None:
     delta = [b - a for a, b in zip(first[0], second[0])]
     total = sum(delta[:8])  # user nice system idle iowait irq softirq steal (guest time is counted in user)
     idle = delta[3] + (delta[4] if len(delta) > 4 else 0)
-    if total <= 0:
+    elapsed = second[3] - first[3]
+    if total <= 0 or elapsed <= 0:
         return None
-    busy_cores = (total - idle) / total * (os.cpu_count() or 1)
-    own_cores = (second[1] - first[1]) / seconds
+    busy_cores = (total - idle) / total * second[1]
+    own_cores = (second[2] - first[2]) / elapsed
     return max(busy_cores - own_cores, 0.0)
 
 

@@ -46,10 +46,15 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         norms ``(B, 1, *S)``.
     """
     flat = features.flatten(2)
-    squared = flat[:, 0] * flat[:, 0]
+    # half precision (AMP) sums in float32, as the matrix product that computed it before did
+    dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+    first = flat[:, 0].to(dtype)
+    squared = first * first
     for c in range(1, int(flat.shape[1])):
-        squared = squared.addcmul_(flat[:, c], flat[:, c])
-    return squared.clamp_min(eps * eps).sqrt().reshape([features.shape[0], 1] + list(features.shape[2:]))
+        channel = flat[:, c].to(dtype)
+        squared = squared.addcmul_(channel, channel)
+    norm = squared.clamp_min(eps * eps).sqrt().to(features.dtype)
+    return norm.reshape([features.shape[0], 1] + list(features.shape[2:]))
 
 
 def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -245,7 +250,7 @@ def _nearest_prototype(
     best = grouped.amax(dim=2)
     indices: Optional[torch.Tensor] = None
     if with_indices:
-        with torch.no_grad():  # the first maximum, as max(dim) gives it: lower indices are written last
+        with torch.no_grad():  # the first maximum, as max(dim) gives it (NaN aside): lower indices written last
             found = torch.zeros(best.shape, dtype=torch.long, device=best.device)
             for m in range(num_protos - 1, -1, -1):
                 found.masked_fill_(grouped[:, :, m] == best, m)
