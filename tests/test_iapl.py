@@ -93,6 +93,26 @@ def test_no_label_in_inference_path_and_deterministic():
         assert not isinstance(net.train()(x), torch.Tensor)  # training returns the auxiliary outputs too
 
 
+def test_metatensor_batch_runs_as_plain_tensors():
+    """A training batch from MONAI's transforms is a ``MetaTensor``; the network unwraps it once, so its many small
+    operations (and the loss after them) run on plain tensors, with the same values and gradients."""
+    from monai.data import MetaTensor
+
+    torch.manual_seed(0)
+    net = small_net(3, 1, 3).train()
+    x = torch.randn(1, 1, 32, 32, 32)
+    meta = MetaTensor(x.clone(), affine=torch.eye(4)).requires_grad_()
+    out = net(meta)
+    for tensor in (out.logits, out.instance_prototypes, out.stage_predictions[-1].confidence):
+        assert type(tensor) is torch.Tensor
+    plain = x.clone().requires_grad_()
+    reference = net(plain)
+    torch.testing.assert_close(out.logits, reference.logits)
+    out.logits.sum().backward()
+    reference.logits.sum().backward()
+    torch.testing.assert_close(meta.grad, plain.grad)  # still attached to the input's graph
+
+
 def test_swinunetr_backbone_is_monai_swinunetr():
     """The paper's backbone: MONAI's SwinUNETR with its maps exposed; the finest map through SwinUNETR's own output
     convolution is SwinUNETR's output, and the maps have the declared channels and strides."""

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["channels_last", "unwrap_network"]
+__all__ = ["channels_last", "plain_tensor", "unwrap_network"]
 
 
 def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
     """The module inside ``DistributedDataParallel`` / ``DataParallel``, or ``network`` itself."""
     return getattr(network, "module", network)
+
+
+@torch.jit.unused
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a plain ``torch.Tensor`` (the same storage): a MONAI ``MetaTensor`` loses its metadata.
+
+    Every operation on a ``MetaTensor`` goes through its Python ``__torch_function__``, which costs tens of
+    microseconds. A network of many small operations (IAPL's k-means decoder and dynamic head) fed a training batch
+    of ``MetaTensor`` s from MONAI's transforms pays it on each one: IAPL's training forward took 0.158 s instead of
+    0.124 s (2 threads, 2 x 64^3). Sliding-window inference already passes plain windows, and its inferer restores
+    the metadata on the stitched output. Call under ``if not torch.jit.is_scripting()``: TorchScript has no
+    ``MetaTensor``.
+    """
+    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from monai_proto.networks.blocks.dynamic_head import DynamicPrototypeHead
 from monai_proto.networks.blocks.kmax_decoder import KMaXDecoder, KMaXPrediction
 from monai_proto.networks.layers.prototype import masked_average_pooling
 from monai_proto.networks.layers.resample import area_downsample
+from monai_proto.networks.utils import plain_tensor
 
 __all__ = ["IAPLOutput", "IAPLNet"]
 
@@ -209,6 +210,8 @@ class IAPLNet(nn.Module):
             ``(B, out_channels, *S)`` logits in eval mode (and in a TorchScript module), :class:`IAPLOutput` in
             train mode.
         """
+        if not torch.jit.is_scripting():
+            x = plain_tensor(x)  # a training batch's MetaTensor would tax each of the decoder's many small operations
         features = self.backbone(x)
         maps: list[torch.Tensor] = [features.bottleneck]
         maps.extend(features.decoder)
