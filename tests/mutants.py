@@ -175,17 +175,16 @@ MUTANTS = [
         "iplsl",
         "peak prototypes replaced by mean prototypes at the high level",
         "monai_proto/networks/nets/iplsl.py",
-        "            peak_average_pooling(high, background_parts, fraction=self.peak_fraction, strength=strength),\n"
-        "            peak_average_pooling(high, foreground, fraction=self.peak_fraction, strength=strength),",
-        "            masked_average_pooling(high, background_parts),\n            masked_average_pooling(high, foreground),",
+        "peak = peak_average_pooling(high, masks, fraction=self.peak_fraction, strength=strength)",
+        "peak = masked_average_pooling(high, masks)",
         ("tests/test_iplsl.py::test_iplsl_prototypes_are_mean_and_peak",),
     ),
     Mutant(
         "iplsl",
         "mean (mid-level) prototypes removed from the prediction",
         "monai_proto/networks/nets/iplsl.py",
-        "mean = class_slots(masked_average_pooling(mid, background_parts), masked_average_pooling(mid, foreground))",
-        "mean = torch.zeros_like(class_slots(masked_average_pooling(mid, background_parts), masked_average_pooling(mid, foreground)))",
+        "mean = masked_average_pooling(mid, masks)",
+        "mean = torch.zeros_like(masked_average_pooling(mid, masks))",
         (
             "tests/test_iplsl.py::test_iplsl_prototypes_are_mean_and_peak",
             "tests/test_iplsl.py::test_mean_and_peak_levels_both_drive_the_prediction",

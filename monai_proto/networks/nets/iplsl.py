@@ -199,12 +199,15 @@ class IPLSLNet(PrototypeFewShotNet):
         mid, high = semantic
         if strength is None:
             strength = voxel_norm(high.detach())
-        mean = class_slots(masked_average_pooling(mid, background_parts), masked_average_pooling(mid, foreground))
-        peak = class_slots(
-            peak_average_pooling(high, background_parts, fraction=self.peak_fraction, strength=strength),
-            peak_average_pooling(high, foreground, fraction=self.peak_fraction, strength=strength),
+        # one pooling pass per level over all masks: each mask is pooled on its own, so this equals pooling the
+        # parts and the classes apart, with one read of each level instead of two
+        slots = background_parts.shape[1]
+        masks = torch.cat([background_parts, foreground.to(background_parts.dtype)], dim=1)
+        mean = masked_average_pooling(mid, masks)
+        peak = peak_average_pooling(high, masks, fraction=self.peak_fraction, strength=strength)
+        return torch.stack(
+            [class_slots(mean[:, :slots], mean[:, slots:]), class_slots(peak[:, :slots], peak[:, slots:])], dim=1
         )
-        return torch.stack([mean, peak], dim=1)
 
     def prototypes_from_features(self, features: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Prototypes ``(B, 2, K, M, C)`` of a labelled image: foreground classes and ``M`` background parts."""
