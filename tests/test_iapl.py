@@ -15,7 +15,7 @@ from monai_proto.apps import default_bundle_root
 from monai_proto.networks.blocks import DynamicPrototypeHead, UNetFeatureBackbone
 from monai_proto.networks.blocks.kmax_decoder import foreground_cluster_mask, semantic_confidence
 from monai_proto.networks.nets.iapl import IAPLOutput
-from monai_proto.networks.utils import unwrap_network
+from monai_proto.networks.utils import plain_tensor, unwrap_network
 
 BUNDLE = str(Path(__file__).resolve().parents[1] / "bundles" / "iapl_segmentation")
 SMALL = {"channels": (8, 16, 32, 64), "strides": (2, 2, 2), "feature_channels": 8, "num_res_units": 1}
@@ -95,7 +95,7 @@ def test_no_label_in_inference_path_and_deterministic():
 
 def test_metatensor_batch_runs_as_plain_tensors():
     """A training batch from MONAI's transforms is a ``MetaTensor``; the network unwraps it once, so its many small
-    operations (and the loss after them) run on plain tensors, with the same values and gradients."""
+    operations run on plain tensors, with the same values and gradients. Other tensor subclasses pass unchanged."""
     from monai.data import MetaTensor
 
     torch.manual_seed(0)
@@ -111,6 +111,8 @@ def test_metatensor_batch_runs_as_plain_tensors():
     out.logits.sum().backward()
     reference.logits.sum().backward()
     torch.testing.assert_close(meta.grad, plain.grad)  # still attached to the input's graph
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    assert plain_tensor(parameter) is parameter  # only a MetaTensor is unwrapped (not export's fake tensors either)
 
 
 def test_swinunetr_backbone_is_monai_swinunetr():

@@ -200,9 +200,9 @@ class IPLSLNet(PrototypeFewShotNet):
         if strength is None:
             strength = voxel_norm(high.detach())
         # one pooling pass per level over all masks: each mask is pooled on its own, so this equals pooling the
-        # parts and the classes apart, with one read of each level instead of two
+        # parts and the classes apart (up to rounding), with one read of each level instead of two
         slots = background_parts.shape[1]
-        masks = torch.cat([background_parts, foreground.to(background_parts.dtype)], dim=1)
+        masks = torch.cat([background_parts, foreground], dim=1)  # type promotion keeps soft weights soft
         mean = masked_average_pooling(mid, masks)
         peak = peak_average_pooling(high, masks, fraction=self.peak_fraction, strength=strength)
         return torch.stack(
