@@ -218,7 +218,7 @@ MUTANTS = [
         "iplsl",
         "self-learning guard removed (a query without the class learns from itself)",
         "monai_proto/networks/nets/iplsl.py",
-        "return prototypes, counts[..., 0] >= self.min_self_count(int(parts[0, 0].numel()))",
+        "return prototypes, counts[..., 0] >= self.min_self_count(int(masks[0, 0].numel()))",
         "return prototypes, counts[..., 0] >= 0",
         ("tests/test_iplsl.py::test_self_learning_acts_only_on_a_class_the_query_has",),
     ),
@@ -266,8 +266,8 @@ MUTANTS = [
         "iplsl",
         "self-learning run per sliding window (query pass not whole-volume)",
         "monai_proto/inferers/support.py",
-        "        features = self._stitch_features(inputs, net, **kwargs)\n",
-        "        return self.window(inputs, lambda x: net.segment(x, prototypes.to(x.device)), **kwargs)\n",
+        "            levels = [level.to(device) for level in self._stitch_levels(inputs, net, **kwargs)]\n",
+        "            return self.window(inputs, lambda x: net.segment(x, prototypes.to(x.device)), **kwargs)\n",
         ("tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",),
     ),
     Mutant(
@@ -289,10 +289,13 @@ MUTANTS = [
     Mutant(
         "iplsl",
         "one-pass coarse stitching cropped at the wrong end of its padding",
-        "monai_proto/networks/nets/fewshot.py",
-        "                    resized = resized.narrow(2 + d, 0, keep[d])\n",
-        "                    resized = resized.narrow(2 + d, int(resized.shape[2 + d]) - keep[d], keep[d])\n",
-        ("tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",),
+        "monai_proto/networks/layers/resample.py",
+        "            x = x[..., : int(size[2])]\n",
+        "            x = x[..., int(x.shape[4]) - int(size[2]) :]\n",
+        (
+            "tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",
+            "tests/test_prototype_core.py::test_upsampled_crop_equals_the_cropped_upsampling",
+        ),
     ),
     Mutant(
         "iplsl",

@@ -590,18 +590,20 @@ def test_episode_errors_and_helpers():
 # ------------------------------------------------------------------------------------------------ inferer
 def test_support_conditioned_inferer_segments_the_whole_volume_once():
     net = iplsl().eval()
+    with torch.no_grad():  # the boundary head starts at zero: a live one makes the low level count
+        net.boundary_head[-1].weight.normal_(std=0.5)
     calls = {"prototypes": 0, "segment": []}
-    original_protos, original_segment = net.prototypes_from_features, net.segment_features
+    original_protos, original_segment = net.prototypes_from_features, net.segment_levels
 
     def counting(*args, **kwargs):
         calls["prototypes"] += 1
         return original_protos(*args, **kwargs)
 
-    def recording(features, prototypes):
-        calls["segment"].append(tuple(features.shape[2:]))
-        return original_segment(features, prototypes)
+    def recording(levels, prototypes):
+        calls["segment"].append(tuple(levels[0].shape[2:]))
+        return original_segment(levels, prototypes)
 
-    net.prototypes_from_features, net.segment_features = counting, recording
+    net.prototypes_from_features, net.segment_levels = counting, recording
     image = torch.rand(1, 30, 26, 20)
     label = torch.zeros(1, 30, 26, 20)
     label[0, 10:20, 8:16, 5:12] = 1
@@ -620,7 +622,9 @@ def test_support_conditioned_inferer_segments_the_whole_volume_once():
         assert padded == [36, 20, 20]  # onto the stride-4 grid
         levels = list(inferer.window(inferer._pad_end(query, padded), net.extract_levels))
         features = net.features_from_levels(levels, padded)[..., :33, :20, :17]
-        torch.testing.assert_close(first, original_segment(features, protos))
+        torch.testing.assert_close(first, original_segment(net.split_features(features), protos))
+        with pytest.raises(ValueError, match="3 feature levels"):
+            original_segment(net.split_features(features)[1:], protos)
     other = iplsl().eval()  # prototypes are cached per network, not shared across networks
     with torch.no_grad():
         inferer(query, other)

@@ -26,7 +26,7 @@ from monai_proto.networks.layers.prototype import (
     sinkhorn_knopp,
     voxel_norm,
 )
-from monai_proto.networks.layers.resample import linear_resize, linear_resize_leading
+from monai_proto.networks.layers.resample import linear_resize, linear_resize_leading, upsampled_crop
 
 # four voxels laid out as a 2D (2, 2) or a 3D (2, 1, 2) grid: the flat order is the same
 SPATIAL_4 = [(2, 2), (2, 1, 2)]
@@ -157,6 +157,33 @@ def test_linear_resize_equals_trilinear_interpolation_with_its_gradient(size, ta
         torch.testing.assert_close(linear_resize(wide[:, 1:4], target), ref.detach(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "size, scales, keep",
+    [
+        ((5, 6, 3), [2.0, 2.0, 4.0], [9, 12, 10]),  # every axis upsampled, the ends cropped
+        ((5, 6, 3), [4.0, 1.0, 2.0], [20, 5, 5]),  # one axis kept, cropped
+        ((5, 6, 3), [1.0, 1.0, 1.0], [4, 6, 2]),  # a plain crop
+        ((7, 6), [2.0, 4.0], [13, 21]),
+        ((7, 6), [1.0, 1.0], [5, 6]),
+    ],
+)
+def test_upsampled_crop_equals_the_cropped_upsampling(size, scales, keep):
+    """The one-pass inferer's levels: interpolated at the kept voxels only, the values of the full linear upsampling
+    cropped (not of a resize to the kept size, whose sampling positions differ), contiguous unless a plain crop."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, *size)
+    full = linear_resize(x, [int(v * f) for v, f in zip(size, scales)])
+    expected = full[(slice(None), slice(None), *[slice(0, k) for k in keep])]
+    out = upsampled_crop(x, scales, keep)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert out.is_contiguous() == any(f != 1 for f in scales)
+    if any(f != 1 for f in scales):  # the resize to the kept size samples elsewhere: the test can tell them apart
+        assert not torch.allclose(linear_resize(x, keep), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot keep"):
+        upsampled_crop(x, scales, [int(v * f) + 1 for v, f in zip(size, scales)])
+
+
 def test_voxel_norm_sums_half_precision_in_float32():
     torch.manual_seed(0)
     x = torch.rand(2, 256, 5, 4)
@@ -213,15 +240,17 @@ def test_nearest_prototype_logits_names_the_nearest_prototype_of_each_class():
     torch.testing.assert_close(grad, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_channels_last_keeps_the_values():
-    from monai_proto.networks.utils import channels_last
+def test_cat_channels_last_keeps_the_values():
+    from monai_proto.networks.utils import cat_channels_last
 
     for shape, fmt in (((1, 3, 4, 5, 6), torch.channels_last_3d), ((2, 3, 4, 5), torch.channels_last)):
-        x = torch.randn(shape)
-        y = channels_last(x)
-        assert torch.equal(x, y) and y.is_contiguous(memory_format=fmt) and not x.is_contiguous(memory_format=fmt)
-    z = torch.randn(2, 3, 4)
-    assert channels_last(z) is z
+        x, z = torch.randn(shape), torch.randn(shape)[:, :2]
+        view = torch.randn(shape[0], 4, *[v + 1 for v in shape[2:]])[
+            (slice(None), slice(None), *[slice(0, v) for v in shape[2:]])
+        ]
+        y = cat_channels_last([x, z, view])
+        assert torch.equal(y, torch.cat([x, z, view], dim=1))
+        assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
 
 
 # ---------------------------------------------------------------- Sinkhorn-Knopp

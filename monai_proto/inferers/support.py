@@ -44,7 +44,7 @@ class SupportConditionedInferer(Inferer):
        windows (``network.extract_features``), and pool the prototypes (``network.prototypes_from_features``).
     2. Combine the k shots (``network.combine_shots``).
     3. Stitch the query's features over the whole volume by sliding windows (each level at its own stride, then
-       upsampled once: :meth:`_stitch_features`), then segment them in one pass (``network.segment_features``):
+       upsampled once: :meth:`_stitch_levels`), then segment them in one pass (``network.segment_levels``):
        the query-level steps of a method (IPLSL's query pooling, interaction and self-learning) see the whole
        volume, not one window at a time (most windows of a scan hold no voxel of the target organ, and a
        per-window self-learning step invents one). With ``segment_slab`` the same steps
@@ -262,30 +262,31 @@ class SupportConditionedInferer(Inferer):
             result += torch.as_tensor(window(source, residual))[crop]
         return result
 
-    def _stitch_features(self, inputs: torch.Tensor, net: nn.Module, **kwargs: Any) -> torch.Tensor:
+    def _stitch_levels(self, inputs: torch.Tensor, net: nn.Module, **kwargs: Any) -> list[torch.Tensor]:
         """
-        The query's full-resolution features (``net.extract_features`` of the whole volume) for the one-pass
-        segmentation: the levels are stitched at their own strides (``net.extract_levels``) over the query, padded
-        (replicate) at the end onto the coarsest level's grid (:meth:`_coarse_size`), then upsampled once
-        (``net.features_from_levels``). Each window thus stitches its coarse maps (IPLSL: 16 + 32/8 + 32/64
-        channels' worth instead of 80) and no window upsamples its own (on scan B, 167 x 167 x 14, 2 CPU threads:
-        0.36 s for the window pass instead of 0.65 s). Within one window this equals upsampling the window's
-        levels; across windows it blends coarse maps instead of upsampled ones, as the slab path does. When the
-        windows do not start on the coarsest level's grid, or the network has no ``extract_levels``, every
-        window's upsampled features are stitched (``net.extract_features``).
+        The query's full-resolution feature levels for the one-pass segmentation (``net.segment_levels``): the levels
+        are stitched at their own strides (``net.extract_levels``) over the query, padded (replicate) at the end onto
+        the coarsest level's grid (:meth:`_coarse_size`), then upsampled once at the query's own voxels
+        (``net.crop_levels``). Each window thus stitches its coarse maps (IPLSL: 16 + 32/8 + 32/64 channels' worth
+        instead of 80) and no window upsamples its own (on scan B, 167 x 167 x 14, 2 CPU threads: 0.36 s for the
+        window pass instead of 0.65 s), and the levels are never concatenated. Within one window this equals
+        upsampling the window's levels; across windows it blends coarse maps instead of upsampled ones, as the slab
+        path does. When the windows do not start on the coarsest level's grid, or the network has no
+        ``extract_levels``, every window's upsampled features are stitched (``net.extract_features``) and split.
         """
         size = [int(v) for v in inputs.shape[2:]]
         strides = getattr(net, "level_strides", ())
         coarse = bool(strides) and hasattr(net, "extract_levels")
         padded = self._coarse_size(size, max(int(v) for v in strides)) if coarse else None
         if padded is None:
-            return self.window(inputs, net.extract_features, **kwargs)
+            # contiguous once: a stitched map is a strided view, and every later flatten of a level would copy it
+            return net.split_features(self.window(inputs, net.extract_features, **kwargs).contiguous())
         # a plain tensor: the padded copy's geometry is not the query's (the caller restores the query's own)
         query = self._pad_end(torch.as_tensor(inputs).as_subclass(torch.Tensor), padded)
         levels = self.window(query, net.extract_levels, **kwargs)
         del query
         levels = [levels] if isinstance(levels, torch.Tensor) else list(levels)  # MONAI unpacks a 1-tuple
-        return net.features_from_levels(levels, padded, size)
+        return net.crop_levels(levels, padded, size)
 
     @staticmethod
     def _pad_end(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -342,9 +343,8 @@ class SupportConditionedInferer(Inferer):
         if self.segment_slab is not None and hasattr(net, "adapt_prototypes_by_slabs") and large:
             logits = self._segment_by_slabs(inputs, net, prototypes.to(device), **kwargs)
         if logits is None:
-            features = self._stitch_features(inputs, net, **kwargs)
-            # contiguous once: a stitched or cropped map is a strided view, and every later flatten would copy it
-            logits = net.segment_features(features.to(device).contiguous(), prototypes.to(device))
+            levels = [level.to(device) for level in self._stitch_levels(inputs, net, **kwargs)]
+            logits = net.segment_levels(levels, prototypes.to(device))
         if isinstance(inputs, MetaTensor):  # the query's geometry (not what an operand such as the prototypes carries)
             plain = logits.as_subclass(torch.Tensor) if isinstance(logits, MetaTensor) else logits
             logits = convert_to_dst_type(plain, inputs, device=logits.device)[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["area_downsample", "linear_resize", "linear_resize_leading"]
+__all__ = ["area_downsample", "linear_resize", "linear_resize_leading", "upsampled_crop"]
 
 
 def area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
@@ -88,3 +88,56 @@ def linear_resize_leading(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     slices = x.movedim(-1, 1).reshape([batch * depth, channels] + [int(v) for v in x.shape[2:-1]])
     out = F.interpolate(slices, size=size, mode="bilinear" if len(size) == 2 else "linear", align_corners=False)
     return out.reshape([batch, depth, channels] + size).movedim(1, -1)
+
+
+def upsampled_crop(x: torch.Tensor, scales: list[float], size: list[int]) -> torch.Tensor:
+    """
+    The first ``size`` voxels along each axis of the linear upsampling of ``(B, C, *S)`` by ``scales``
+    (``align_corners=False``: output voxel ``i`` samples the input at ``(i + 0.5) / scale - 0.5``), computed without
+    the rest: ``linear_resize(x, [S_d * scales_d])`` cropped to ``size``, up to rounding. What a feature level at
+    stride ``scales`` over a padded volume gives for the volume's own voxels, with no full-size copy to crop (the
+    cropped view of the full upsampling is strided, and every later use would copy it): on scan B's 167 x 167 x 14
+    grid, 2 CPU threads, IPLSL's three levels take 0.04 s this way against 0.07-0.09 s upsampled, cropped and
+    concatenated. An axis of scale 1 is a crop; only such axes keep a view of ``x``.
+
+    Args:
+        x: ``(B, C, *S)``, 2 or 3 spatial dimensions.
+        scales: the upsampling factor of each spatial axis (``>= 1``).
+        size: the kept voxels along each axis, each at most ``S_d * scales_d``.
+
+    Returns:
+        ``(B, C, *size)``: contiguous when any scale is not 1, else a view of ``x``.
+
+    Raises:
+        ValueError: when ``scales`` or ``size`` do not have one entry per spatial axis, a scale is below 1 or a size
+            exceeds the upsampled extent.
+    """
+    spatial = list(x.shape[2:])
+    if len(scales) != len(spatial) or len(size) != len(spatial) or len(spatial) not in (2, 3):
+        raise ValueError(f"need 2 or 3 spatial axes and one scale and size each, got {spatial}, {scales}, {size}.")
+    for s, f, n in zip(spatial, scales, size):
+        if f < 1 or not 0 < n <= round(s * f):
+            raise ValueError(f"cannot keep {size} voxels of {spatial} upsampled by {scales}.")
+    if len(spatial) == 3:
+        batch, channels, height, width, depth = (int(v) for v in x.shape)
+        if scales[2] != 1:  # the last axis: one 1D interpolation of a (B, C * H * W, D) view
+            flat = x.reshape(batch, channels * height * width, depth)
+            x = torch.ops.aten.upsample_linear1d.default(flat, [int(size[2])], False, float(scales[2]))
+            x = x.reshape(batch, channels, height, width, int(size[2]))
+        else:
+            x = x[..., : int(size[2])]
+        if scales[0] == 1 and scales[1] == 1:
+            return x[:, :, : int(size[0]), : int(size[1])]
+        # the leading axes: one bilinear interpolation of the (B * C, D, H, W) channels-last view, read back as
+        # the contiguous (B, C, *size) volume (linear_resize's factoring)
+        kept = int(x.shape[4])
+        planes = x.reshape(batch * channels, height, width, kept).permute(0, 3, 1, 2)
+        out = torch.ops.aten.upsample_bilinear2d.default(
+            planes, [int(size[0]), int(size[1])], False, float(scales[0]), float(scales[1])
+        )
+        return out.permute(0, 2, 3, 1).reshape(batch, channels, int(size[0]), int(size[1]), kept)
+    if scales[0] == 1 and scales[1] == 1:
+        return x[:, :, : int(size[0]), : int(size[1])]
+    return torch.ops.aten.upsample_bilinear2d.default(
+        x, [int(size[0]), int(size[1])], False, float(scales[0]), float(scales[1])
+    )

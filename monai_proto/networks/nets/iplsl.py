@@ -47,7 +47,7 @@ from monai_proto.networks.layers.prototype import (
     voxel_norm,
 )
 from monai_proto.networks.nets.fewshot import FewShotOutput, PrototypeFewShotNet, class_slots
-from monai_proto.networks.utils import channels_last
+from monai_proto.networks.utils import cat_channels_last
 
 __all__ = ["IPLSLNet"]
 
@@ -196,13 +196,18 @@ class IPLSLNet(PrototypeFewShotNet):
         """Mean (mid level) and peak (high level) prototypes ``(B, 2, K, M, C)`` of ``K - 1`` foreground masks
         ``(B, K - 1, *S)`` and ``M`` background parts ``(B, M, *S)``; ``strength`` ``(B, 1, *S)`` ranks the high
         level's voxels for the peaks (its voxel norm when None)."""
+        # one pooling pass per level over all masks: each mask is pooled on its own, so this equals pooling the
+        # parts and the classes apart (up to rounding), with one read of each level instead of two
+        masks = torch.cat([background_parts, foreground], dim=1)  # type promotion keeps soft weights soft
+        return self._pool_masks(semantic, masks, int(background_parts.shape[1]), strength)
+
+    def _pool_masks(
+        self, semantic: list[torch.Tensor], masks: torch.Tensor, slots: int, strength: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """:meth:`class_prototypes` of the masks ``(B, M + K - 1, *S)``: the ``M = slots`` background parts first."""
         mid, high = semantic
         if strength is None:
             strength = voxel_norm(high.detach())
-        # one pooling pass per level over all masks: each mask is pooled on its own, so this equals pooling the
-        # parts and the classes apart (up to rounding), with one read of each level instead of two
-        slots = background_parts.shape[1]
-        masks = torch.cat([background_parts, foreground], dim=1)  # type promotion keeps soft weights soft
         mean = masked_average_pooling(mid, masks)
         peak = peak_average_pooling(high, masks, fraction=self.peak_fraction, strength=strength)
         return torch.stack(
@@ -228,45 +233,56 @@ class IPLSLNet(PrototypeFewShotNet):
         The query's own prototypes under its predicted classes (hard masks), background voxels pooled by their
         nearest support background part, and which of them rest on enough voxels. ``norms``: the levels' voxel
         norms, when the caller shares them between steps (None computes them); ``nearest``: the nearest parts,
-        when the caller has them (:meth:`query_masks`).
+        when the caller has them (:meth:`query_mask_index`).
 
         Returns:
             prototypes ``(B, 2, K, M, C)`` and ``valid`` ``(B, K, M)``.
         """
         if norms is None:
             norms = [voxel_norm(level) for level in semantic]
-        parts, foreground = self.query_masks(semantic[0], logits, support_prototypes, norms[0], nearest)
-        prototypes = self.class_prototypes(semantic, foreground, parts, norms[1].detach())
-        counts = class_slots(parts.flatten(2).sum(-1, keepdim=True), foreground.flatten(2).sum(-1, keepdim=True))
-        return prototypes, counts[..., 0] >= self.min_self_count(int(parts[0, 0].numel()))
+        slots = int(support_prototypes.shape[3])
+        index = self.query_mask_index(semantic[0], logits, support_prototypes, norms[0], nearest)
+        masks = self._one_hot_masks(index, slots + int(logits.shape[1]) - 1, logits.dtype)
+        prototypes = self._pool_masks(semantic, masks, slots, norms[1].detach())
+        sums = masks.flatten(2).sum(-1, keepdim=True)
+        counts = class_slots(sums[:, :slots], sums[:, slots:])
+        return prototypes, counts[..., 0] >= self.min_self_count(int(masks[0, 0].numel()))
 
-    def query_masks(
+    def query_mask_index(
         self,
         mid: torch.Tensor,
         logits: torch.Tensor,
         support_prototypes: torch.Tensor,
         mid_norm: Optional[torch.Tensor] = None,
         nearest: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The query's hard masks under ``logits`` ``(B, K, *S)``: the background split into the ``M`` parts of the
-        nearest support background prototype (mid level; ``mid_norm`` its voxel norms when already computed;
-        ``nearest`` ``(B, *S)`` the part indices when already known, e.g. from :meth:`logits_and_parts`),
-        ``(B, M, *S)``, and the ``K - 1`` foreground classes, ``(B, K - 1, *S)``; every voxel lies in exactly one
-        of them."""
-        num_classes, slots = logits.shape[1], support_prototypes.shape[3]
+    ) -> torch.Tensor:
+        """The query's hard masks under ``logits`` ``(B, K, *S)``, as the index of each voxel's mask ``(B, *S)``
+        (``long``): the background is split into the ``M`` parts of the nearest support background prototype (mid
+        level; ``mid_norm`` its voxel norms when already computed; ``nearest`` ``(B, *S)`` the part indices when
+        already known, e.g. from :meth:`logits_and_parts`), indices ``[0, M)``, and a voxel of class ``k >= 1`` is
+        in mask ``M + k - 1``. Every voxel lies in exactly one of the ``M + K - 1`` masks."""
+        slots = int(support_prototypes.shape[3])
         # max(dim=1).indices, not argmax(dim=1): the same first-maximum rule, many times faster on CPU
-        predicted = F.one_hot(logits.max(dim=1).indices, num_classes).movedim(-1, 1).to(logits.dtype)
+        predicted = logits.max(dim=1).indices
         if nearest is None:
             similarity = prototype_similarity(mid, support_prototypes[:, 0, 0], feature_norm=mid_norm)
             nearest = similarity.max(dim=1).indices
-        parts = F.one_hot(nearest, slots).movedim(-1, 1).to(logits.dtype) * predicted[:, :1]
-        return parts, predicted[:, 1:]
+        return torch.where(predicted == 0, nearest, predicted + (slots - 1))
+
+    @staticmethod
+    def _one_hot_masks(index: torch.Tensor, num_masks: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, *S)`` mask indices -> ``(B, num_masks, *S)`` hard masks of ``dtype``, written by one scatter (a
+        one-hot of ``F.one_hot``, moved to the channel axis and cast, is three passes over a volume of ``int64``)."""
+        shape = [int(index.shape[0]), int(num_masks)] + [int(v) for v in index.shape[1:]]
+        masks = torch.zeros(shape, dtype=dtype, device=index.device)
+        return masks.scatter_(1, index.unsqueeze(1), 1.0)
 
     def logits_and_parts(
         self, semantic: list[torch.Tensor], prototypes: torch.Tensor, norms: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`prototype_logits` of the mid and high levels ``semantic`` (voxel norms ``norms``) and, from the same
-        similarity pass, each voxel's nearest background part at the mid level ``(B, *S)`` (:meth:`query_masks`)."""
+        similarity pass, each voxel's nearest background part at the mid level ``(B, *S)``
+        (:meth:`query_mask_index`)."""
         mid, parts = nearest_prototype_logits(semantic[0], prototypes[:, 0], tau=self.tau, feature_norm=norms[0])
         high = multi_prototype_logits(semantic[1], prototypes[:, 1], tau=self.tau, feature_norm=norms[1])
         return torch.stack([mid, high]).mean(dim=0), parts[:, 0]
@@ -323,7 +339,7 @@ class IPLSLNet(PrototypeFewShotNet):
         """The boundary head's residual on the low level and the self-learning logits (zero without a head)."""
         if self.boundary_head is None:
             return torch.zeros_like(self_logits)
-        fused = channels_last(torch.cat([low, self_logits.softmax(dim=1)], dim=1))
+        fused = cat_channels_last([low, self_logits.softmax(dim=1)])
         return self.boundary_head(fused).contiguous()
 
     @torch.jit.unused
@@ -413,13 +429,14 @@ class IPLSLNet(PrototypeFewShotNet):
             mid, high = self.upsample_slab(levels, size, start, min(start + slab, depth), device)
             norms = [voxel_norm(mid), voxel_norm(high)]  # shared by the cosines, the masks and the peak strengths
             logits = self.prototype_logits([mid, high], logit_prototypes, norms)
-            masks = torch.cat(self.query_masks(mid, logits, support_prototypes, norms[0]), dim=1)  # one mask a voxel
+            index = self.query_mask_index(mid, logits, support_prototypes, norms[0])  # one mask a voxel
+            masks = self._one_hot_masks(index, num_masks, logits.dtype)
             mean_sums += torch.einsum("bkn,bcn->bkc", masks.flatten(2), mid.flatten(2))
             counts += masks.flatten(2).sum(-1)
             voxels = slice(offset, offset + mid[0, 0].numel())
             offset = voxels.stop
             strength[:, voxels] = norms[1].flatten(1).cpu()  # activation_strength: the voxel norm
-            ids[:, voxels] = masks.max(dim=1).indices.flatten(1).to(torch.int16).cpu()
+            ids[:, voxels] = index.flatten(1).to(torch.int16).cpu()
         # the peak threshold of every mask: its ceil(fraction * n)-th strongest voxel (peak_mask's rule)
         thresholds = torch.full((batch, num_masks), math.inf, dtype=strength.dtype)
         for b in range(batch):
