@@ -228,6 +228,10 @@ def test_nearest_prototype_logits_names_the_nearest_prototype_of_each_class():
     assert len(torch.unique(nearest)) == 4  # every prototype is nearest somewhere: the test can tell them apart
     with pytest.raises(ValueError):
         nearest_prototype_logits(features, protos, tau=0.0)
+    first, only = nearest_prototype_logits(features, protos, tau=0.2, index_classes=2)  # the first classes' only
+    assert torch.equal(first, logits) and torch.equal(only, nearest[:, :2])
+    with pytest.raises(ValueError, match="index_classes"):
+        nearest_prototype_logits(features, protos, tau=0.2, index_classes=0)
     # ties name the first maximum, as max(dim) does; the gradient is max(dim)'s when the tied slots share one source
     tied = torch.cat([protos[:, :, :2], protos[:, :, :1].expand(-1, -1, 2, -1)], dim=2)  # slots 2, 3 repeat slot 0
     feats = features.clone().requires_grad_(True)

@@ -189,7 +189,7 @@ def multi_prototype_logits(
     if reduction not in ("max", "logsumexp"):
         raise ValueError(f"reduction must be 'max' or 'logsumexp', got '{reduction}'.")
     if reduction == "max":  # validates the prototypes' shape itself
-        return _nearest_prototype(features, prototypes, tau, feature_norm, False)[0]
+        return _nearest_prototype(features, prototypes, tau, feature_norm, 0)[0]
     if prototypes.ndim not in (3, 4):
         raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes, num_protos = prototypes.shape[-3], prototypes.shape[-2]
@@ -200,7 +200,11 @@ def multi_prototype_logits(
 
 
 def nearest_prototype_logits(
-    features: torch.Tensor, prototypes: torch.Tensor, tau: float = 0.1, feature_norm: Optional[torch.Tensor] = None
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    tau: float = 0.1,
+    feature_norm: Optional[torch.Tensor] = None,
+    index_classes: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     :func:`multi_prototype_logits` with ``reduction="max"``, and which of its ``M`` prototypes is each class's
@@ -211,16 +215,24 @@ def nearest_prototype_logits(
         prototypes: ``(K, M, C)`` shared by the batch, or ``(B, K, M, C)`` per sample.
         tau: temperature (> 0). Defaults to 0.1.
         feature_norm: the voxel norms of ``features`` (:func:`voxel_norm`) when already computed. Defaults to None.
+        index_classes: the nearest prototype of the first this many classes only (e.g. 1: the background's, when
+            only its parts are needed; each class's index costs a pass over the volume per prototype). None: every
+            class. Defaults to None.
 
     Returns:
-        class logits ``(B, K, *S)`` and the nearest prototype's index ``(B, K, *S)`` (``long``, in ``[0, M)``).
+        class logits ``(B, K, *S)`` and the nearest prototype's index ``(B, K', *S)`` (``long``, in ``[0, M)``;
+        ``K' = index_classes`` or ``K``).
 
     Raises:
-        ValueError: when ``tau <= 0`` or ``prototypes`` is not 3D or 4D.
+        ValueError: when ``tau <= 0``, ``prototypes`` is not 3D or 4D or ``index_classes`` is not in ``[1, K]``.
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}.")
-    logits, indices = _nearest_prototype(features, prototypes, tau, feature_norm, True)
+    num_classes = int(prototypes.shape[-3])
+    kept = num_classes if index_classes is None else int(index_classes)
+    if not 1 <= kept <= num_classes:
+        raise ValueError(f"index_classes must be in [1, {num_classes}], but got {index_classes}.")
+    logits, indices = _nearest_prototype(features, prototypes, tau, feature_norm, kept)
     assert indices is not None
     return logits, indices
 
@@ -230,9 +242,10 @@ def _nearest_prototype(
     prototypes: torch.Tensor,
     tau: float,
     feature_norm: Optional[torch.Tensor],
-    with_indices: bool,
+    index_classes: int,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The max-reduction logits ``(B, K, *S)`` and, when ``with_indices``, each class's first nearest prototype.
+    """The max-reduction logits ``(B, K, *S)`` and, for the first ``index_classes`` classes (none when 0), each one's
+    first nearest prototype.
 
     ``amax`` and a running comparison replace ``max(dim)``, whose indexed reduction over the short ``M`` axis is
     many times slower on the CPU (1 thread, ``(1, 2, 4, 167, 167, 14)`` similarities: 13-23 ms against 0.3 ms for
@@ -249,11 +262,12 @@ def _nearest_prototype(
     grouped = dots.reshape([dots.shape[0], num_classes, num_protos] + list(dots.shape[2:]))
     best = grouped.amax(dim=2)
     indices: Optional[torch.Tensor] = None
-    if with_indices:
+    if index_classes > 0:
         with torch.no_grad():  # the first maximum, as max(dim) gives it (NaN aside): lower indices written last
-            found = torch.zeros(best.shape, dtype=torch.long, device=best.device)
+            kept_best = best[:, :index_classes]
+            found = torch.zeros(kept_best.shape, dtype=torch.long, device=best.device)
             for m in range(num_protos - 1, -1, -1):
-                found.masked_fill_(grouped[:, :, m] == best, m)
+                found.masked_fill_(grouped[:, :index_classes, m] == kept_best, m)
         indices = found
     norm = voxel_norm(features) if feature_norm is None else feature_norm
     return best / (norm.clamp_min(1e-8) * tau), indices

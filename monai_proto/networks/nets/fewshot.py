@@ -478,11 +478,12 @@ class PrototypeFewShotNet(nn.Module):
         """
         if prototypes.ndim != 5 or prototypes.shape[1] != len(levels):
             raise ValueError(f"prototypes must be (B, {len(levels)}, K, M, C), but got {list(prototypes.shape)}.")
-        logits: list[torch.Tensor] = []
+        total = torch.zeros(0)
         for i in range(len(levels)):
             norm = None if norms is None else norms[i]
-            logits.append(multi_prototype_logits(levels[i], prototypes[:, i], tau=self.tau, feature_norm=norm))
-        return torch.stack(logits).mean(dim=0)
+            logits = multi_prototype_logits(levels[i], prototypes[:, i], tau=self.tau, feature_norm=norm)
+            total = logits if i == 0 else total + logits  # a running sum: no stacked copy of every level's maps
+        return total / len(levels)
 
     # ----------------------------------------------------------------------------------------------- segment
     def _segment_features(

@@ -283,9 +283,9 @@ class IPLSLNet(PrototypeFewShotNet):
         """:meth:`prototype_logits` of the mid and high levels ``semantic`` (voxel norms ``norms``) and, from the same
         similarity pass, each voxel's nearest background part at the mid level ``(B, *S)``
         (:meth:`query_mask_index`)."""
-        mid, parts = nearest_prototype_logits(semantic[0], prototypes[:, 0], tau=self.tau, feature_norm=norms[0])
+        mid, parts = nearest_prototype_logits(semantic[0], prototypes[:, 0], self.tau, norms[0], index_classes=1)
         high = multi_prototype_logits(semantic[1], prototypes[:, 1], tau=self.tau, feature_norm=norms[1])
-        return torch.stack([mid, high]).mean(dim=0), parts[:, 0]
+        return (mid + high) / 2, parts[:, 0]
 
     def min_self_count(self, num_voxels: int) -> float:
         """Fewest voxels a query prototype must rest on, in a query of ``num_voxels`` voxels."""
