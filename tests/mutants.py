@@ -167,8 +167,12 @@ MUTANTS = [
         "iplsl",
         "one-pass query masks take the nearest part of the foreground's slots, not the background's",
         "monai_proto/networks/nets/iplsl.py",
-        "return torch.stack([mid, high]).mean(dim=0), parts[:, 0]",
-        "return torch.stack([mid, high]).mean(dim=0), parts[:, -1]",
+        "norms[0], index_classes=1)\n"
+        "        high = multi_prototype_logits(semantic[1], prototypes[:, 1], tau=self.tau, feature_norm=norms[1])\n"
+        "        return (mid + high) / 2, parts[:, 0]",
+        "norms[0])\n"
+        "        high = multi_prototype_logits(semantic[1], prototypes[:, 1], tau=self.tau, feature_norm=norms[1])\n"
+        "        return (mid + high) / 2, parts[:, -1]",
         ("tests/test_iplsl.py::test_slab_wise_query_step_equals_the_whole_volume_pass",),
     ),
     Mutant(

@@ -163,6 +163,8 @@ def test_linear_resize_equals_trilinear_interpolation_with_its_gradient(size, ta
         ((5, 6, 3), [2.0, 2.0, 4.0], [9, 12, 10]),  # every axis upsampled, the ends cropped
         ((5, 6, 3), [4.0, 1.0, 2.0], [20, 5, 5]),  # one axis kept, cropped
         ((5, 6, 3), [1.0, 1.0, 1.0], [4, 6, 2]),  # a plain crop
+        ((5, 6, 3), [1.0, 1.0, 2.0], [4, 5, 5]),  # the last axis upsampled, the leading ones cropped
+        ((5, 6, 3), [2.0, 2.0, 1.0], [9, 11, 2]),  # the last axis cropped, the leading ones upsampled
         ((7, 6), [2.0, 4.0], [13, 21]),
         ((7, 6), [1.0, 1.0], [5, 6]),
     ],
@@ -230,8 +232,9 @@ def test_nearest_prototype_logits_names_the_nearest_prototype_of_each_class():
         nearest_prototype_logits(features, protos, tau=0.0)
     first, only = nearest_prototype_logits(features, protos, tau=0.2, index_classes=2)  # the first classes' only
     assert torch.equal(first, logits) and torch.equal(only, nearest[:, :2])
-    with pytest.raises(ValueError, match="index_classes"):
-        nearest_prototype_logits(features, protos, tau=0.2, index_classes=0)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="index_classes"):
+            nearest_prototype_logits(features, protos, tau=0.2, index_classes=bad)
     # ties name the first maximum, as max(dim) does; the gradient is max(dim)'s when the tied slots share one source
     tied = torch.cat([protos[:, :, :2], protos[:, :, :1].expand(-1, -1, 2, -1)], dim=2)  # slots 2, 3 repeat slot 0
     feats = features.clone().requires_grad_(True)

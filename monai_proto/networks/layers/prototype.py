@@ -228,6 +228,8 @@ def nearest_prototype_logits(
     """
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}.")
+    if prototypes.ndim not in (3, 4):
+        raise ValueError(f"prototypes must be (K, M, C) or (B, K, M, C), got {list(prototypes.shape)}.")
     num_classes = int(prototypes.shape[-3])
     kept = num_classes if index_classes is None else int(index_classes)
     if not 1 <= kept <= num_classes:

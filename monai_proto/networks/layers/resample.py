@@ -127,7 +127,8 @@ def upsampled_crop(x: torch.Tensor, scales: list[float], size: list[int]) -> tor
         else:
             x = x[..., : int(size[2])]
         if scales[0] == 1 and scales[1] == 1:
-            return x[:, :, : int(size[0]), : int(size[1])]
+            cropped = x[:, :, : int(size[0]), : int(size[1])]
+            return cropped.contiguous() if scales[2] != 1 else cropped
         # the leading axes: one bilinear interpolation of the (B * C, D, H, W) channels-last view, read back as
         # the contiguous (B, C, *size) volume (linear_resize's factoring)
         kept = int(x.shape[4])

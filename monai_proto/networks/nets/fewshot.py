@@ -236,8 +236,9 @@ class PrototypeFewShotNet(nn.Module):
         The levels of :meth:`features_from_levels` apart, each cropped to its first ``keep`` voxels along each axis
         (a volume's own voxels within its end-padded ``size``), what :meth:`segment_levels` takes: an upsampled
         level is interpolated at the kept voxels only (:func:`~monai_proto.networks.layers.resample.upsampled_crop`,
-        contiguous), a level at the input's resolution is a view, and no concatenation copies them (scan B,
-        167 x 167 x 14 on 2 CPU threads: IPLSL's three levels in 0.04 s instead of 0.07-0.09 s).
+        contiguous), a level at the input's resolution is a view (copied once when it carries prototypes), and no
+        concatenation copies them (scan B, 167 x 167 x 14 on 2 CPU threads: IPLSL's three levels in 0.04 s instead
+        of 0.07-0.09 s).
 
         Args:
             levels: one ``(B, level_channels[i], *S_i)`` map per level, ``size`` a multiple of each ``S_i``.
@@ -247,10 +248,13 @@ class PrototypeFewShotNet(nn.Module):
         Returns:
             one ``(B, level_channels[i], *keep)`` map per level.
         """
-        return [
+        cropped = [
             upsampled_crop(level, [float(s) / float(v) for s, v in zip(size, level.shape[2:])], keep)
             for level in levels
         ]
+        # a prototype level at the input's resolution is read many times (cosines, poolings): one copy now, not one
+        # per read of a strided view
+        return [c.contiguous() if i in self.semantic_levels else c for i, c in enumerate(cropped)]
 
     @torch.jit.unused
     def extract_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
