@@ -86,6 +86,12 @@ def test_peak_selection_by_order_statistic_equals_the_sort_and_traces():
         selected = peak_mask(weights, strength, fraction)
         assert torch.equal(selected.flatten(2) > 0, expected) and selected[:, 3].sum() == 0
         assert bool(((selected.flatten(2).sum(2) >= keep) | ~inside.any(2)).all())
+    own = torch.rand(2, 4, 7, 9)  # a strength per channel: each channel ranks its voxels by its own map
+    inside_own = weights.flatten(2) > 0
+    keep = peak_keep_count(inside_own.sum(2), 0.37)
+    by_sort = peak_thresholds(own.flatten(2), inside_own, keep, by_sort=True)
+    assert torch.equal(peak_mask(weights, own, 0.37).flatten(2) > 0, inside_own & (own.flatten(2) >= by_sort))
+    assert not torch.equal(peak_mask(weights, own, 0.37), peak_mask(weights, own[:, :1], 0.37))
     traced = torch.jit.trace(lambda w, s: peak_mask(w, s, 0.37), (weights, strength), check_trace=False)
     other = weights.roll(1, dims=1)  # another channel is empty now
     torch.testing.assert_close(traced(other, strength.flip(-1)), peak_mask(other, strength.flip(-1), 0.37))
