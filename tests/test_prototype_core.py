@@ -260,6 +260,36 @@ def test_cat_channels_last_keeps_the_values():
         assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
 
 
+def test_inference_prelu_is_prelu_and_reuses_its_input_only_without_autograd():
+    from monai_proto.networks.layers.activation import InferencePReLU
+
+    reference, lean = nn.PReLU(init=0.3), InferencePReLU(init=0.3)
+    lean.load_state_dict(reference.state_dict())  # the same parameter name: checkpoints of a PReLU load
+    x = torch.randn(2, 3, 4, 5, 6)
+    expected = reference(x)
+    # inference: the same values, written over the input (no new tensor)
+    y = x.clone()
+    with torch.no_grad():
+        out = lean(y)
+    assert torch.equal(out, expected.detach()) and out.data_ptr() == y.data_ptr()
+    assert torch.equal(y, expected.detach())
+    # training: the input is left alone and the slope gets PReLU's gradient
+    y = x.clone().requires_grad_()
+    out = lean(y)
+    assert torch.equal(out, expected) and torch.equal(y.detach(), x)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert lean.weight.grad is not None and torch.allclose(lean.weight.grad, reference.weight.grad)
+    # several slopes: PReLU, input untouched; TorchScript: PReLU
+    several = InferencePReLU(num_parameters=3, init=0.2)
+    y = x.clone()
+    with torch.no_grad():
+        assert torch.equal(several(y), F.prelu(x, several.weight)) and torch.equal(y, x)
+        scripted = torch.jit.script(InferencePReLU(init=0.3))
+        y = x.clone()
+        assert torch.equal(scripted(y), expected.detach()) and torch.equal(y, x)
+
+
 # ---------------------------------------------------------------- Sinkhorn-Knopp
 def test_sinkhorn_balances_skewed_scores():
     gen = torch.Generator().manual_seed(0)

@@ -69,6 +69,11 @@ def peak_mask(
     Raises:
         ValueError: when ``fraction`` is not in ``(0, 1]``, ``min_voxels < 1`` or the shapes do not match.
     """
+    return _peak_selection(weights, strength, fraction, min_voxels).to(weights.dtype)
+
+
+def _peak_selection(weights: torch.Tensor, strength: torch.Tensor, fraction: float, min_voxels: int) -> torch.Tensor:
+    """:func:`peak_mask` as a ``bool`` tensor (``(B, K, *S)``): a product with it needs no float copy of the mask."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], but got {fraction}.")
     if min_voxels < 1:
@@ -91,7 +96,7 @@ def peak_mask(
     by_sort = torch.jit.is_tracing() or torch.compiler.is_compiling()  # a trace or an export keeps no Python loop
     threshold = peak_thresholds(flat_strength, inside, keep, by_sort)
     selected = inside & (flat_strength >= threshold)
-    return selected.reshape(weights.shape).to(weights.dtype)
+    return selected.reshape(weights.shape)
 
 
 def peak_thresholds(strength: torch.Tensor, inside: torch.Tensor, keep: torch.Tensor, by_sort: bool) -> torch.Tensor:
@@ -164,5 +169,6 @@ def peak_average_pooling(
         )
     if strength is None:
         strength = activation_strength(features.detach())
-    selection = peak_mask(weights, strength.detach(), fraction=fraction, min_voxels=min_voxels)
+    # the weights times the boolean selection: one tensor of the weights' size, not a float mask and then the product
+    selection = _peak_selection(weights, strength.detach(), fraction, min_voxels)
     return masked_average_pooling(features, weights * selection, eps=eps)

@@ -37,6 +37,7 @@ from monai.networks.layers import Conv
 
 from monai_proto.networks.blocks.backbones import FeatureBackbone
 from monai_proto.networks.blocks.prototype_interaction import PrototypeInteractionBlock
+from monai_proto.networks.layers.activation import InferencePReLU
 from monai_proto.networks.layers.peak import peak_average_pooling, peak_keep_count
 from monai_proto.networks.layers.prototype import (
     masked_average_pooling,
@@ -158,7 +159,12 @@ class IPLSLNet(PrototypeFewShotNet):
             # patches in training, on whole volumes at inference and on windows in the slab path (window_residual)
             self.boundary_head = nn.Sequential(
                 Convolution(
-                    spatial_dims, low_channels + out_channels, boundary_channels, kernel_size=3, act="prelu", norm=None
+                    spatial_dims,
+                    low_channels + out_channels,
+                    boundary_channels,
+                    kernel_size=3,
+                    act=(InferencePReLU, {}),  # a PReLU that overwrites the convolution's output at inference
+                    norm=None,
                 ),
                 last,
             )
