@@ -339,14 +339,16 @@ class IPLSLNet(PrototypeFewShotNet):
         """Low-level boundary fusion (residual, zero at initialisation): the final logits."""
         if self.boundary_head is None:
             return self_logits
-        return self_logits + self.boundary_residual(low, self_logits)
+        # the logits first: the sum takes their layout, so the channels-last residual needs no contiguous copy
+        return self_logits + self.boundary_residual(low, self_logits, contiguous=False)
 
-    def boundary_residual(self, low: torch.Tensor, self_logits: torch.Tensor) -> torch.Tensor:
-        """The boundary head's residual on the low level and the self-learning logits (zero without a head)."""
+    def boundary_residual(self, low: torch.Tensor, self_logits: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+        """The boundary head's residual on the low level and the self-learning logits (zero without a head);
+        ``contiguous=False`` leaves it channels-last, as the head writes it."""
         if self.boundary_head is None:
             return torch.zeros_like(self_logits)
-        fused = cat_channels_last([low, self_logits.softmax(dim=1)])
-        return self.boundary_head(fused).contiguous()
+        residual = self.boundary_head(cat_channels_last([low, self_logits.softmax(dim=1)]))
+        return residual.contiguous() if contiguous else residual
 
     @torch.jit.unused
     def window_residual(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
