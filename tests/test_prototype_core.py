@@ -288,6 +288,11 @@ def test_inference_prelu_is_prelu_and_reuses_its_input_only_without_autograd():
         scripted = torch.jit.script(InferencePReLU(init=0.3))
         y = x.clone()
         assert torch.equal(scripted(y), expected.detach()) and torch.equal(y, x)
+        # an export (torch.export, the ONNX exporter's front end) records PReLU, not a constant slope
+        exported = torch.export.export(lean, (x.clone(),))
+        assert "aten.prelu.default" in {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        y = x.clone()
+        assert torch.equal(exported.module()(y), expected.detach()) and torch.equal(y, x)
 
 
 # ---------------------------------------------------------------- Sinkhorn-Knopp

@@ -19,7 +19,8 @@ class InferencePReLU(nn.PReLU):
     16 channels, 25 MB), the fresh output of ``PReLU`` is memory the process must fault in again on every call; on
     the CPU that costs more than the activation itself. Use it only where the input is a temporary nobody else reads
     (e.g. the output of the convolution before it, as in MONAI's ``Convolution(..., act=(InferencePReLU, {}))``).
-    With gradients enabled, several slopes, in TorchScript or under tracing it is ``F.prelu``.
+    With gradients enabled, several slopes, in TorchScript, under tracing or in an export it is ``F.prelu``. Reading
+    the slope's value is one device synchronisation per call on a GPU.
 
     Shapes: ``(B, C, *S)`` -> ``(B, C, *S)``.
     """
@@ -29,6 +30,7 @@ class InferencePReLU(nn.PReLU):
             self.num_parameters == 1
             and not torch.jit.is_scripting()
             and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()  # torch.export / ONNX (dynamo): no value read from a parameter
             and not torch.is_grad_enabled()
             and not x.requires_grad
         ):
