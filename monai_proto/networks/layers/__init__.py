@@ -1,4 +1,5 @@
 # Copyright (c) monai-proto contributors. Licensed under the Apache License, Version 2.0.
+from .activation import InferencePReLU
 from .intensity import intensity_bin_assignment, intensity_bin_prototypes
 from .peak import activation_strength, peak_average_pooling, peak_mask
 from .prototype import (
