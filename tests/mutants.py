@@ -303,6 +303,33 @@ MUTANTS = [
     ),
     Mutant(
         "iplsl",
+        "one-pass semantic levels upsampled whole instead of read on their own grids",
+        "monai_proto/networks/nets/fewshot.py",
+        "cropped.append(UpsampledFeatures(level, scales, keep))",
+        "cropped.append(upsampled_crop(level, scales, keep))",
+        ("tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",),
+    ),
+    Mutant(
+        "iplsl",
+        "pooling on the coarse grid: the adjoint of the last axis's interpolation taken at the wrong scale",
+        "monai_proto/networks/layers/resample.py",
+        "flat, [kept], [batch, channels * height * width, depth], False, scales[2]",
+        "flat, [kept], [batch, channels * height * width, depth], False, 1.0",
+        (
+            "tests/test_prototype_core.py::test_upsampled_crop_adjoint_is_its_transpose",
+            "tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",
+        ),
+    ),
+    Mutant(
+        "iplsl",
+        "voxel norms of a coarse-grid level missing the last chunk of channels",
+        "monai_proto/networks/layers/upsampled.py",
+        "for start in range(0, int(self.coarse.shape[1]), self.chunk):",
+        "for start in range(0, int(self.coarse.shape[1]) - 1, self.chunk):",
+        ("tests/test_prototype_core.py::test_upsampled_features_read_as_the_upsampled_map",),
+    ),
+    Mutant(
+        "iplsl",
         "coarse levels upsampled slab by slab by nearest neighbour along the slab axis",
         "monai_proto/networks/nets/fewshot.py",
         "            weight = (source - below).tolist()\n",

@@ -598,7 +598,7 @@ def test_support_conditioned_inferer_segments_the_whole_volume_once():
     net = iplsl().eval()
     with torch.no_grad():  # the boundary head starts at zero: a live one makes the low level count
         net.boundary_head[-1].weight.normal_(std=0.5)
-    calls = {"prototypes": 0, "segment": []}
+    calls = {"prototypes": 0, "segment": [], "kinds": []}
     original_protos, original_segment = net.prototypes_from_features, net.segment_levels
 
     def counting(*args, **kwargs):
@@ -607,6 +607,7 @@ def test_support_conditioned_inferer_segments_the_whole_volume_once():
 
     def recording(levels, prototypes):
         calls["segment"].append(tuple(levels[0].shape[2:]))
+        calls["kinds"].append([type(level).__name__ for level in levels])
         return original_segment(levels, prototypes)
 
     net.prototypes_from_features, net.segment_levels = counting, recording
@@ -622,6 +623,9 @@ def test_support_conditioned_inferer_segments_the_whole_volume_once():
     assert first.shape == (1, 2, 33, 20, 17) and second.shape == (1, 2, 20, 20, 20)
     assert calls["prototypes"] == 2  # two shots, once
     assert calls["segment"] == [(33, 20, 17), (20, 20, 20)]  # one pass over each whole volume, not per window
+    # the mid and high levels (strides 2 and 4) are read on their own grids, never upsampled whole; the low level
+    # (the boundary head's input) is a tensor at the query's resolution
+    assert calls["kinds"] == [["Tensor", "UpsampledFeatures", "UpsampledFeatures"]] * 2
     with torch.no_grad():  # the same as segmenting the levels stitched at their own strides, upsampled once
         protos = inferer.compute_prototypes(net, [image, image], [label, label])
         padded = inferer._coarse_size([33, 20, 17], 4)

@@ -15,6 +15,7 @@ from monai_proto.losses.prototype import (
     VoxelPrototypeContrastiveLoss,
 )
 from monai_proto.networks.blocks.prototype_bank import PrototypeBank
+from monai_proto.networks.layers.peak import peak_average_pooling
 from monai_proto.networks.layers.prototype import (
     average_prototypes,
     flatten_voxels,
@@ -26,7 +27,13 @@ from monai_proto.networks.layers.prototype import (
     sinkhorn_knopp,
     voxel_norm,
 )
-from monai_proto.networks.layers.resample import linear_resize, linear_resize_leading, upsampled_crop
+from monai_proto.networks.layers.resample import (
+    linear_resize,
+    linear_resize_leading,
+    upsampled_crop,
+    upsampled_crop_adjoint,
+)
+from monai_proto.networks.layers.upsampled import UpsampledFeatures
 
 # four voxels laid out as a 2D (2, 2) or a 3D (2, 1, 2) grid: the flat order is the same
 SPATIAL_4 = [(2, 2), (2, 1, 2)]
@@ -157,6 +164,17 @@ def test_linear_resize_equals_trilinear_interpolation_with_its_gradient(size, ta
         torch.testing.assert_close(linear_resize(wide[:, 1:4], target), ref.detach(), atol=1e-6, rtol=0)
 
 
+UPSAMPLED_CROPS = [
+    ((5, 6, 3), [2.0, 2.0, 4.0], [9, 12, 10]),  # every axis upsampled, the ends cropped
+    ((5, 6, 3), [4.0, 1.0, 2.0], [20, 5, 5]),  # one axis kept, cropped
+    ((5, 6, 3), [1.0, 1.0, 1.0], [4, 6, 2]),  # a plain crop
+    ((5, 6, 3), [1.0, 1.0, 2.0], [4, 5, 5]),  # the last axis upsampled, the leading ones cropped
+    ((5, 6, 3), [2.0, 2.0, 1.0], [9, 11, 2]),  # the last axis cropped, the leading ones upsampled
+    ((7, 6), [2.0, 4.0], [13, 21]),
+    ((7, 6), [1.0, 1.0], [5, 6]),
+]
+
+
 @pytest.mark.parametrize(
     "size, scales, keep",
     [
@@ -184,6 +202,64 @@ def test_upsampled_crop_equals_the_cropped_upsampling(size, scales, keep):
         assert not torch.allclose(linear_resize(x, keep), expected, atol=1e-3)
     with pytest.raises(ValueError, match="cannot keep"):
         upsampled_crop(x, scales, [int(v * f) + 1 for v, f in zip(size, scales)])
+
+
+@pytest.mark.parametrize("size, scales, keep", UPSAMPLED_CROPS)
+def test_upsampled_crop_adjoint_is_its_transpose(size, scales, keep):
+    """<upsampled_crop(x), w> = <x, adjoint(w)> for every x and w: the adjoint equals the gradient of the first form
+    in x (float64, so rounding cannot hide a wrong weight), with a different channel count on each side."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, *keep, dtype=torch.float64)
+    adjoint = upsampled_crop_adjoint(w, list(size), scales)
+    assert adjoint.shape == (2, 4, *size)
+    for k in range(4):  # one weight map at a time against autograd's transpose
+        (grad,) = torch.autograd.grad((upsampled_crop(x, scales, keep) * w[:, k : k + 1]).sum(), x)
+        torch.testing.assert_close(adjoint[:, k : k + 1].expand_as(grad), grad, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="cannot keep"):
+        upsampled_crop_adjoint(w, [v - 1 for v in size], scales) if any(f != 1 for f in scales) else (
+            upsampled_crop_adjoint(torch.zeros(1, 1, *[v + 1 for v in size]), list(size), scales)
+        )
+
+
+@pytest.mark.parametrize("size, scales, keep", UPSAMPLED_CROPS)
+def test_upsampled_features_read_as_the_upsampled_map(size, scales, keep):
+    """Every reading of a feature map by the shared core (voxel norms, cosines and dot products, masked and peak
+    pooling, nearest-prototype logits) gives on an UpsampledFeatures what it gives on the map upsampled and cropped
+    (the norms exactly: the same channels summed in the same order, here over chunks that do not divide the
+    channels)."""
+    torch.manual_seed(0)
+    coarse = torch.randn(2, 5, *size)
+    full = upsampled_crop(coarse, scales, keep).contiguous()
+    lazy = UpsampledFeatures(coarse, scales, keep, chunk=2)
+    assert lazy.shape == full.shape and lazy.ndim == full.ndim and lazy.dtype == full.dtype
+    assert torch.equal(lazy.materialize(), upsampled_crop(coarse, scales, keep))
+    assert torch.equal(voxel_norm(lazy), voxel_norm(full))
+    prototypes = torch.randn(2, 3, 4, 5)  # (B, K, M, C)
+    for shared in (prototypes[0, 0], prototypes[:, 0]):  # (P, C) and (B, P, C)
+        for normalize in (True, False):
+            torch.testing.assert_close(
+                prototype_similarity(lazy, shared, normalize=normalize),
+                prototype_similarity(full, shared, normalize=normalize),
+                atol=1e-5,
+                rtol=1e-5,
+            )
+    weights = torch.rand(2, 3, *keep) * (torch.rand(2, 3, *keep) > 0.5)
+    torch.testing.assert_close(masked_average_pooling(lazy, weights), masked_average_pooling(full, weights))
+    strength = voxel_norm(full)
+    torch.testing.assert_close(
+        peak_average_pooling(lazy, weights, 0.3, strength), peak_average_pooling(full, weights, 0.3, strength)
+    )
+    for got, expected in zip(
+        nearest_prototype_logits(lazy, prototypes, 0.1), nearest_prototype_logits(full, prototypes, 0.1)
+    ):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        multi_prototype_logits(lazy.to(torch.float64), prototypes, reduction="logsumexp"),
+        multi_prototype_logits(upsampled_crop(coarse.double(), scales, keep), prototypes, reduction="logsumexp"),
+    )
+    with pytest.raises(ValueError, match="chunk"):
+        UpsampledFeatures(coarse, scales, keep, chunk=0)
 
 
 def test_voxel_norm_sums_half_precision_in_float32():

@@ -15,4 +15,5 @@ from .prototype import (
     spherical_kmeans,
     voxel_norm,
 )
-from .resample import area_downsample, linear_resize, linear_resize_leading
+from .resample import area_downsample, linear_resize, linear_resize_leading, upsampled_crop, upsampled_crop_adjoint
+from .upsampled import UpsampledFeatures

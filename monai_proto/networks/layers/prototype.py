@@ -2,7 +2,10 @@
 """Functional prototype operations shared by every prototype-based method of this package.
 
 All operations are spatial-dimension generic: features are ``(B, C, *S)`` with ``S`` = ``(H, W)`` or
-``(H, W, D)``; nothing branches on the number of spatial dimensions.
+``(H, W, D)``; nothing branches on the number of spatial dimensions. In eager PyTorch, the features of
+:func:`voxel_norm`, :func:`masked_average_pooling`, :func:`prototype_similarity` and of what is built on them may also
+be an :class:`~monai_proto.networks.layers.upsampled.UpsampledFeatures` (a map kept at the coarse resolution it is
+upsampled from), with the same results up to rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +14,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from monai_proto.networks.layers.upsampled import (
+    is_upsampled,
+    upsampled_dot,
+    upsampled_norm,
+    upsampled_weighted_sum,
+)
 
 __all__ = [
     "average_prototypes",
@@ -45,6 +55,8 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     Returns:
         norms ``(B, 1, *S)``.
     """
+    if not torch.jit.is_scripting() and is_upsampled(features):
+        return upsampled_norm(features, eps)
     flat = features.flatten(2)
     # half precision (AMP) sums in float32, as the matrix product that computed it before did
     dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
@@ -88,9 +100,11 @@ def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: f
             f"{list(features.shape)} and weights {list(weights.shape)}."
         )
     weights = weights.to(features.dtype)
-    flat_features = features.flatten(2)  # (B, C, N)
     flat_weights = weights.flatten(2)  # (B, K, N)
-    weighted_sum = torch.einsum("bkn,bcn->bkc", flat_weights, flat_features)
+    if not torch.jit.is_scripting() and is_upsampled(features):
+        weighted_sum = upsampled_weighted_sum(features, weights)
+    else:
+        weighted_sum = torch.einsum("bkn,bcn->bkc", flat_weights, features.flatten(2))
     return weighted_sum / (flat_weights.sum(dim=2).unsqueeze(-1) + eps)
 
 
@@ -144,9 +158,11 @@ def prototype_similarity(
     prototypes = prototypes.to(features.dtype)
     if normalize:
         prototypes = F.normalize(prototypes, dim=-1, eps=eps)
-    flat = features.flatten(2)  # (B, C, N)
-    equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
-    sim = torch.einsum(equation, flat, prototypes)
+    if not torch.jit.is_scripting() and is_upsampled(features):
+        sim = upsampled_dot(features, prototypes).flatten(2)
+    else:
+        equation = "bcn,pc->bpn" if prototypes.ndim == 2 else "bcn,bpc->bpn"
+        sim = torch.einsum(equation, features.flatten(2), prototypes)  # (B, P, N)
     if normalize:  # F.normalize(features)'s max(|f|, eps), applied to the P maps instead of the C channels
         norm = voxel_norm(features, eps) if feature_norm is None else feature_norm
         sim = sim / norm.flatten(2).clamp_min(eps)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["area_downsample", "linear_resize", "linear_resize_leading", "upsampled_crop"]
+__all__ = [
+    "area_downsample",
+    "linear_resize",
+    "linear_resize_leading",
+    "upsampled_crop",
+    "upsampled_crop_adjoint",
+]
 
 
 def area_downsample(x: torch.Tensor, size: list[int]) -> torch.Tensor:
@@ -113,11 +119,7 @@ def upsampled_crop(x: torch.Tensor, scales: list[float], size: list[int]) -> tor
             exceeds the upsampled extent.
     """
     spatial = list(x.shape[2:])
-    if len(scales) != len(spatial) or len(size) != len(spatial) or len(spatial) not in (2, 3):
-        raise ValueError(f"need 2 or 3 spatial axes and one scale and size each, got {spatial}, {scales}, {size}.")
-    for s, f, n in zip(spatial, scales, size):
-        if f < 1 or not 0 < n <= round(s * f):
-            raise ValueError(f"cannot keep {size} voxels of {spatial} upsampled by {scales}.")
+    _check_upsampled_crop([int(v) for v in spatial], scales, size)
     if len(spatial) == 3:
         batch, channels, height, width, depth = (int(v) for v in x.shape)
         if scales[2] != 1:  # the last axis: one 1D interpolation of a (B, C * H * W, D) view
@@ -142,3 +144,69 @@ def upsampled_crop(x: torch.Tensor, scales: list[float], size: list[int]) -> tor
     return torch.ops.aten.upsample_bilinear2d.default(
         x, [int(size[0]), int(size[1])], False, float(scales[0]), float(scales[1])
     )
+
+
+def _check_upsampled_crop(spatial: list[int], scales: list[float], size: list[int]) -> None:
+    """:func:`upsampled_crop`'s argument check: a scale and a kept size per axis, 2 or 3 axes."""
+    if len(scales) != len(spatial) or len(size) != len(spatial) or len(spatial) not in (2, 3):
+        raise ValueError(f"need 2 or 3 spatial axes and one scale and size each, got {spatial}, {scales}, {size}.")
+    for s, f, n in zip(spatial, scales, size):
+        if f < 1 or not 0 < n <= round(s * f):
+            raise ValueError(f"cannot keep {size} voxels of {spatial} upsampled by {scales}.")
+
+
+def _pad_end(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """``x`` zero-padded at the end of ``dim`` to ``length``: the adjoint of keeping its first voxels."""
+    if int(x.shape[dim]) == length:
+        return x
+    shape = list(x.shape)
+    shape[dim] = length - int(x.shape[dim])
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def upsampled_crop_adjoint(weights: torch.Tensor, input_size: list[int], scales: list[float]) -> torch.Tensor:
+    """
+    The adjoint (transpose) of :func:`upsampled_crop`: for maps ``x`` ``(B, C, *input_size)`` and ``weights``
+    ``(B, K, *size)``, ``sum_v weights[:, k, v] * upsampled_crop(x, scales, size)[:, c, v]`` equals
+    ``sum_u upsampled_crop_adjoint(weights, input_size, scales)[:, k, u] * x[:, c, u]`` (up to rounding). A weighted
+    sum over the voxels of an upsampled map (a masked average pooling) is thus computed on the map itself, without
+    upsampling it. Each step of :func:`upsampled_crop` is transposed in the reverse order: an interpolation by the
+    backward of its kernel, a crop by zero padding.
+
+    Args:
+        weights: ``(B, K, *size)``, 2 or 3 spatial dimensions.
+        input_size: the spatial size of the maps :func:`upsampled_crop` upsamples.
+        scales: its upsampling factor of each spatial axis.
+
+    Returns:
+        ``(B, K, *input_size)``.
+
+    Raises:
+        ValueError: as :func:`upsampled_crop` for these sizes and scales.
+    """
+    size = [int(v) for v in weights.shape[2:]]
+    _check_upsampled_crop([int(v) for v in input_size], scales, size)
+    batch, channels = int(weights.shape[0]), int(weights.shape[1])
+    if len(size) == 2:
+        if scales[0] == 1 and scales[1] == 1:
+            return _pad_end(_pad_end(weights, 2, int(input_size[0])), 3, int(input_size[1]))
+        return torch.ops.aten.upsample_bilinear2d_backward.default(
+            weights, size, [batch, channels, int(input_size[0]), int(input_size[1])], False, scales[0], scales[1]
+        )
+    height, width, depth = (int(v) for v in input_size)
+    kept = size[2]
+    if scales[0] == 1 and scales[1] == 1:  # the leading axes were cropped
+        x = _pad_end(_pad_end(weights, 2, height), 3, width)
+    else:  # the transposed bilinear pass over the (B * K, kept, H, W) view
+        planes = weights.reshape(batch * channels, size[0], size[1], kept).permute(0, 3, 1, 2)
+        grad = torch.ops.aten.upsample_bilinear2d_backward.default(
+            planes, size[:2], [batch * channels, kept, height, width], False, scales[0], scales[1]
+        )
+        x = grad.permute(0, 2, 3, 1).reshape(batch, channels, height, width, kept)
+    if scales[2] == 1:
+        return _pad_end(x, 4, depth)
+    flat = x.reshape(batch, channels * height * width, kept)
+    grad = torch.ops.aten.upsample_linear1d_backward.default(
+        flat, [kept], [batch, channels * height * width, depth], False, scales[2]
+    )
+    return grad.reshape(batch, channels, height, width, depth)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.layers.prototype import multi_prototype_logits
 from monai_proto.networks.layers.resample import linear_resize, linear_resize_leading, upsampled_crop
+from monai_proto.networks.layers.upsampled import UpsampledFeatures
 
 __all__ = ["FewShotOutput", "PrototypeFewShotNet", "class_slots"]
 
@@ -234,11 +235,19 @@ class PrototypeFewShotNet(nn.Module):
     def crop_levels(self, levels: list[torch.Tensor], size: list[int], keep: list[int]) -> list[torch.Tensor]:
         """
         The levels of :meth:`features_from_levels` apart, each cropped to its first ``keep`` voxels along each axis
-        (a volume's own voxels within its end-padded ``size``), what :meth:`segment_levels` takes: an upsampled
-        level is interpolated at the kept voxels only (:func:`~monai_proto.networks.layers.resample.upsampled_crop`,
-        contiguous), a level at the input's resolution is a view (copied once when it carries prototypes), and no
-        concatenation copies them (scan B, 167 x 167 x 14 on 2 CPU threads: IPLSL's three levels in 0.04 s instead
-        of 0.07-0.09 s).
+        (a volume's own voxels within its end-padded ``size``), what :meth:`segment_levels` takes, and no
+        concatenation copies them:
+
+        - a level that carries prototypes (``semantic_levels``) at a coarser stride is not upsampled at all: it is an
+          :class:`~monai_proto.networks.layers.upsampled.UpsampledFeatures`, which the shared prototype core reads
+          through dot products, pooled sums and voxel norms computed on the coarse map (the same values up to
+          rounding). A method's query step must read its semantic levels only through the core's functions;
+        - another upsampled level is interpolated at the kept voxels only
+          (:func:`~monai_proto.networks.layers.resample.upsampled_crop`, contiguous);
+        - a level at the input's resolution is a view (copied once when it carries prototypes).
+
+        On scan B (167 x 167 x 14, 2 CPU threads) IPLSL's mid and high levels (32 channels at strides 2 and 4)
+        would be 50 MB each upsampled.
 
         Args:
             levels: one ``(B, level_channels[i], *S_i)`` map per level, ``size`` a multiple of each ``S_i``.
@@ -246,15 +255,22 @@ class PrototypeFewShotNet(nn.Module):
             keep: the kept voxels along each axis, at most ``size``.
 
         Returns:
-            one ``(B, level_channels[i], *keep)`` map per level.
+            one ``(B, level_channels[i], *keep)`` map per level (a tensor or an ``UpsampledFeatures``).
         """
-        cropped = [
-            upsampled_crop(level, [float(s) / float(v) for s, v in zip(size, level.shape[2:])], keep)
-            for level in levels
-        ]
-        # a prototype level at the input's resolution is read many times (cosines, poolings): one copy now, not one
-        # per read of a strided view
-        return [c.contiguous() if i in self.semantic_levels else c for i, c in enumerate(cropped)]
+        cropped: list[Any] = []
+        for i, level in enumerate(levels):
+            scales = [float(s) / float(v) for s, v in zip(size, level.shape[2:])]
+            if i not in self.semantic_levels:
+                cropped.append(upsampled_crop(level, scales, keep))
+            elif any(f != 1 for f in scales):
+                # read only through cosines, poolings and voxel norms, which the shared core computes on the coarse
+                # map: never upsampled whole
+                cropped.append(UpsampledFeatures(level, scales, keep))
+            else:
+                # a prototype level at the input's resolution is read many times: one copy now, not one per read of
+                # a strided view
+                cropped.append(upsampled_crop(level, scales, keep).contiguous())
+        return cropped
 
     @torch.jit.unused
     def extract_levels(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
