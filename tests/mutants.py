@@ -303,6 +303,14 @@ MUTANTS = [
     ),
     Mutant(
         "iplsl",
+        "boundary head in blocks without the halo rows its convolution reads",
+        "monai_proto/networks/nets/iplsl.py",
+        "first, last = max(start - 1, 0), min(stop + 1, rows)",
+        "first, last = start, stop",
+        ("tests/test_iplsl.py::test_boundary_head_in_blocks_equals_one_pass",),
+    ),
+    Mutant(
+        "iplsl",
         "one-pass semantic levels upsampled whole instead of read on their own grids",
         "monai_proto/networks/nets/fewshot.py",
         "cropped.append(UpsampledFeatures(level, scales, keep))",

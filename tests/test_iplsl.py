@@ -301,6 +301,28 @@ def test_boundary_fusion_learns_from_low_level_features():
     assert not torch.allclose(out.logits, out.self_logits)
 
 
+@pytest.mark.parametrize("spatial_dims,size", [(2, (13, 9)), (3, (11, 7, 5))])
+def test_boundary_head_in_blocks_equals_one_pass(spatial_dims, size):
+    """Without autograd a large volume's boundary head runs in blocks of rows with a one-row halo: the residual of
+    one pass over the whole volume, every row (blocks of 1, 2 and 4 rows, an uneven last block, both volume edges)."""
+    torch.manual_seed(0)
+    net = iplsl(spatial_dims).eval()
+    with torch.no_grad():
+        for parameter in net.boundary_head.parameters():
+            parameter.normal_(std=0.5)
+    low, logits = torch.randn(2, 4, *size), torch.randn(2, 2, *size)
+    with torch.enable_grad():  # one pass over the whole volume
+        expected = net.boundary_residual(low, logits).detach()
+    row = int(torch.tensor(size[1:]).prod())
+    for rows in (1, 2, 4):
+        net.boundary_chunk_voxels = rows * row
+        with torch.no_grad():
+            got = net.boundary_residual(low, logits)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(net.fuse_boundary(low, logits), logits + expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, torch.zeros_like(expected), atol=1e-3)  # a live head
+
+
 def _padded(image: torch.Tensor, div: int) -> torch.Tensor:
     """``image`` padded at the end of every spatial axis (replicate) to a multiple of ``div``, as the inferer does."""
     pad: list[int] = []

