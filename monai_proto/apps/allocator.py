@@ -27,7 +27,8 @@ def keep_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2*
     unchanged (docs/benchmarks/iapl_cost.md). This is the CPU counterpart of PyTorch's CUDA caching allocator and of
     the jemalloc/tcmalloc preloading that PyTorch's CPU performance guides recommend; the cost is that the process
     keeps its peak memory until it exits. Call it once, early (the bundles' training configs do, in ``initialize``,
-    unless ``keep_freed_memory`` is false); it affects the whole process.
+    unless ``keep_freed_memory`` is false; MONAI Label's in-process ``BundleTrainTask`` skips ``initialize``);
+    it affects the whole process.
 
     Args:
         mmap_threshold: blocks of at least this many bytes are mapped apart (and returned when freed); glibc accepts
