@@ -69,3 +69,12 @@ def test_training_configs_keep_freed_memory_unless_told_not_to(bundle, config, m
             parser["initialize"] = [expression]
             parser.get_parsed_content("initialize", lazy=False)
         assert len(calls) == expected
+
+
+def test_keep_freed_memory_rejects_thresholds_a_c_int_cannot_hold():
+    """mallopt takes a C int: 2**32 would wrap to 0 (trim everything) instead of keeping memory."""
+    from monai_proto.apps import keep_freed_memory
+
+    for kwargs in ({"trim_threshold": 2**32}, {"mmap_threshold": -1}):
+        with pytest.raises(ValueError, match="C int"):
+            keep_freed_memory(**kwargs)

@@ -314,6 +314,7 @@ def test_boundary_head_in_blocks_equals_one_pass(spatial_dims, size):
     with torch.enable_grad():  # one pass over the whole volume
         expected = net.boundary_residual(low, logits).detach()
     row = int(torch.tensor(size[1:]).prod())
+    net.boundary_min_rows = 1
     for rows in (1, 2, 4):
         net.boundary_chunk_voxels = rows * row
         with torch.no_grad():
@@ -321,6 +322,10 @@ def test_boundary_head_in_blocks_equals_one_pass(spatial_dims, size):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(net.fuse_boundary(low, logits), logits + expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected, torch.zeros_like(expected), atol=1e-3)  # a live head
+    net.boundary_min_rows = 8  # the shipped floor: blocks of 8 rows where the voxel budget would give 1
+    net.boundary_chunk_voxels = row
+    with torch.no_grad():
+        torch.testing.assert_close(net.boundary_residual(low, logits), expected, atol=1e-5, rtol=1e-5)
 
 
 def _padded(image: torch.Tensor, div: int) -> torch.Tensor:

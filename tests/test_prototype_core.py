@@ -262,6 +262,25 @@ def test_upsampled_features_read_as_the_upsampled_map(size, scales, keep):
         UpsampledFeatures(coarse, scales, keep, chunk=0)
 
 
+def test_upsampled_features_differentiate_in_the_coarse_map_and_pool_half_precision():
+    """Dot products, pooled sums and norms have the gradients of the upsampled map's (float64 gradcheck); half
+    precision pools in float32 on the coarse grid and stays close to the float32 result."""
+    torch.manual_seed(0)
+    scales, keep = [2.0, 2.0, 2.0], [7, 6, 3]
+    coarse = torch.randn(2, 3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 2, *keep, dtype=torch.float64)
+    vectors = torch.randn(2, 4, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda c: UpsampledFeatures(c, scales, keep).weighted_sum(weights), coarse)
+    assert torch.autograd.gradcheck(lambda c: UpsampledFeatures(c, scales, keep).dot(vectors), coarse)
+    assert torch.autograd.gradcheck(lambda c: UpsampledFeatures(c, scales, keep, chunk=2).norm(), coarse)
+    single = coarse.detach().float()
+    expected = masked_average_pooling(UpsampledFeatures(single, scales, keep), weights.float())
+    for dtype in (torch.float16, torch.bfloat16):
+        half = masked_average_pooling(UpsampledFeatures(single.to(dtype), scales, keep), weights.to(dtype))
+        assert half.dtype == dtype
+        torch.testing.assert_close(half.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_voxel_norm_sums_half_precision_in_float32():
     torch.manual_seed(0)
     x = torch.rand(2, 256, 5, 4)

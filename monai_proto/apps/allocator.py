@@ -36,8 +36,17 @@ def keep_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2*
         trim_threshold: free memory at the top of the heap kept before any is returned. Defaults to 2**31 - 1.
 
     Returns:
-        whether both settings were applied (False off glibc, e.g. macOS, Windows or musl).
+        whether both settings were applied (False off glibc, e.g. macOS, Windows or musl; True but without effect
+        when another allocator, e.g. jemalloc or tcmalloc, is preloaded, which then manages memory its own way). When
+        the mmap threshold is applied and the trim threshold is not, the function returns False with the first in
+        place (glibc has no call that restores its dynamic thresholds).
+
+    Raises:
+        ValueError: when a threshold is outside ``[0, 2**31 - 1]`` (``mallopt`` takes a C ``int``).
     """
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not 0 <= int(value) <= 2**31 - 1:
+            raise ValueError(f"{name} must be in [0, 2**31 - 1] (a C int), but got {value}.")
     if not sys.platform.startswith("linux"):
         return False
     try:

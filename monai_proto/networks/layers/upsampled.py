@@ -96,11 +96,21 @@ class UpsampledFeatures:
         return upsampled_crop(dots, self.scales, self.size)
 
     def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        """``sum_v weights[:, k, v] * map[:, :, v]`` for weights ``(B, K, *size)``: ``(B, K, C)``."""
+        """``sum_v weights[:, k, v] * map[:, :, v]`` for weights ``(B, K, *size)``: ``(B, K, C)``.
+
+        The weights are moved to the coarse grid by the interpolation kernels' backward, in float32 for half
+        precision. Off the CPU those kernels add with atomics (sums may differ in the last bits between runs); where
+        ``torch.use_deterministic_algorithms(True)`` forbids that, the map is upsampled and summed directly."""
+        if self.coarse.device.type != "cpu" and torch.are_deterministic_algorithms_enabled():
+            full = self.materialize().flatten(2)
+            return torch.einsum("bkn,bcn->bkc", weights.to(full.dtype).flatten(2), full)
+        half = self.coarse.dtype in (torch.float16, torch.bfloat16)
         coarse_weights = upsampled_crop_adjoint(
-            weights.to(self.coarse.dtype), [int(v) for v in self.coarse.shape[2:]], self.scales
+            weights.to(torch.float32 if half else self.coarse.dtype),
+            [int(v) for v in self.coarse.shape[2:]],
+            self.scales,
         )
-        return torch.einsum("bkn,bcn->bkc", coarse_weights.flatten(2), self.coarse.flatten(2))
+        return torch.einsum("bkn,bcn->bkc", coarse_weights.to(self.coarse.dtype).flatten(2), self.coarse.flatten(2))
 
     def norm(self, eps: float = 1e-8) -> torch.Tensor:
         """The voxel norms of the upsampled map, at least ``eps``: ``(B, 1, *size)``."""
