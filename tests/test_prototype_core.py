@@ -175,18 +175,7 @@ UPSAMPLED_CROPS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "size, scales, keep",
-    [
-        ((5, 6, 3), [2.0, 2.0, 4.0], [9, 12, 10]),  # every axis upsampled, the ends cropped
-        ((5, 6, 3), [4.0, 1.0, 2.0], [20, 5, 5]),  # one axis kept, cropped
-        ((5, 6, 3), [1.0, 1.0, 1.0], [4, 6, 2]),  # a plain crop
-        ((5, 6, 3), [1.0, 1.0, 2.0], [4, 5, 5]),  # the last axis upsampled, the leading ones cropped
-        ((5, 6, 3), [2.0, 2.0, 1.0], [9, 11, 2]),  # the last axis cropped, the leading ones upsampled
-        ((7, 6), [2.0, 4.0], [13, 21]),
-        ((7, 6), [1.0, 1.0], [5, 6]),
-    ],
-)
+@pytest.mark.parametrize("size, scales, keep", UPSAMPLED_CROPS)
 def test_upsampled_crop_equals_the_cropped_upsampling(size, scales, keep):
     """The one-pass inferer's levels: interpolated at the kept voxels only, the values of the full linear upsampling
     cropped (not of a resize to the kept size, whose sampling positions differ), contiguous unless a plain crop."""
