@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -155,6 +156,10 @@ def test_iapl_benchmark_smoke(tmp_path):
     steps = speed["training_step_seconds"]
     assert speed["train_time_ratio"] == steps["IAPLNet"] / steps["UNet"]
     assert set(speed["other_processes_cores"]) == {"before", "after"}
+    # training ran the config's initialize (keep_freed_memory) before any timing, and the report says so
+    kept = "keep_freed_memory" if platform.libc_ver()[0] == "glibc" else "default"
+    assert speed["allocator"] == {"inference": kept, "training_step": kept}
+    assert f"inference timed with {kept}" in (tmp_path / "iapl.md").read_text()
     assert len(result["curves"]["IAPLNet"]["0"]["iterations"]) >= 2
     assert "SMOKE RUN" in (tmp_path / "iapl.md").read_text()
 

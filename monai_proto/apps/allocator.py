@@ -7,11 +7,17 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["freed_memory_kept", "keep_freed_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_kept = False  # whether keep_freed_memory has applied its settings in this process
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` has applied its settings in this process (what a timing ran under)."""
+    return _kept
 
 
 def keep_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2**31 - 1) -> bool:
@@ -59,4 +65,6 @@ def keep_freed_memory(mmap_threshold: int = 32 * 2**20, trim_threshold: int = 2*
     # every larger tensor would then be mapped and faulted in again (measured: 6x the page faults)
     if mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) != 1:
         return False
-    return mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    global _kept
+    _kept = mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    return _kept

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import monai
 import torch
 
+from monai_proto.apps.allocator import freed_memory_kept
 from monai_proto.apps.benchmark.metrics import reference_scores
 from monai_proto.apps.benchmark.report import write_cost_report, write_report
 from monai_proto.apps.benchmark.runner import (
@@ -269,6 +270,7 @@ def run_benchmark(
     if load_before is not None and load_before >= CONTENDED_CORES:
         log(f"WARNING: other processes keep {load_before:.1f} cores busy: the cost figures will be contended")
     log("== timing inference (interleaved)")
+    allocator = {"inference": "keep_freed_memory" if freed_memory_kept() else "default"}
     seconds = interleaved_inference_seconds(
         networks, inferer, timing_split.image, repeats=1 if args.smoke else args.repeats
     )
@@ -286,6 +288,7 @@ def run_benchmark(
         trainers[spec.name] = trainer
     log("== timing training iterations (interleaved, data loading excluded)")
     step_repeats = 2 if args.smoke else 4 * args.repeats
+    allocator["training_step"] = "keep_freed_memory" if freed_memory_kept() else "default"
     step_seconds = interleaved_training_step_seconds(trainers, repeats=step_repeats)
     del trainers
     load_after = other_processes_cores()
@@ -318,6 +321,9 @@ def run_benchmark(
         "parameters": {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()},
         # cores kept busy by other processes just before and just after the timed inference and training steps
         "other_processes_cores": {"before": load_before, "after": load_after},
+        # the C allocator's state while each was timed (monai_proto.apps.keep_freed_memory, which a config's
+        # initialize may apply; peak memory is measured in a fresh process that does not)
+        "allocator": allocator,
         "throughput_ratio": seconds[second] / seconds[first],
         "memory_ratio": memory[first]["peak_memory_mb"] / max(memory[second]["peak_memory_mb"], 1e-9),
         "train_time_ratio": step_seconds[first] / step_seconds[second],

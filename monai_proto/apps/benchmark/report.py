@@ -282,7 +282,7 @@ def _cost_lines(result: Mapping, heading: str) -> list[str]:
         "interleaved repeats; peak memory of one pass in a fresh process "
         f"({speed['memory_kind']}); training step: median seconds of one training iteration on a fixed batch, "
         f"{speed['training_step_repeats']} repeats interleaved, data loading "
-        f"excluded (the training-time ratio){wall}.{cost_only}{contention}",
+        f"excluded (the training-time ratio){wall}.{cost_only}{contention}{_allocator_line(speed)}",
         "",
         "| | " + " | ".join(timed) + " |",
         "|---|" + "---|" * len(timed),
@@ -436,3 +436,14 @@ def write_report(result: dict, predictions: Mapping, splits: Sequence, out_dir: 
         f.write(_markdown(result, reading))
     _plot(result, predictions, splits, paths["png"])
     return paths
+
+
+def _allocator_line(speed: dict) -> str:
+    """The C allocator's state during the timings (absent from results written before it was recorded)."""
+    state = speed.get("allocator")
+    if not state:
+        return ""
+    return (
+        f" C allocator (`monai_proto.apps.keep_freed_memory`): inference timed with {state.get('inference')}, "
+        f"training steps with {state.get('training_step')}."
+    )
