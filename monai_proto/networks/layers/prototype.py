@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from monai_proto.networks.layers.upsampled import (
     is_upsampled,
+    upsampled_channel_chunks,
     upsampled_dot,
-    upsampled_norm,
     upsampled_weighted_sum,
 )
 
@@ -55,18 +55,31 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     Returns:
         norms ``(B, 1, *S)``.
     """
+    squared: Optional[torch.Tensor] = None
     if not torch.jit.is_scripting() and is_upsampled(features):
-        return upsampled_norm(features, eps)
+        for part in upsampled_channel_chunks(features):  # a few channels upsampled at a time, in channel order
+            squared = _add_squares(squared, part)
+    else:
+        squared = _add_squares(squared, features)
+    assert squared is not None
+    norm = squared.clamp_min(eps * eps).sqrt().to(features.dtype)
+    return norm.reshape([features.shape[0], 1] + list(features.shape[2:]))
+
+
+def _add_squares(squared: Optional[torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """``squared`` (``(B, N)``, or None to start) plus the squares of every channel of ``features`` ``(B, C, *S)``,
+    one multiply-add per channel (:func:`voxel_norm`)."""
     flat = features.flatten(2)
     # half precision (AMP) sums in float32, as the matrix product that computed it before did
     dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
-    first = flat[:, 0].to(dtype)
-    squared = first * first
-    for c in range(1, int(flat.shape[1])):
+    for c in range(int(flat.shape[1])):
         channel = flat[:, c].to(dtype)
-        squared = squared.addcmul_(channel, channel)
-    norm = squared.clamp_min(eps * eps).sqrt().to(features.dtype)
-    return norm.reshape([features.shape[0], 1] + list(features.shape[2:]))
+        if squared is None:
+            squared = channel * channel
+        else:
+            squared = squared.addcmul_(channel, channel)
+    assert squared is not None
+    return squared
 
 
 def masked_average_pooling(features: torch.Tensor, weights: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

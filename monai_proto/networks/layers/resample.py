@@ -155,15 +155,6 @@ def _check_upsampled_crop(spatial: list[int], scales: list[float], size: list[in
             raise ValueError(f"cannot keep {size} voxels of {spatial} upsampled by {scales}.")
 
 
-def _pad_end(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    """``x`` zero-padded at the end of ``dim`` to ``length``: the adjoint of keeping its first voxels."""
-    if int(x.shape[dim]) == length:
-        return x
-    shape = list(x.shape)
-    shape[dim] = length - int(x.shape[dim])
-    return torch.cat([x, x.new_zeros(shape)], dim=dim)
-
-
 def upsampled_crop_adjoint(weights: torch.Tensor, input_size: list[int], scales: list[float]) -> torch.Tensor:
     """
     The adjoint (transpose) of :func:`upsampled_crop`: for maps ``x`` ``(B, C, *input_size)`` and ``weights``
@@ -188,15 +179,15 @@ def upsampled_crop_adjoint(weights: torch.Tensor, input_size: list[int], scales:
     _check_upsampled_crop([int(v) for v in input_size], scales, size)
     batch, channels = int(weights.shape[0]), int(weights.shape[1])
     if len(size) == 2:
-        if scales[0] == 1 and scales[1] == 1:
-            return _pad_end(_pad_end(weights, 2, int(input_size[0])), 3, int(input_size[1]))
+        if scales[0] == 1 and scales[1] == 1:  # a crop: zeros where it dropped voxels
+            return F.pad(weights, [0, int(input_size[1]) - size[1], 0, int(input_size[0]) - size[0]])
         return torch.ops.aten.upsample_bilinear2d_backward.default(
             weights, size, [batch, channels, int(input_size[0]), int(input_size[1])], False, scales[0], scales[1]
         )
     height, width, depth = (int(v) for v in input_size)
     kept = size[2]
-    if scales[0] == 1 and scales[1] == 1:  # the leading axes were cropped
-        x = _pad_end(_pad_end(weights, 2, height), 3, width)
+    if scales[0] == 1 and scales[1] == 1:  # the leading axes were cropped: zeros where it dropped voxels
+        x = F.pad(weights, [0, 0, 0, width - size[1], 0, height - size[0]])
     else:  # the transposed bilinear pass over the (B * K, kept, H, W) view
         planes = weights.reshape(batch * channels, size[0], size[1], kept).permute(0, 3, 1, 2)
         grad = torch.ops.aten.upsample_bilinear2d_backward.default(
@@ -204,7 +195,7 @@ def upsampled_crop_adjoint(weights: torch.Tensor, input_size: list[int], scales:
         )
         x = grad.permute(0, 2, 3, 1).reshape(batch, channels, height, width, kept)
     if scales[2] == 1:
-        return _pad_end(x, 4, depth)
+        return F.pad(x, [0, depth - kept])
     flat = x.reshape(batch, channels * height * width, kept)
     grad = torch.ops.aten.upsample_linear1d_backward.default(
         flat, [kept], [batch, channels * height * width, depth], False, scales[2]

@@ -6,13 +6,20 @@ No ``from __future__ import annotations`` here: TorchScript reads the annotation
 dispatch functions below (it compiles a stub of each), and cannot resolve them as strings.
 """
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from monai_proto.networks.layers.resample import _check_upsampled_crop, upsampled_crop, upsampled_crop_adjoint
 
-__all__ = ["UpsampledFeatures", "is_upsampled", "upsampled_dot", "upsampled_norm", "upsampled_weighted_sum"]
+__all__ = [
+    "UpsampledFeatures",
+    "is_upsampled",
+    "upsampled_channel_chunks",
+    "upsampled_dot",
+    "upsampled_weighted_sum",
+]
 
 
 class UpsampledFeatures:
@@ -30,8 +37,8 @@ class UpsampledFeatures:
     - weighted sums over the voxels: the weights are moved to the coarse grid by the upsampling's adjoint
       (:func:`upsampled_crop_adjoint`, :meth:`weighted_sum`);
     - voxel norms (not linear): the map is upsampled a few channels at a time and only the running sum of squares is
-      kept (:meth:`norm`; the values of :func:`~monai_proto.networks.layers.prototype.voxel_norm` on the upsampled
-      map, in the same order of summation).
+      kept (:meth:`channel_chunks`, summed by :func:`~monai_proto.networks.layers.prototype.voxel_norm`: its values
+      on the upsampled map, in the same order of summation).
 
     For inference on whole volumes (what the support-conditioned inferer hands a few-shot network's one-pass step):
     a 32-channel level at stride 2 or 4 of a 167 x 167 x 14 query is 50 MB when upsampled, and every read of it
@@ -112,18 +119,11 @@ class UpsampledFeatures:
         )
         return torch.einsum("bkn,bcn->bkc", coarse_weights.to(self.coarse.dtype).flatten(2), self.coarse.flatten(2))
 
-    def norm(self, eps: float = 1e-8) -> torch.Tensor:
-        """The voxel norms of the upsampled map, at least ``eps``: ``(B, 1, *size)``."""
-        # float32 sums for half precision, as voxel_norm does
-        dtype = torch.float32 if self.coarse.dtype in (torch.float16, torch.bfloat16) else self.coarse.dtype
-        squared = torch.zeros(0)
+    def channel_chunks(self) -> Iterator[torch.Tensor]:
+        """The upsampled map ``chunk`` channels at a time, in channel order, each ``(B, <= chunk, *size)``: what
+        :func:`~monai_proto.networks.layers.prototype.voxel_norm` sums the squares of, without the whole map."""
         for start in range(0, int(self.coarse.shape[1]), self.chunk):
-            part = upsampled_crop(self.coarse[:, start : start + self.chunk], self.scales, self.size).flatten(2)
-            for c in range(int(part.shape[1])):
-                channel = part[:, c].to(dtype)
-                squared = channel * channel if start == 0 and c == 0 else squared.addcmul_(channel, channel)
-        norm = squared.clamp_min(eps * eps).sqrt().to(self.coarse.dtype)
-        return norm.reshape([int(self.coarse.shape[0]), 1] + self.size)
+            yield upsampled_crop(self.coarse[:, start : start + self.chunk], self.scales, self.size)
 
 
 # The shared core's functions branch to these under ``if not torch.jit.is_scripting() and is_upsampled(x)``: eager
@@ -135,9 +135,9 @@ def is_upsampled(features: torch.Tensor) -> bool:
 
 
 @torch.jit.unused
-def upsampled_norm(features: torch.Tensor, eps: float) -> torch.Tensor:
-    """:meth:`UpsampledFeatures.norm`."""
-    return features.norm(eps)  # type: ignore[call-arg]
+def upsampled_channel_chunks(features: torch.Tensor) -> Iterator[torch.Tensor]:
+    """:meth:`UpsampledFeatures.channel_chunks`."""
+    return features.channel_chunks()  # type: ignore[attr-defined]
 
 
 @torch.jit.unused
