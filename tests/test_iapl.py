@@ -13,7 +13,12 @@ from monai.networks.nets import UNet
 from monai_proto import IAPLLoss, IAPLNet, RampHandler, ramp_value
 from monai_proto.apps import default_bundle_root
 from monai_proto.networks.blocks import DynamicPrototypeHead, UNetFeatureBackbone
-from monai_proto.networks.blocks.kmax_decoder import foreground_cluster_mask, semantic_confidence
+from monai_proto.networks.blocks.kmax_decoder import (
+    KMaXDecoder,
+    KMaXTransformerBlock,
+    foreground_cluster_mask,
+    semantic_confidence,
+)
 from monai_proto.networks.nets.iapl import IAPLOutput
 from monai_proto.networks.utils import plain_tensor, unwrap_network
 
@@ -172,18 +177,68 @@ def test_foreground_filter_drops_background_clusters():
 
 
 def test_dynamic_head_matches_explicit_convolution():
-    head = DynamicPrototypeHead(descriptor_dim=4, feature_channels=3, hidden_channels=(2,))
+    """Values and gradients (to the features and the controller) of the head equal explicit per-class convolutions,
+    in one pass and in voxel chunks (the hidden maps' ReLU runs in place)."""
+    torch.manual_seed(0)
     feats = torch.randn(2, 3, 5, 5)
     desc = torch.randn(2, 2, 4)
-    out = head(feats, desc)
-    params = head.controller(desc)
+    for chunk in (0, 8):
+        head = DynamicPrototypeHead(descriptor_dim=4, feature_channels=3, hidden_channels=(2,), voxel_chunk=chunk)
+        inputs = feats.clone().requires_grad_(True)
+        out = head(inputs, desc)
+        out.square().sum().backward()
+        got = (inputs.grad.clone(), head.controller.weight.grad.clone())
+        head.zero_grad()
+        inputs.grad = None
+        params = head.controller(desc)
+        expected = torch.zeros_like(out)
+        for b in range(2):
+            for k in range(2):
+                p = params[b, k]
+                w1, b1, w2, b2 = p[:6].reshape(2, 3), p[6:8], p[8:10].reshape(1, 2), p[10:11]
+                hidden = torch.relu(torch.einsum("oc,chw->ohw", w1, inputs[b]) + b1[:, None, None])
+                expected[b, k] = (torch.einsum("oc,chw->ohw", w2, hidden) + b2[:, None, None])[0]
+        torch.testing.assert_close(out, expected.detach())
+        expected.square().sum().backward()
+        torch.testing.assert_close(got[0], inputs.grad)
+        torch.testing.assert_close(got[1], head.controller.weight.grad)
+
+
+def test_kmax_block_update_is_the_mean_of_the_assigned_voxels_values():
+    """The k-means update of a block: each centre moves by the mean of ``value_proj`` over the voxels assigned to it
+    (hard argmax), an empty cluster by nothing; then self-attention and the feed-forward network."""
+    torch.manual_seed(0)
+    block = KMaXTransformerBlock(query_dim=8, pixel_dim=5, num_heads=2, ffn_dim=16).eval()
+    queries = torch.randn(2, 3, 8)
+    pixels = torch.randn(2, 7, 5)
+    logits = torch.randn(2, 3, 7)
+    logits[:, 2] = -100.0  # cluster 2 owns no voxel
+    got = block(queries, pixels, logits, torch.tensor(0.0))
+    owner = logits.argmax(dim=1)  # (B, X)
+    values = block.value_proj(pixels)
+    update = torch.zeros(2, 3, 8)
     for b in range(2):
-        for k in range(2):
-            p = params[b, k]
-            w1, b1, w2, b2 = p[:6].reshape(2, 3), p[6:8], p[8:10].reshape(1, 2), p[10:11]
-            hidden = torch.relu(torch.einsum("oc,chw->ohw", w1, feats[b]) + b1[:, None, None])
-            expected = torch.einsum("oc,chw->ohw", w2, hidden) + b2[:, None, None]
-            torch.testing.assert_close(out[b, k], expected[0])
+        for n in range(3):
+            assigned = owner[b] == n
+            if assigned.any():
+                update[b, n] = values[b, assigned].mean(dim=0)
+    expected = block.norm_update(queries + block.update_proj(update))
+    expected = block.norm_attn(expected + block.self_attn(expected, expected, expected, need_weights=False)[0])
+    expected = block.norm_ffn(expected + block.ffn(expected))
+    torch.testing.assert_close(got, expected)
+
+
+def test_kmax_mask_logits_are_cosines_over_the_temperature():
+    """Voxel embeddings and query kernels are unit vectors: the mask logits are cosines divided by the temperature,
+    whatever the features' scale."""
+    torch.manual_seed(0)
+    decoder = KMaXDecoder(3, [6], num_classes=3, num_queries=4, query_dim=8, embedding_dim=5, num_heads=2).eval()
+    features = 50.0 * torch.randn(1, 6, 4, 4, 4)
+    with torch.no_grad():
+        prediction = decoder([features])[0]
+    cosines = prediction.mask_logits * decoder.predictors[0].mask_temperature
+    assert float(cosines.abs().max()) <= 1.0 + 1e-5  # unnormalised embeddings of this scale give far larger dots
+    assert float(cosines.abs().max()) > 0.5  # and not shrunk to nothing
 
 
 def test_loss_decreases_on_one_batch():

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 
+from monai_proto.networks.layers.prototype import voxel_norm
+
 __all__ = [
     "KMaXPrediction",
     "KMaXPredictor",
@@ -77,7 +79,8 @@ def foreground_cluster_mask(
         ``(B, N)`` float mask, 1 for kept clusters.
     """
     num_classes = previous_confidence.shape[1]
-    predicted = previous_confidence.argmax(dim=1)  # (B, X)
+    # ``max(...).indices``: the first maximum, as ``argmax``, which on the CPU is several times slower over dim 1
+    predicted = previous_confidence.max(dim=1).indices  # (B, X)
     classes = torch.arange(1, num_classes, device=predicted.device).view(1, -1, 1)
     fg_onehot = (predicted.unsqueeze(1) == classes).to(assignment.dtype)  # (B, K-1, X)
     counts = torch.einsum("bnx,bkx->bnk", assignment, fg_onehot)  # voxels of cluster n in class k
@@ -173,9 +176,12 @@ class KMaXTransformerBlock(nn.Module):
                 keep = foreground_cluster_mask(assignment, previous_confidence, filter_threshold)
                 assignment = assignment * keep.unsqueeze(-1)
             counts = assignment.sum(dim=-1, keepdim=True)
-        values = self.value_proj(pixel_features)
-        # mean of the assigned voxels (kMaX sums; with ~10^5 voxels per 3D map a sum would dominate the centres)
-        update = torch.einsum("bnx,bxd->bnd", assignment, values) / counts.clamp_min(1.0)
+        # mean of the assigned voxels' values (kMaX sums; with ~10^5 voxels per 3D map a sum would dominate the
+        # centres). The value projection is linear, so the voxels are pooled first and the N pooled vectors
+        # projected: the same update (an empty cluster's stays 0), without projecting every voxel to D channels
+        pooled = torch.einsum("bnx,bxc->bnc", assignment, pixel_features)
+        update = F.linear(pooled, self.value_proj.weight) + counts * self.value_proj.bias
+        update = update / counts.clamp_min(1.0)
         queries = self.norm_update(queries + self.update_proj(update))
         queries = self.norm_attn(queries + self.self_attn(queries, queries, queries, need_weights=False)[0])
         return self.norm_ffn(queries + self.ffn(queries))
@@ -256,7 +262,8 @@ class KMaXDecoder(nn.Module):
             feature = features[i]
             shape = [batch, -1] + list(feature.shape[2:])
             pixel_features = feature.flatten(2).transpose(1, 2)  # (B, X, C)
-            pixel_embedding = F.normalize(embed(feature).flatten(2).transpose(1, 2), dim=-1)
+            embedded = embed(feature)  # normalised over channels by the core's voxel_norm (F.normalize's floor)
+            pixel_embedding = (embedded / voxel_norm(embedded, eps=1e-12)).flatten(2).transpose(1, 2)
             confidence: Optional[torch.Tensor] = None
             with torch.no_grad():  # the stage's first assignment; later blocks reuse the previous block's logits
                 assignment_logits = predictor.mask_logits(queries, pixel_embedding)
