@@ -270,7 +270,7 @@ def run_benchmark(
     if load_before is not None and load_before >= CONTENDED_CORES:
         log(f"WARNING: other processes keep {load_before:.1f} cores busy: the cost figures will be contended")
     log("== timing inference (interleaved)")
-    allocator = {"inference": "keep_freed_memory" if freed_memory_kept() else "default"}
+    allocator = {"inference": _allocator_state()}
     seconds = interleaved_inference_seconds(
         networks, inferer, timing_split.image, repeats=1 if args.smoke else args.repeats
     )
@@ -288,7 +288,7 @@ def run_benchmark(
         trainers[spec.name] = trainer
     log("== timing training iterations (interleaved, data loading excluded)")
     step_repeats = 2 if args.smoke else 4 * args.repeats
-    allocator["training_step"] = "keep_freed_memory" if freed_memory_kept() else "default"
+    allocator["training_step"] = _allocator_state()
     step_seconds = interleaved_training_step_seconds(trainers, repeats=step_repeats)
     del trainers
     load_after = other_processes_cores()
@@ -380,3 +380,8 @@ def _compose(transforms):
     from monai.transforms import Compose
 
     return transforms if callable(transforms) else Compose(transforms)
+
+
+def _allocator_state() -> str:
+    """The C allocator's state now, as the results record it: ``"keep_freed_memory"`` or ``"default"``."""
+    return "keep_freed_memory" if freed_memory_kept() else "default"

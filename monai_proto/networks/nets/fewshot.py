@@ -232,7 +232,9 @@ class PrototypeFewShotNet(nn.Module):
         return torch.cat([linear_resize(level, size) for level in levels], dim=1)
 
     @torch.jit.unused
-    def crop_levels(self, levels: list[torch.Tensor], size: list[int], keep: list[int]) -> list[torch.Tensor]:
+    def crop_levels(
+        self, levels: list[torch.Tensor], size: list[int], keep: list[int]
+    ) -> list[torch.Tensor | UpsampledFeatures]:
         """
         The levels of :meth:`features_from_levels` apart, each cropped to its first ``keep`` voxels along each axis
         (a volume's own voxels within its end-padded ``size``), what :meth:`segment_levels` takes, and no
