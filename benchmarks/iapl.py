@@ -59,7 +59,7 @@ READING_MRI = """
 
 def main() -> None:
     ap = add_arguments(
-        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), 1200
+        argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), 2000
     )
     ap.add_argument("--backbone", choices=("unet", "swinunetr"), default="unet")
     ap.add_argument("--feature_size", type=int, default=48, help="SwinUNETR feature size")

@@ -153,8 +153,8 @@ class IAPLNet(nn.Module):
             self.class_embedding_proj = nn.Linear(table.shape[1], prototype_dim)
         fine_channels = self.backbone.decoder_channels[-1]
         # reference: GroupNorm -> ReLU -> 1x1 conv on the full-resolution map. A PReLU is kept here: with a ReLU the
-        # protocol benchmark (docs/benchmarks/iapl.md) lost the aorta in one seed and the held-out mean fell from
-        # 0.746 to 0.565, for 0.006 s per training step (2 windows of 64^3) saved
+        # protocol benchmark (docs/benchmarks/iapl_relu_head.md) lost the aorta in one seed and the held-out mean fell
+        # from 0.746 to 0.565, for 0.006 s per training step (2 windows of 64^3) saved
         layers: list[nn.Module] = [Norm[Norm.INSTANCE, spatial_dims](fine_channels, affine=True), Act[Act.PRELU]()]
         if head_channels is not None:
             layers.append(conv(fine_channels, head_channels, kernel_size=1))
