@@ -281,6 +281,34 @@ def test_voxel_norm_sums_half_precision_in_float32():
     torch.testing.assert_close(voxel_norm(x), x.norm(dim=1, keepdim=True))
 
 
+def test_voxel_norm_under_autograd_matches_the_norm_and_its_gradient():
+    """With autograd recording, voxel_norm takes one reduction instead of its per-channel loop: the same norms and
+    gradients (a zero gradient at a zero vector), half precision kept, and the loop's values without autograd."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4, dtype=torch.double)
+    x[0, :, 0, 0] = 0.0
+    leaf = x.clone().requires_grad_(True)
+    norms = voxel_norm(leaf)
+    torch.testing.assert_close(norms, x.norm(dim=1, keepdim=True).clamp_min(1e-8))
+    (norms * torch.arange(40, dtype=torch.double).reshape(2, 1, 5, 4)).sum().backward()
+    reference = x.clone().requires_grad_(True)
+    (
+        reference.norm(dim=1, keepdim=True).clamp_min(1e-8) * torch.arange(40, dtype=torch.double).reshape(2, 1, 5, 4)
+    ).sum().backward()
+    grad = reference.grad.clone()
+    grad[0, :, 0, 0] = 0.0  # a zero vector: the floor's gradient is zero
+    torch.testing.assert_close(leaf.grad, grad)
+    assert torch.isfinite(leaf.grad).all()
+    torch.autograd.gradcheck(
+        lambda t: voxel_norm(t), (torch.randn(1, 3, 2, 2, dtype=torch.double, requires_grad=True),)
+    )
+    half = torch.rand(1, 64, 3, 3).to(torch.float16).requires_grad_(True)
+    assert voxel_norm(half).dtype == torch.float16
+    with torch.no_grad():
+        looped = voxel_norm(x.float())
+    torch.testing.assert_close(voxel_norm(x.float().requires_grad_(True)).detach(), looped)
+
+
 @pytest.mark.parametrize("spatial", SPATIAL_4)
 def test_multi_prototype_logits(spatial):
     # class 0: prototypes (1,0), (0,1); class 1: (-1,0), (0,-1); every voxel is (1,0)

@@ -68,10 +68,16 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 def _add_squares(squared: Optional[torch.Tensor], features: torch.Tensor) -> torch.Tensor:
     """``squared`` (``(B, N)``, or None to start) plus the squares of every channel of ``features`` ``(B, C, *S)``,
-    one multiply-add per channel (:func:`voxel_norm`)."""
+    one multiply-add per channel (:func:`voxel_norm`), or one reduction when autograd records it."""
     flat = features.flatten(2)
     # half precision (AMP) sums in float32, as the matrix product that computed it before did
     dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+    if flat.requires_grad and torch.is_grad_enabled():
+        # under autograd one reduction over the channels: the backward of each channel's select below writes a zero
+        # tensor of the whole input (2 x 16 x 64^3, forward + backward: 166 ms against 34 ms)
+        flat = flat.to(dtype)
+        part = (flat * flat).sum(dim=1)  # a product's backward is cheaper than square()'s (pow)
+        return part if squared is None else squared + part
     for c in range(int(flat.shape[1])):
         channel = flat[:, c].to(dtype)
         if squared is None:
