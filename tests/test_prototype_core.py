@@ -22,6 +22,7 @@ from monai_proto.networks.layers.prototype import (
     masked_average_pooling,
     multi_prototype_logits,
     nearest_prototype_logits,
+    normalize_voxels,
     prototype_similarity,
     sample_voxel_indices,
     sinkhorn_knopp,
@@ -307,6 +308,21 @@ def test_voxel_norm_under_autograd_matches_the_norm_and_its_gradient():
     with torch.no_grad():
         looped = voxel_norm(x.float())
     torch.testing.assert_close(voxel_norm(x.float().requires_grad_(True)).detach(), looped)
+
+
+def test_normalize_voxels_is_f_normalize_over_channels():
+    """normalize_voxels (IAPL's k-means voxel embeddings, MPCL's prototype embeddings) is F.normalize(dim=1): values,
+    gradients and the floor at a zero vector."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, 2, dtype=torch.double)
+    x[1, :, 0, 0, 0] = 0.0
+    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.testing.assert_close(normalize_voxels(ours), F.normalize(theirs, dim=1))
+    weights = torch.randn_like(x)
+    (normalize_voxels(ours) * weights).sum().backward()
+    (F.normalize(theirs, dim=1) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    assert float(normalize_voxels(x)[1, :, 0, 0, 0].abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("spatial", SPATIAL_4)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv
 
-from monai_proto.networks.layers.prototype import voxel_norm
+from monai_proto.networks.layers.prototype import normalize_voxels
 
 __all__ = [
     "KMaXPrediction",
@@ -262,8 +262,7 @@ class KMaXDecoder(nn.Module):
             feature = features[i]
             shape = [batch, -1] + list(feature.shape[2:])
             pixel_features = feature.flatten(2).transpose(1, 2)  # (B, X, C)
-            embedded = embed(feature)  # normalised over channels by the core's voxel_norm (F.normalize's floor)
-            pixel_embedding = (embedded / voxel_norm(embedded, eps=1e-12)).flatten(2).transpose(1, 2)
+            pixel_embedding = normalize_voxels(embed(feature)).flatten(2).transpose(1, 2)
             confidence: Optional[torch.Tensor] = None
             with torch.no_grad():  # the stage's first assignment; later blocks reuse the previous block's logits
                 assignment_logits = predictor.mask_logits(queries, pixel_embedding)

@@ -8,6 +8,7 @@ from .prototype import (
     masked_average_pooling,
     multi_prototype_logits,
     nearest_prototype_logits,
+    normalize_voxels,
     partition_mask,
     prototype_similarity,
     sample_voxel_indices,

@@ -28,6 +28,7 @@ __all__ = [
     "masked_average_pooling",
     "multi_prototype_logits",
     "nearest_prototype_logits",
+    "normalize_voxels",
     "partition_mask",
     "prototype_similarity",
     "sample_voxel_indices",
@@ -64,6 +65,22 @@ def voxel_norm(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     assert squared is not None
     norm = squared.clamp_min(eps * eps).sqrt().to(features.dtype)
     return norm.reshape([features.shape[0], 1] + list(features.shape[2:]))
+
+
+def normalize_voxels(features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """
+    Every voxel's feature vector scaled to unit length: ``F.normalize(features, dim=1, eps=eps)`` (the same floor on
+    the norm), through :func:`voxel_norm`, which on the CPU is many times faster than a norm over the strided channel
+    dimension, with autograd as without.
+
+    Args:
+        features: feature maps ``(B, C, *S)``.
+        eps: the smallest norm divided by. Defaults to 1e-12 (``F.normalize``'s).
+
+    Returns:
+        ``(B, C, *S)``.
+    """
+    return features / voxel_norm(features, eps=eps)
 
 
 def _add_squares(squared: Optional[torch.Tensor], features: torch.Tensor) -> torch.Tensor:

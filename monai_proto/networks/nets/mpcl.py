@@ -14,7 +14,7 @@ from monai.networks.layers.factories import Conv
 from monai_proto.networks.blocks.backbones import FeatureBackbone, start_network
 from monai_proto.networks.blocks.prototype_bank import PrototypeBank
 from monai_proto.networks.layers.intensity import intensity_bin_assignment
-from monai_proto.networks.layers.prototype import flatten_voxels, multi_prototype_logits, voxel_norm
+from monai_proto.networks.layers.prototype import flatten_voxels, multi_prototype_logits, normalize_voxels
 from monai_proto.networks.layers.resample import linear_resize
 
 __all__ = ["MPCLOutput", "MPCLNet"]
@@ -142,8 +142,7 @@ class MPCLNet(nn.Module):
         """L2-normalised voxel embeddings ``(B, C_e, *S)`` of the backbone's decoder maps (coarse to fine)."""
         fine = decoder[-1]
         coarse = linear_resize(decoder[-2], list(fine.shape[2:]))
-        embedded = self.prototype_head(torch.cat([coarse, fine], dim=1))
-        return embedded / voxel_norm(embedded, eps=1e-12)  # F.normalize's floor; its strided norm is slow on the CPU
+        return normalize_voxels(self.prototype_head(torch.cat([coarse, fine], dim=1)))
 
     def _training_output(self, x: torch.Tensor, decoder: list[torch.Tensor], logits: torch.Tensor) -> MPCLOutput:
         embeddings = self.embed(decoder)
