@@ -98,6 +98,11 @@ def test_prototype_similarity(spatial):
     torch.testing.assert_close(batched, cos)
     with pytest.raises(ValueError):
         prototype_similarity(features, torch.rand(2, 3))
+    # several samples, one prototype set: each sample's own cosines (one matrix product per sample)
+    many = torch.cat([features, 2 * features.flip(-1), -features], dim=0)
+    expected = torch.cat([prototype_similarity(sample[None], protos) for sample in many], dim=0)
+    torch.testing.assert_close(prototype_similarity(many, protos), expected)
+    torch.testing.assert_close(prototype_similarity(many, protos.expand(3, -1, -1)), expected)
 
 
 @pytest.mark.parametrize("spatial", SPATIAL_4)
@@ -316,6 +321,7 @@ def test_normalize_voxels_is_f_normalize_over_channels():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 3, 4, 2, dtype=torch.double)
     x[1, :, 0, 0, 0] = 0.0
+    x[0, :, 1, 1, 1] = 1e-14  # below the floor: divided by eps, no projection
     ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     torch.testing.assert_close(normalize_voxels(ours), F.normalize(theirs, dim=1))
     weights = torch.randn_like(x)
@@ -323,6 +329,13 @@ def test_normalize_voxels_is_f_normalize_over_channels():
     (F.normalize(theirs, dim=1) * weights).sum().backward()
     torch.testing.assert_close(ours.grad, theirs.grad)
     assert float(normalize_voxels(x)[1, :, 0, 0, 0].abs().max()) == 0.0
+    torch.autograd.gradcheck(normalize_voxels, (torch.randn(2, 3, 2, 3, dtype=torch.double, requires_grad=True),))
+    half = torch.randn(1, 64, 3, 3).to(torch.float16).requires_grad_(True)
+    (normalize_voxels(half) * weights[:1, :1, :1, :1, 0]).sum().backward()
+    reference = half.detach().float().requires_grad_(True)
+    (F.normalize(reference, dim=1) * weights[:1, :1, :1, :1, 0]).sum().backward()
+    assert half.grad.dtype == torch.float16
+    torch.testing.assert_close(half.grad.float(), reference.grad, atol=2e-3, rtol=1e-2)
 
 
 @pytest.mark.parametrize("spatial", SPATIAL_4)
@@ -360,6 +373,9 @@ def test_nearest_prototype_logits_names_the_nearest_prototype_of_each_class():
         nearest_prototype_logits(features, protos, tau=0.0)
     first, only = nearest_prototype_logits(features, protos, tau=0.2, index_classes=2)  # the first classes' only
     assert torch.equal(first, logits) and torch.equal(only, nearest[:, :2])
+    recorded, named = nearest_prototype_logits(features.clone().requires_grad_(True), protos, tau=0.2)  # max(dim)
+    torch.testing.assert_close(recorded.detach(), logits)
+    assert torch.equal(named, nearest)
     for bad in (0, 4):
         with pytest.raises(ValueError, match="index_classes"):
             nearest_prototype_logits(features, protos, tau=0.2, index_classes=bad)

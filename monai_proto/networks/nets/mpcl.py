@@ -119,8 +119,13 @@ class MPCLNet(nn.Module):
         )
 
     def prototype_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Prototype-branch class logits ``(B, K, *S)`` of embeddings ``(B, C_e, *S)``: ``max_m cos / tau``."""
-        return multi_prototype_logits(embeddings, self.bank.prototypes, tau=self.tau, reduction="max")
+        """Prototype-branch class logits ``(B, K, *S)`` of unit-length embeddings ``(B, C_e, *S)`` (:meth:`embed`):
+        ``max_m cos / tau``. Their norm, 1, is not computed again (under autograd a reduction over the channels and
+        its backward; the gradient through :meth:`embed`'s normalisation is the same)."""
+        unit = embeddings.new_ones(())
+        return multi_prototype_logits(
+            embeddings, self.bank.prototypes, tau=self.tau, reduction="max", feature_norm=unit
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
