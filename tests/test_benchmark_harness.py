@@ -136,12 +136,17 @@ def test_iapl_benchmark_smoke(tmp_path):
         str(tmp_path / "work"),
         "--repeats",
         "1",
+        "--save_models",
     ]
     proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"iapl.{ext}").stat().st_size > 0
     result = json.loads((tmp_path / "iapl.json").read_text())
+    for net in ("IAPLNet", "UNet"):  # --save_models: each run's final weights, loadable as tensors only
+        for seed in result["seeds"]:
+            weights = torch.load(tmp_path / "work" / f"{net}_seed{seed}.pt", weights_only=True)
+            assert weights and all(isinstance(v, torch.Tensor) for v in weights.values())
     assert result["method"] == "IAPLNet" and result["baselines"] == ["UNet"]
     for split in ("A-slab", "B"):
         entries = result["results"][split]
@@ -295,3 +300,19 @@ def test_other_processes_cores_sees_a_busy_process_and_the_report_flags_it():
     assert "at most 0.05 cores" in text and "Contended" not in text
     speed["other_processes_cores"] = {"before": 0.05, "after": CONTENDED_CORES + 0.7}
     assert "Contended" in "\n".join(_cost_lines(result, "## Cost"))
+
+
+@pytest.mark.slow
+def test_method_only_partial_run_times_its_baseline_for_cost_only(tmp_path):
+    """--networks with the method alone trains and scores it alone; its first baseline is still timed beside it, at
+    initial weights, so the cost ratios have a reference (the run used to fail there)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "iapl.py"), "--smoke", "--networks", "IAPLNet"]
+    cmd += ["--seeds", "0", "--out", str(tmp_path), "--workdir", str(tmp_path / "work"), "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "iapl.json").read_text())
+    assert set(result["results"]["A-slab"]) == {"IAPLNet", "body_mask", "empty"}  # UNet neither trained nor scored
+    assert result["cost_reference"] == "UNet" and result["speed"]["reference"] == "UNet"
+    assert set(result["speed"]["training_step_seconds"]) == {"IAPLNet", "UNet"}
+    assert result["speed"]["throughput_ratio"] > 0

@@ -62,6 +62,12 @@ def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int
     ap.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temporary folder)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations on a coarse grid: checks the harness only")
     ap.add_argument(
+        "--save_models",
+        action="store_true",
+        help="also write each run's final weights to <workdir>/<network>_seed<seed>.pt (tensors only), for "
+        "diagnostics after the run",
+    )
+    ap.add_argument(
         "--networks",
         nargs="+",
         default=None,
@@ -228,6 +234,9 @@ def run_benchmark(
     if chosen:  # a partial run: only the chosen networks, and only the verdicts among them
         if method.name not in chosen or set(chosen) - set(names):
             raise ValueError(f"{name}: --networks must name the method {method.name!r} and networks of {names}.")
+        if cost_reference is None and not set(chosen) & {b.name for b in baselines}:
+            # the method alone: its first baseline is still timed beside it, for cost only (initial weights)
+            cost_reference = baselines[0] if baselines else None
         baselines = [b for b in baselines if b.name in chosen]
         specs = [method, *baselines]
         comparisons = [pair for pair in comparisons if set(pair) <= set(chosen)]
@@ -244,6 +253,9 @@ def run_benchmark(
             log(f"== training {spec.name}, seed {seed}")
             run = train_with_curves(parser, spec, splits, organs, iterations, eval_every, predictor, log, restrict)
             log(f"   {run['seconds_per_iteration']:.2f} s/iteration")
+            if getattr(args, "save_models", False):
+                os.makedirs(workdir, exist_ok=True)
+                torch.save(run["state_dict"], os.path.join(workdir, f"{spec.name}_seed{seed}.pt"))
             runs[spec.name].append(run)
     results: dict = {}
     for split in [] if args.cost_only else splits:
