@@ -324,6 +324,7 @@ def test_normalize_voxels_is_f_normalize_over_channels():
     x[0, :, 1, 1, 1] = 1e-14  # below the floor: divided by eps, no projection
     ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     torch.testing.assert_close(normalize_voxels(ours), F.normalize(theirs, dim=1))
+    assert torch.equal(normalize_voxels(ours).detach(), normalize_voxels(x))  # autograd's forward is the plain one
     weights = torch.randn_like(x)
     (normalize_voxels(ours) * weights).sum().backward()
     (F.normalize(theirs, dim=1) * weights).sum().backward()

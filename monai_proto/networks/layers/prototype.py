@@ -95,19 +95,20 @@ class _NormalizeVoxels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
         norm = voxel_norm(features, eps=eps)  # autograd does not record inside forward: the per-channel loop
-        inverse = norm.reciprocal()
-        out = features * inverse
-        # unit-length where the norm is above its floor; a floored voxel's norm is the constant eps
-        ctx.save_for_backward(out, inverse, norm > eps)
+        out = features / norm  # what normalize_voxels computes without autograd, bit for bit
+        ctx.save_for_backward(out, norm)
+        ctx.eps = eps
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        out, inverse, unfloored = ctx.saved_tensors
+        out, norm = ctx.saved_tensors
         dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-        along = (grad * out).sum(dim=1, keepdim=True, dtype=dtype).to(grad.dtype) * unfloored
-        return torch.addcmul(grad, out, along, value=-1.0).mul_(inverse), None
+        along = (grad * out).sum(dim=1, keepdim=True, dtype=dtype).to(grad.dtype)
+        # out is unit-length where the norm is above its floor; a floored voxel's norm is the constant eps
+        along = along * (norm > ctx.eps)
+        return torch.addcmul(grad, out, along, value=-1.0).div_(norm), None
 
 
 def _add_squares(squared: Optional[torch.Tensor], features: torch.Tensor) -> torch.Tensor:
@@ -355,13 +356,12 @@ def _nearest_prototype(
             indices = first[:, :index_classes]
     else:
         best = grouped.amax(dim=2)
-    if index_classes > 0 and indices is None:
-        with torch.no_grad():  # the first maximum, as max(dim) gives it (NaN aside): lower indices written last
+        if index_classes > 0:  # the first maximum, as max(dim) gives it (NaN aside): lower indices written last
             kept_best = best[:, :index_classes]
             found = torch.zeros(kept_best.shape, dtype=torch.long, device=best.device)
             for m in range(num_protos - 1, -1, -1):
                 found.masked_fill_(grouped[:, :index_classes, m] == kept_best, m)
-        indices = found
+            indices = found
     norm = voxel_norm(features) if feature_norm is None else feature_norm
     return best / (norm.clamp_min(1e-8) * tau), indices
 
