@@ -11,7 +11,8 @@ then scores every model through its own ``run inference`` on:
 - the A-slab cut out and segmented alone (12 slices: a held-out thin volume of the training scan's anatomy);
 - scan B (cross-scan, 14 slices; the test scan: reported, never used to choose).
 
-Per organ: Dice and predicted / true volume. Writes ``<out>/thin_slab_prob.{json,md}``.
+Per organ: Dice and predicted / true volume, beside the body mask (the trivial reference). Writes
+``<out>/thin_slab_prob.{json,md}``.
 
     python benchmarks/thin_slab_prob.py --probs 0.5 1.0 --seeds 0 1 --workdir /tmp/thin --out /tmp/thin_out
     python benchmarks/thin_slab_prob.py --score_only ...   # score bundles already trained in --workdir
@@ -30,6 +31,7 @@ import numpy as np
 
 from monai_proto.apps.benchmark.runner import dump_json
 from monai_proto.data import demo_data_dir, label_ids_for
+from monai_proto.transforms import body_mask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from b_diagnostic import ORGANS, REPO, load_ras, save, segment  # noqa: E402
@@ -50,6 +52,17 @@ def dice_and_volume(pred: np.ndarray, truth: np.ndarray, ids: list[int]) -> dict
     return rows
 
 
+def body_reference(body: np.ndarray, truth: np.ndarray, ids: list[int]) -> dict:
+    """The trivial reference: the body mask given as each organ's prediction (Dice, volume ratio), and the mean."""
+    rows: dict = {}
+    for k, organ in enumerate(ORGANS, start=1):
+        scored = dice_and_volume(np.where(body, k, 0), truth, ids)
+        if organ in scored:
+            rows[organ] = scored[organ]
+    rows["mean"] = round(float(np.mean([r["dice"] for r in rows.values()])), 3)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--probs", type=float, nargs="+", default=[0.5, 1.0], help="thin_slab_prob values")
@@ -64,6 +77,12 @@ def main() -> None:
     a_truth = load_ras(os.path.join(data, "labelsTr", "scanA_seg.nii.gz"))[0].astype(np.int64)[..., slice(*A_SLAB)]
     b_image, b_affine = load_ras(os.path.join(data, "imagesTs", "scanB_ct_dicom"))
     b_truth = load_ras(os.path.join(data, "labelsTs", "scanB_seg.nii.gz"))[0].astype(np.int64)
+    a_body = body_mask(a_image[None]).numpy()[..., slice(*A_SLAB)]  # the same voxels whether cut out or not
+    references = {
+        "A-slab in scan A": body_reference(a_body, a_truth, ids),
+        "A-slab alone": body_reference(a_body, a_truth, ids),
+        "B": body_reference(body_mask(b_image[None]).numpy(), b_truth, ids),
+    }
     results: dict = {}
     for prob in args.probs:
         for seed in args.seeds:
@@ -87,13 +106,15 @@ def main() -> None:
             }
             print(prob, seed, {k: v["mean"] for k, v in results[f"{prob:g}/{seed}"].items()}, flush=True)
     os.makedirs(args.out, exist_ok=True)
-    dump_json(os.path.join(args.out, "thin_slab_prob.json"), {"probs": args.probs, "seeds": args.seeds, **results})
+    summary = {"probs": args.probs, "seeds": args.seeds, "body_mask": references, **results}
+    dump_json(os.path.join(args.out, "thin_slab_prob.json"), summary)
     lines = [
         "# IAPL trained on thin crops more often: thin_slab_prob against thin-volume Dice",
         "",
         f"Command: `python benchmarks/thin_slab_prob.py --probs {' '.join(f'{p:g}' for p in args.probs)} --seeds "
         f"{' '.join(map(str, args.seeds))}`: the bundle's default run (README command 1, 600 iterations, CPU) per "
-        "value and seed, each scored through its own `run inference`. Dice per organ (predicted / true volume).",
+        "value and seed, each scored through its own `run inference`. Dice per organ (predicted / true volume); the "
+        "body mask (above -500 HU, largest component, holes filled) given as every organ is the trivial reference.",
     ]
     for split in ("A-slab in scan A", "A-slab alone", "B"):
         lines += ["", f"## {split}", "", "| thin_slab_prob / seed | " + " | ".join(ORGANS) + " | mean |"]
@@ -102,6 +123,9 @@ def main() -> None:
             rows = scores[split]
             cells = [f"{rows[o]['dice']:.3f} ({rows[o]['volume_ratio']:.2f}x)" if o in rows else "-" for o in ORGANS]
             lines.append(f"| {run} | " + " | ".join(cells) + f" | **{rows['mean']:.3f}** |")
+        rows = references[split]
+        cells = [f"{rows[o]['dice']:.3f} ({rows[o]['volume_ratio']:.2f}x)" if o in rows else "-" for o in ORGANS]
+        lines.append("| body mask | " + " | ".join(cells) + f" | {rows['mean']:.3f} |")
     with open(os.path.join(args.out, "thin_slab_prob.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("wrote", os.path.join(args.out, "thin_slab_prob.md"))
