@@ -17,10 +17,13 @@ import torch
 
 from monai_proto.apps.benchmark import (
     EvaluationSplit,
+    load_run,
     mri_body_mask,
     pseudo_label_windows,
     radiological,
     reference_scores,
+    run_fingerprint,
+    save_run,
     score_prediction,
     verdict,
 )
@@ -309,10 +312,63 @@ def test_method_only_partial_run_times_its_baseline_for_cost_only(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [sys.executable, os.path.join(REPO, "benchmarks", "iapl.py"), "--smoke", "--networks", "IAPLNet"]
     cmd += ["--seeds", "0", "--out", str(tmp_path), "--workdir", str(tmp_path / "work"), "--repeats", "1"]
-    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
+    proc = subprocess.run(
+        cmd + ["--resume"], capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "iapl.json").read_text())
     assert set(result["results"]["A-slab"]) == {"IAPLNet", "body_mask", "empty"}  # UNet neither trained nor scored
     assert result["cost_reference"] == "UNet" and result["speed"]["reference"] == "UNet"
     assert set(result["speed"]["training_step_seconds"]) == {"IAPLNet", "UNet"}
     assert result["speed"]["throughput_ratio"] > 0
+    # --resume: the same command again reuses the stored run (no training) and reports the same figures
+    assert "training IAPLNet, seed 0" in proc.stdout and "resumed_runs" not in result
+    again = subprocess.run(
+        cmd + ["--resume"], capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing IAPLNet, seed 0" in again.stdout and "training IAPLNet" not in again.stdout
+    second = json.loads((tmp_path / "iapl.json").read_text())
+    assert second["results"] == result["results"] and second["curves"] == result["curves"]
+    assert set(second["resumed_runs"]) == {"IAPLNet_seed0"}
+    assert "Trained by an earlier process of this command" in (tmp_path / "iapl.md").read_text()
+
+
+def test_stored_runs_are_reused_only_by_the_same_code_and_settings(tmp_path, monkeypatch):
+    """--resume's store: a run is reused only under the fingerprint it was trained with (the script, the config,
+    the overrides and settings all count), is written whole or not at all, and an unreadable file is trained again."""
+    config = tmp_path / "train.json"
+    config.write_text('{"lr": 0.001}')
+    script = tmp_path / "bench.py"
+    script.write_text("print(1)\n")
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    key = run_fingerprint(str(config), {"seed": 0}, {"network": "A"})
+    assert key == run_fingerprint(str(config), {"seed": 0}, {"network": "A"})
+    assert key != run_fingerprint(str(config), {"seed": 1}, {"network": "A"})
+    assert key != run_fingerprint(str(config), {"seed": 0}, {"network": "B"})
+    script.write_text("print(2)\n")
+    assert key != run_fingerprint(str(config), {"seed": 0}, {"network": "A"})
+    script.write_text("print(1)\n")
+    config.write_text('{"lr": 0.01}')
+    assert key != run_fingerprint(str(config), {"seed": 0}, {"network": "A"})
+    config.write_text('{"lr": 0.001}')
+    assert key == run_fingerprint(str(config), {"seed": 0}, {"network": "A"})
+
+    path = tmp_path / "runs" / "A_seed0.pt"
+    run = {
+        "curve": {"iterations": [1, 2], "A-slab": [0.1, float("nan")], "train_metrics": [{}, {"x": 1.0}]},
+        "state_dict": {"w": torch.ones(2)},
+        "prediction": {"A-slab": torch.zeros(3, dtype=torch.uint8)},
+        "final": {"A-slab": {"mean_dice": 0.5, "dice": {"a": float("nan")}}},
+        "seconds_per_iteration": 1.5,
+    }
+    save_run(str(path), {"fingerprint": key, "commit": "abc1234", "date": "2026-12-05", "run": run})
+    assert os.listdir(path.parent) == ["A_seed0.pt"]  # no partial file left behind
+    lines: list[str] = []
+    record = load_run(str(path), key, lines.append)
+    assert record["commit"] == "abc1234" and torch.equal(record["run"]["state_dict"]["w"], torch.ones(2))
+    assert record["run"]["curve"]["iterations"] == [1, 2] and math.isnan(record["run"]["curve"]["A-slab"][1])
+    assert load_run(str(path), "0" * 64, lines.append) is None and "other code or settings" in lines[-1]
+    assert load_run(str(tmp_path / "runs" / "B_seed0.pt"), key, lines.append) is None
+    path.write_bytes(b"half a file")
+    assert load_run(str(path), key, lines.append) is None and "unreadable" in lines[-1]

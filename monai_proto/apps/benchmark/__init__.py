@@ -6,7 +6,7 @@ held-out curves, scores with the trivial references and volume ratios, interleav
 fresh process, and the JSON / Markdown / PNG writer. The scripts in ``benchmarks/`` only say what differs.
 """
 
-from .harness import IO_HANDLERS, add_arguments, run_benchmark, strip_io_handlers
+from .harness import IO_HANDLERS, add_arguments, load_run, run_benchmark, run_fingerprint, save_run, strip_io_handlers
 from .metrics import mean_of, reference_scores, score_prediction
 from .report import gap_closed, pseudo_label_windows, radiological, write_cost_report, write_report
 from .runner import (

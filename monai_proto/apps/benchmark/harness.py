@@ -6,6 +6,8 @@ measured side by side, and written as JSON, Markdown and PNG."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -33,7 +35,15 @@ from monai_proto.apps.benchmark.runner import (
 )
 from monai_proto.apps.benchmark.splits import describe_split, load_splits
 
-__all__ = ["IO_HANDLERS", "add_arguments", "run_benchmark", "strip_io_handlers"]
+__all__ = [
+    "IO_HANDLERS",
+    "add_arguments",
+    "load_run",
+    "run_benchmark",
+    "run_fingerprint",
+    "save_run",
+    "strip_io_handlers",
+]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -66,6 +76,13 @@ def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int
         action="store_true",
         help="also write each run's final weights to <workdir>/<network>_seed<seed>.pt (tensors only), for "
         "diagnostics after the run",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep each finished training run in <workdir>/runs/ and reuse it in a later process when the package "
+        "code, the script, the config and the run's settings are unchanged: a run too long for one sitting can be "
+        "stopped and started again with the same command (give --workdir on a disk that lasts)",
     )
     ap.add_argument(
         "--networks",
@@ -244,15 +261,45 @@ def run_benchmark(
         log(f"== partial run: {', '.join(s.name for s in specs)} only")
     restrict = getattr(args, "body_restriction", "on") == "on"
     runs: dict[str, list[dict]] = {s.name: [] for s in specs}
+    resume = bool(getattr(args, "resume", False)) and not args.cost_only
+    if resume and not args.workdir:
+        raise ValueError(f"{name}: --resume keeps the runs in --workdir: give one on a disk that lasts.")
+    resumed: dict[str, dict] = {}  # runs reused from an earlier process: where and when they were trained
     for seed in [] if args.cost_only else seeds:
         for spec in specs:
             root = os.path.join(workdir, f"{spec.name}_seed{seed}")
             parser = make_parser(config_file, {**overrides, **spec.overrides, "seed": seed, "bundle_root": root})
             strip_io_handlers(parser)
             predictor = predictor_factory(parser, spec) if predictor_factory else None
+            stored = os.path.join(workdir, "runs", f"{spec.name}_seed{seed}.pt")
+            if resume:
+                key = run_fingerprint(
+                    config_file,
+                    {**overrides, **spec.overrides, "seed": seed},
+                    {
+                        "network": spec.name,
+                        "trainer": spec.trainer_id,
+                        "iterations": iterations,
+                        "eval_every": eval_every,
+                        "splits": [s.name for s in splits],
+                        "organs": organs,
+                        "restrict": restrict,
+                        "device": args.device,
+                        "threads": args.threads,
+                        "versions": [torch.__version__, monai.__version__],
+                    },
+                )
+                record = load_run(stored, key, log)
+                if record is not None:
+                    log(f"== reusing {spec.name}, seed {seed}: trained at {record['commit']} on {record['date']}")
+                    resumed[f"{spec.name}_seed{seed}"] = {"commit": record["commit"], "date": record["date"]}
+                    runs[spec.name].append(record["run"])
+                    continue
             log(f"== training {spec.name}, seed {seed}")
             run = train_with_curves(parser, spec, splits, organs, iterations, eval_every, predictor, log, restrict)
             log(f"   {run['seconds_per_iteration']:.2f} s/iteration")
+            if resume:
+                save_run(stored, {"fingerprint": key, "commit": commit, "date": time.strftime("%Y-%m-%d"), "run": run})
             if getattr(args, "save_models", False):
                 os.makedirs(workdir, exist_ok=True)
                 torch.save(run["state_dict"], os.path.join(workdir, f"{spec.name}_seed{seed}.pt"))
@@ -371,6 +418,8 @@ def run_benchmark(
         "losses": {s.name: {str(seed): run["losses"] for seed, run in zip(seeds, runs[s.name])} for s in specs},
         "speed": speed,
     }
+    if resumed:
+        result["resumed_runs"] = resumed
     if args.cost_only:
         result["name"] = f"{name}_cost"
         result["title"] = f"{title}: cost only (initial weights, no training)" + (" (SMOKE RUN)" if args.smoke else "")
@@ -380,6 +429,50 @@ def run_benchmark(
         paths = write_report(result, predictions, splits, args.out, reading)
     log("== wrote " + ", ".join(paths.values()))
     return result
+
+
+def run_fingerprint(config_file: str | Sequence[str], overrides: Mapping, settings: Mapping) -> str:
+    """What a stored training run depends on, as one SHA-256: every Python file of the package, the running script,
+    the config files, the run's config overrides and its other settings (network, budget, splits, device, threads,
+    versions). A change to any of them makes a stored run stale."""
+    digest = hashlib.sha256()
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sources = sorted(
+        os.path.join(folder, f) for folder, _, files in os.walk(package) for f in files if f.endswith(".py")
+    )
+    script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    configs = [config_file] if isinstance(config_file, str) else list(config_file)
+    for path in [*sources, *([script] if os.path.isfile(script) else []), *configs]:
+        digest.update(os.path.relpath(path, package).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    digest.update(json.dumps({"overrides": overrides, **settings}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def save_run(path: str, record: dict) -> None:
+    """Write a finished run (``{"fingerprint", "commit", "date", "run"}``, tensors and plain values only) so that no
+    reader ever sees half a file: a temporary file beside it, then an atomic rename."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.partial"
+    torch.save(record, partial)
+    os.replace(partial, path)
+
+
+def load_run(path: str, fingerprint: str, log: Callable[[str], None] = print) -> dict | None:
+    """The run stored at ``path`` when its fingerprint is ``fingerprint``; None (and a log line saying why) when there
+    is none, it is unreadable, or it was trained by other code or settings."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        record = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: train again rather than fail a long run
+        log(f"   {path} is unreadable ({type(e).__name__}: {e}): training again")
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        log(f"   {path} was trained by other code or settings: training again")
+        return None
+    return record
 
 
 def _in_repo(path: str) -> str:

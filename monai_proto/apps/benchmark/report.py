@@ -44,6 +44,20 @@ def _header(result: Mapping) -> list[str]:
         f"Command: `{result['command']}`  ",
         f"Commit: `{result['commit']}`; hardware: {result['hardware']}; threads: {result['threads']}; "
         f"torch {result['versions']['torch']}, MONAI {result['versions']['monai']}; date {result['date']}.  ",
+        *_resumed_lines(result),
+    ]
+
+
+def _resumed_lines(result: Mapping) -> list[str]:
+    """The header line that names the training runs an earlier process of the same command trained (``--resume``):
+    same code, config and settings, so the same weights on a deterministic device; their seconds per iteration are
+    that process's."""
+    resumed = result.get("resumed_runs") or {}
+    if not resumed:
+        return []
+    runs = "; ".join(f"{run.replace('_seed', ' seed ')} ({v['commit']}, {v['date']})" for run, v in resumed.items())
+    return [
+        f"Trained by an earlier process of this command (`--resume`, same code, config and settings): {runs}.  ",
     ]
 
 
