@@ -334,6 +334,21 @@ def test_method_only_partial_run_times_its_baseline_for_cost_only(tmp_path):
     assert "Trained by an earlier process of this command" in (tmp_path / "iapl.md").read_text()
 
 
+def test_shared_arguments_parse_the_documented_options():
+    """The options the docs name (docs/benchmarks/README.md, docs/inputs.md) exist, with the documented defaults."""
+    import argparse
+
+    from monai_proto.apps.benchmark import add_arguments
+
+    parse = add_arguments(argparse.ArgumentParser(), 300, 3).parse_args
+    args = parse([])
+    assert args.body_restriction == "on" and args.resume is False and args.iterations == 300 and args.seeds == [0, 1]
+    args = parse(["--body_restriction", "off", "--resume", "--workdir", "/w"])
+    assert args.body_restriction == "off" and args.resume and args.workdir == "/w"
+    with pytest.raises(SystemExit):
+        parse(["--body_restriction", "raw"])
+
+
 def test_stored_runs_are_reused_only_by_the_same_code_and_settings(tmp_path, monkeypatch):
     """--resume's store: a run is reused only under the fingerprint it was trained with (the script, the config,
     the overrides and settings all count), is written whole or not at all, and an unreadable file is trained again."""

@@ -85,6 +85,13 @@ def add_arguments(ap: argparse.ArgumentParser, iterations: int, eval_points: int
         "stopped and started again with the same command (give --workdir on a disk that lasts)",
     )
     ap.add_argument(
+        "--body_restriction",
+        choices=("on", "off"),
+        default="on",
+        help="on: every prediction is set to background outside the split's body mask before it is scored, as every "
+        "bundle's inference does; off: the raw output is scored (the raw mean Dice is reported either way)",
+    )
+    ap.add_argument(
         "--networks",
         nargs="+",
         default=None,
@@ -259,7 +266,7 @@ def run_benchmark(
         comparisons = [pair for pair in comparisons if set(pair) <= set(chosen)]
         bounds = bounds if bounds and set(bounds) <= set(chosen) else None
         log(f"== partial run: {', '.join(s.name for s in specs)} only")
-    restrict = getattr(args, "body_restriction", "on") == "on"
+    restrict = args.body_restriction == "on"
     runs: dict[str, list[dict]] = {s.name: [] for s in specs}
     resume = bool(getattr(args, "resume", False)) and not args.cost_only
     if resume and not args.workdir:
