@@ -129,6 +129,7 @@ def main() -> None:
         config = json.load(f)
     shipped = config["confidence_class_quantile"]
     shipped_cap = config["pseudo_label_share_cap"]
+    shipped_alignment = bool(config["distribution_alignment"])
     ap = add_arguments(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
     )
@@ -147,12 +148,21 @@ def main() -> None:
         help="the bundle's pseudo_label_share_cap (default: the bundle's own): a class's pseudo-labels take at most "
         "this multiple of its labelled share; 'off' for none; another value is written as <name>_share_cap.*",
     )
+    ap.add_argument(
+        "--distribution_alignment",
+        choices=("on", "off"),
+        default="on" if shipped_alignment else "off",
+        help="the bundle's distribution_alignment (default: the bundle's own); the other value is written as "
+        "<name>_alignment_<on|off>.*",
+    )
     args = ap.parse_args()
+    alignment = args.distribution_alignment == "on"
     transductive = args.variant == "transductive"
     quantile = args.class_quantile
     common = {
         "confidence_class_quantile": quantile,
         "pseudo_label_share_cap": args.share_cap,
+        "distribution_alignment": alignment,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
@@ -177,6 +187,10 @@ def main() -> None:
         variant += "_share_cap"
     if args.share_cap is not None:
         thresholds += f", class share cap {args.share_cap:g}x"
+    if alignment != shipped_alignment:
+        variant += f"_alignment_{args.distribution_alignment}"
+    if alignment:
+        thresholds += ", distribution alignment"
     run_benchmark(
         name=f"mpcl{variant}",
         title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant}, "

@@ -141,7 +141,10 @@ class PrototypeBankHandler:
             max_share = None
             if hasattr(self.threshold_source, "max_shares"):  # the class share cap of MPCLUnsupervisedLoss
                 max_share = self.threshold_source.max_shares(teacher.logits.shape[1])
-            _, pseudo, confident = confident_pseudo_labels(teacher.logits, threshold, max_share)  # plain tensors
+            logits = teacher.logits
+            if hasattr(self.threshold_source, "align"):  # MPCLUnsupervisedLoss's distribution alignment, if on
+                logits = self.threshold_source.align(logits)
+            _, pseudo, confident = confident_pseudo_labels(logits, threshold, max_share)  # plain tensors
             pseudo = torch.where(confident, pseudo, torch.full_like(pseudo, -1)).unsqueeze(1)
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts

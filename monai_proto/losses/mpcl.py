@@ -237,6 +237,15 @@ class MPCLUnsupervisedLoss(_Loss):
     batch; the most confident are kept (:func:`confident_pseudo_labels`). DKA and the bank (via
     :meth:`max_shares`) share the cap.
 
+    Distribution alignment (``distribution_alignment=True``; off by default, not in the paper): the teacher's class
+    probabilities on unlabelled voxels are multiplied by the labelled class shares (:meth:`observe_labels`) over an
+    EMA (``alignment_momentum``) of the teacher's own mean class probabilities on the unlabelled batches, and
+    renormalised, before any pseudo-label is taken (ReMixMatch's distribution alignment, Berthelot et al., ICLR 2020).
+    A teacher that labels far more of the unlabelled pool as one class than the labelled data hold of it (confirmation
+    bias) has that class's probability scaled down, and background takes the voxels it can no longer claim, where the
+    share cap only drops them. Both DKA directions, the per-class levels and the bank's pseudo-labels (via
+    :meth:`align`) see the aligned probabilities; the mean-teacher consistency keeps the raw ones.
+
     Args:
         consistency_weight: weight of the mean-teacher consistency. Defaults to 1.0.
         dka_weight: weight of DKA. Defaults to 1.0.
@@ -252,10 +261,15 @@ class MPCLUnsupervisedLoss(_Loss):
             labelled voxels; None: no cap. Defaults to None.
         ignore_index: label value that :meth:`observe_labels` skips (unlabelled voxels of a partly labelled volume).
             Defaults to 255 (:data:`~monai_proto.losses.segmentation.IGNORE_INDEX`).
+        distribution_alignment: align the teacher's unlabelled class probabilities with the labelled class shares
+            before pseudo-labelling. Defaults to False.
+        alignment_momentum: EMA momentum of the teacher's mean unlabelled class probabilities (the first batch sets
+            them). Defaults to 0.99.
 
     Raises:
         ValueError: when a weight is negative or ``confidence_threshold``, ``class_quantile``, ``class_floor`` or
-            ``class_momentum`` is outside ``[0, 1]``, or ``class_share_cap`` is not positive.
+            ``class_momentum`` or ``alignment_momentum`` is outside ``[0, 1]``, or ``class_share_cap`` is not
+            positive.
     """
 
     def __init__(
@@ -269,6 +283,8 @@ class MPCLUnsupervisedLoss(_Loss):
         class_momentum: float = 0.9,
         class_share_cap: float | None = None,
         ignore_index: int | None = IGNORE_INDEX,
+        distribution_alignment: bool = False,
+        alignment_momentum: float = 0.99,
     ) -> None:
         super().__init__(reduction=LossReduction.MEAN.value)
         _check_weights(consistency_weight=consistency_weight, dka_weight=dka_weight, weight=weight)
@@ -277,6 +293,7 @@ class MPCLUnsupervisedLoss(_Loss):
             "class_quantile": 0.0 if class_quantile is None else class_quantile,
             "class_floor": class_floor,
             "class_momentum": class_momentum,
+            "alignment_momentum": alignment_momentum,
         }.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}.")
@@ -293,6 +310,9 @@ class MPCLUnsupervisedLoss(_Loss):
         self.class_share_cap = class_share_cap
         self.ignore_index = ignore_index
         self.label_counts: torch.Tensor | None = None  # labelled voxels per class seen by observe_labels
+        self.distribution_alignment = bool(distribution_alignment)
+        self.alignment_momentum = alignment_momentum
+        self.unlabelled_marginal: torch.Tensor | None = None  # (K,) EMA of the teacher's mean unlabelled probabilities
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def set_weight(self, value: float) -> None:
@@ -305,15 +325,23 @@ class MPCLUnsupervisedLoss(_Loss):
         keeps its thresholds and caps."""
         return {
             name: torch.empty(0) if value is None else value.clone()
-            for name, value in (("class_levels", self.class_levels), ("label_counts", self.label_counts))
+            for name, value in (
+                ("class_levels", self.class_levels),
+                ("label_counts", self.label_counts),
+                ("unlabelled_marginal", self.unlabelled_marginal),
+            )
         }
 
     def set_extra_state(self, state: dict[str, torch.Tensor] | torch.Tensor) -> None:
         """Restore what :meth:`get_extra_state` wrote (a bare tensor: the levels alone, as bundle 0.4.2 wrote)."""
         state = state if isinstance(state, dict) else {"class_levels": state}
         levels, counts = state.get("class_levels"), state.get("label_counts")
+        marginal = state.get("unlabelled_marginal")
         self.class_levels = None if levels is None or levels.numel() == 0 else levels.detach().clone().float().cpu()
         self.label_counts = None if counts is None or counts.numel() == 0 else counts.detach().clone().double().cpu()
+        self.unlabelled_marginal = (
+            None if marginal is None or marginal.numel() == 0 else marginal.detach().clone().double().cpu()
+        )
 
     def set_confidence_threshold(self, value: float) -> None:
         """Set the pseudo-label confidence threshold (ramped, e.g. 0.7 -> 0.9, by a ``RampHandler``; the
@@ -336,9 +364,10 @@ class MPCLUnsupervisedLoss(_Loss):
     @torch.no_grad()
     def observe_labels(self, labels: torch.Tensor) -> None:
         """Count the classes of a labelled batch's ``(B, 1, *S)`` labels (``ignore_index`` skipped), the reference
-        of :meth:`max_shares` (no-op without ``class_share_cap``). Under ``torch.distributed`` the counts are summed
-        over the ranks (every rank calls this at every iteration), so that all ranks apply the same cap."""
-        if self.class_share_cap is None:
+        of :meth:`max_shares` and :meth:`align` (no-op without ``class_share_cap`` or ``distribution_alignment``).
+        Under ``torch.distributed`` the counts are summed over the ranks (every rank calls this at every iteration),
+        so that all ranks apply the same cap and alignment."""
+        if self.class_share_cap is None and not self.distribution_alignment:
             return
         labels = labels.detach().as_subclass(torch.Tensor).round().long().flatten()
         keep = labels >= 0
@@ -368,6 +397,37 @@ class MPCLUnsupervisedLoss(_Loss):
         if float(counts.sum()) == 0:
             return None
         return (self.class_share_cap * counts / counts.sum()).float()
+
+    @torch.no_grad()
+    def observe_marginal(self, teacher_logits: torch.Tensor) -> None:
+        """Update the EMA of the teacher's mean class probabilities over a ``(B, K, *S)`` unlabelled batch (no-op
+        without ``distribution_alignment``); under ``torch.distributed`` the batch means are averaged over the ranks."""
+        if not self.distribution_alignment:
+            return
+        logits = teacher_logits.detach().as_subclass(torch.Tensor).float()
+        mean = torch.softmax(logits, dim=1).transpose(0, 1).flatten(1).mean(dim=1).double()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        mean = mean.cpu()
+        old = self.unlabelled_marginal
+        m = self.alignment_momentum
+        self.unlabelled_marginal = mean if old is None or old.numel() != mean.numel() else m * old + (1 - m) * mean
+
+    def align(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, K, *S)`` teacher logits with the distribution alignment applied: ``+ log(labelled share) - log(EMA
+        unlabelled probability)`` per class, the same as multiplying the softmax by their ratio and renormalising
+        (shares floored at 1e-6). Unchanged without ``distribution_alignment`` or before the first labelled and
+        unlabelled batches have been observed."""
+        if not self.distribution_alignment or self.unlabelled_marginal is None or self.label_counts is None:
+            return logits
+        num_classes = logits.shape[1]
+        counts = F.pad(self.label_counts, (0, max(0, num_classes - self.label_counts.numel())))[:num_classes]
+        if float(counts.sum()) == 0 or self.unlabelled_marginal.numel() != num_classes:
+            return logits
+        prior = (counts / counts.sum()).clamp(min=1e-6)
+        shift = (prior.log() - self.unlabelled_marginal.clamp(min=1e-6).log()).to(logits.device, logits.dtype)
+        return logits + shift.view(1, num_classes, *([1] * (logits.ndim - 2)))
 
     @torch.no_grad()
     def observe(self, teacher_logits: torch.Tensor, max_voxels: int = 200_000) -> None:
@@ -406,13 +466,19 @@ class MPCLUnsupervisedLoss(_Loss):
         terms = {"consistency": consistency}
         total = self.consistency_weight * consistency
         structured = not isinstance(student_output, torch.Tensor) and not isinstance(teacher_output, torch.Tensor)
+        self.observe_marginal(teacher_logits)
+        teacher_logits = self.align(teacher_logits)  # the pseudo-labels' probabilities (unchanged without alignment)
         self.observe(teacher_logits)
         if self.dka_weight > 0 and structured:
             usable = teacher_output.prototypes_initialized.to(student_logits.dtype)  # type: ignore[attr-defined]
             if bool(usable.any()):
                 dka = 0.5 * (
                     self._aligned(student_output.prototype_logits, teacher_logits, usable)  # type: ignore[attr-defined]
-                    + self._aligned(student_logits, teacher_output.prototype_logits, usable)  # type: ignore[attr-defined]
+                    + self._aligned(
+                        student_logits,
+                        self.align(teacher_output.prototype_logits.detach()),  # type: ignore[attr-defined]
+                        usable,
+                    )
                 )
                 terms["dka"] = dka
                 total = total + self.dka_weight * dka
