@@ -75,7 +75,8 @@ def main() -> None:
         record = torch.load(path, weights_only=True)
         prediction = record["run"]["prediction"]["A-slab"].long()
         prediction = restrict_to_body(prediction[None], body)[0]
-        runs.setdefault(network, {})[int(seed)] = [slice_scores(prediction, label, body, z, len(organs)) for z in slices]
+        scores = [slice_scores(prediction, label, body, z, len(organs)) for z in slices]
+        runs.setdefault(network, {})[int(seed)] = scores
     rows = []
     for i, z in enumerate(slices):
         distance = 0 if lo <= z <= hi else min(abs(z - lo), abs(z - hi))

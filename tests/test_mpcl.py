@@ -518,6 +518,66 @@ def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class(tmp_path):
         MPCLUnsupervisedLoss(class_share_cap=0.0)
 
 
+def test_distribution_alignment_hands_a_flooding_class_back_to_background(tmp_path):
+    """With ``distribution_alignment`` the teacher's probabilities are scaled by labelled share over its running
+    unlabelled mean: the flooding teacher claims class 1 on half the batch (mean probability ~0.48) where the labelled
+    data hold 1/6 of it (and never class 2), so after alignment only its most confident voxels pass the threshold, in
+    DKA and in the bank's pseudo-labels; the consistency term is unchanged; without a
+    labelled batch seen, or without the option, nothing changes; the running mean is checkpointed."""
+    logits, teacher = _flooding_teacher()
+    label = torch.zeros(1, 1, 8, 16)
+    label.view(-1)[:16] = 1
+    label.view(-1)[96:] = 255  # ignored: 96 labelled voxels, shares 5/6, 1/6, 0 (floored at 1e-6)
+    aligned = MPCLUnsupervisedLoss(consistency_weight=1.0, confidence_threshold=0.9, distribution_alignment=True)
+    plain = MPCLUnsupervisedLoss(consistency_weight=1.0, confidence_threshold=0.9)
+    aligned.observe_marginal(logits)
+    assert torch.equal(aligned.align(logits), logits)  # no labelled batch seen yet
+    aligned.observe_labels(label)
+    plain.observe_labels(label)
+    assert plain.label_counts is None and plain.unlabelled_marginal is None and torch.equal(plain.align(logits), logits)
+    shifted = aligned.align(logits)
+    marginal = torch.softmax(logits, 1).mean(dim=(0, 2, 3)).double()
+    torch.testing.assert_close(aligned.unlabelled_marginal, marginal)
+    prior = torch.tensor([5 / 6, 1 / 6, 1e-6])
+    expected = torch.softmax(logits, 1) * (prior / marginal.float()).view(1, 3, 1, 1)
+    torch.testing.assert_close(torch.softmax(shifted, 1), expected / expected.sum(1, keepdim=True))
+    _, before, confident_before = confident_pseudo_labels(logits, 0.9)
+    _, after, confident_after = confident_pseudo_labels(shifted, 0.9)
+    assert int((confident_before & (before == 1)).sum()) == 64
+    kept = confident_after & (after == 1)
+    assert 0 < int(kept.sum()) < 64  # the least sure of class 1 no longer pass the threshold
+    confidence = torch.softmax(logits, 1)[:, 1]
+    assert float(confidence[kept].min()) > float(confidence[(before == 1) & ~kept].max())
+    zeros = torch.zeros(1, 3, 8, 16)
+    student = MPCLOutput(zeros, None, zeros, None, teacher.prototypes_initialized, None)
+    aligned(student, teacher), plain(student, teacher)
+    assert aligned.last_terms["consistency"] == plain.last_terms["consistency"]
+    assert aligned.last_terms["dka"] != plain.last_terms["dka"]
+    usable = teacher.prototypes_initialized.float()  # both DKA directions take the aligned teacher (same logits here)
+    torch.testing.assert_close(aligned.last_terms["dka"], aligned._aligned(zeros, aligned.align(logits), usable))
+    # the bank handler takes its pseudo-labels through the same alignment
+    net = tiny_net(out_channels=3)
+    labelled = net(torch.rand(1, 1, 8, 16))
+    net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
+    unlabelled = net(torch.rand(1, 1, 8, 16))
+
+    class Engine:
+        class state:
+            iteration = 2
+            metrics: dict = {}
+            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+
+    PrototypeBankHandler(net, threshold_source=aligned, duplicate_threshold=None, max_idle=None)(Engine)
+    assert Engine.state.metrics["pseudo_1_count"] == int((confident_after & (after == 1)).sum())
+    # checkpointed: a restored loss aligns the same way
+    restored = MPCLUnsupervisedLoss(distribution_alignment=True)
+    torch.save({"unsupervised_loss": aligned.state_dict()}, tmp_path / "loss.pt")
+    restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=True)["unsupervised_loss"])
+    torch.testing.assert_close(restored.align(logits), aligned.align(logits))
+    with pytest.raises(ValueError, match="alignment_momentum"):
+        MPCLUnsupervisedLoss(alignment_momentum=1.5)
+
+
 def _count_labels_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
