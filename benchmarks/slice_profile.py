@@ -107,6 +107,15 @@ def main() -> None:
             dice, painted = np.nanmean(row[network]["mean_dice"]), np.mean(row[network]["background_painted"])
             cells.append(f"{dice:.2f} / {painted:.2f}")
         lines.append(f"| {row['slice']} | {row['kind']} | {row['distance']} | " + " | ".join(cells) + " |")
+    lines += ["", "Means over slices (each slice's mean over the organs present; mean over seeds):", ""]
+    for kind in ("held out", "unlabelled"):
+        chosen = [row for row in rows if row["kind"] == kind]
+        if not chosen:
+            continue
+        cells = [
+            f"{network} {np.nanmean([np.nanmean(r[network]['mean_dice']) for r in chosen]):.3f}" for network in names
+        ]
+        lines.append(f"- {kind} ({len(chosen)} slices): " + ", ".join(cells))
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
