@@ -454,6 +454,24 @@ def _flooding_teacher() -> tuple[torch.Tensor, MPCLOutput]:
     return logits, MPCLOutput(logits, None, logits, None, torch.ones(3, dtype=torch.bool), None)
 
 
+def _bank_handler_metrics(source: MPCLUnsupervisedLoss, teacher: MPCLOutput, label: torch.Tensor) -> dict:
+    """The pseudo-label counts a :class:`PrototypeBankHandler` reading ``source`` logs for one iteration of a tiny
+    network (its bank initialised from ``label``, whose ignored voxels count as background) beside ``teacher``."""
+    net = tiny_net(out_channels=3)
+    labelled = net(torch.rand(1, 1, 8, 16))
+    net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
+    unlabelled = net(torch.rand(1, 1, 8, 16))
+
+    class Engine:
+        class state:
+            iteration = 2
+            metrics: dict = {}
+            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+
+    PrototypeBankHandler(net, threshold_source=source, duplicate_threshold=None, max_idle=None)(Engine)
+    return Engine.state.metrics
+
+
 def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class(tmp_path):
     """With ``class_share_cap=2`` and class 1 at 1/6 of the labelled voxels, class 1 may take 1/3 of an unlabelled
     batch's pseudo-labels: of the 64 voxels the teacher is sure of, the 42 most confident are kept, in DKA and in
@@ -493,20 +511,8 @@ def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class(tmp_path):
     _, labels, confident = confident_pseudo_labels(logits, 0.9, torch.tensor([1.0, 0.0, 1.0]))
     assert not (confident & (labels == 1)).any() and int(confident.sum()) == 64
     # the bank handler reads the same cap from its threshold source
-    net = tiny_net(out_channels=3)
-    labelled = net(torch.rand(1, 1, 8, 16))
-    net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
-    unlabelled = net(torch.rand(1, 1, 8, 16))
-
-    class Engine:
-        class state:
-            iteration = 2
-            metrics: dict = {}
-            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
-
-    handler = PrototypeBankHandler(net, threshold_source=capped, duplicate_threshold=None, max_idle=None)
-    handler(Engine)
-    assert Engine.state.metrics["pseudo_1_count"] == 42 and Engine.state.metrics["pseudo_0_count"] == 64
+    metrics = _bank_handler_metrics(capped, teacher, label)
+    assert metrics["pseudo_1_count"] == 42 and metrics["pseudo_0_count"] == 64
     # checkpointed with the levels; a bundle 0.4.2 state (a bare tensor of levels) still loads
     restored = MPCLUnsupervisedLoss(class_share_cap=2.0)
     torch.save({"unsupervised_loss": capped.state_dict()}, tmp_path / "loss.pt")
@@ -556,19 +562,8 @@ def test_distribution_alignment_hands_a_flooding_class_back_to_background(tmp_pa
     usable = teacher.prototypes_initialized.float()  # both DKA directions take the aligned teacher (same logits here)
     torch.testing.assert_close(aligned.last_terms["dka"], aligned._aligned(zeros, aligned.align(logits), usable))
     # the bank handler takes its pseudo-labels through the same alignment
-    net = tiny_net(out_channels=3)
-    labelled = net(torch.rand(1, 1, 8, 16))
-    net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
-    unlabelled = net(torch.rand(1, 1, 8, 16))
-
-    class Engine:
-        class state:
-            iteration = 2
-            metrics: dict = {}
-            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
-
-    PrototypeBankHandler(net, threshold_source=aligned, duplicate_threshold=None, max_idle=None)(Engine)
-    assert Engine.state.metrics["pseudo_1_count"] == int((confident_after & (after == 1)).sum())
+    metrics = _bank_handler_metrics(aligned, teacher, label)
+    assert metrics["pseudo_1_count"] == int((confident_after & (after == 1)).sum())
     # checkpointed: a restored loss aligns the same way
     restored = MPCLUnsupervisedLoss(distribution_alignment=True)
     torch.save({"unsupervised_loss": aligned.state_dict()}, tmp_path / "loss.pt")
