@@ -391,12 +391,19 @@ class MPCLUnsupervisedLoss(_Loss):
         """``(K,)`` cap on each class's share of an unlabelled batch's pseudo-labels: ``class_share_cap`` times its
         share of the labelled voxels of classes ``0..K-1`` seen so far (0 for a class never seen labelled: its
         pseudo-labels are all dropped); None without a cap or before the first labelled batch."""
-        if self.class_share_cap is None or self.label_counts is None:
+        if self.class_share_cap is None:
+            return None
+        shares = self.labelled_shares(num_classes)
+        return None if shares is None else (self.class_share_cap * shares).float()
+
+    def labelled_shares(self, num_classes: int) -> torch.Tensor | None:
+        """``(K,)`` share of each class ``0..K-1`` among the labelled voxels of those classes seen so far by
+        :meth:`observe_labels` (0 for a class never seen labelled); None before any such voxel."""
+        if self.label_counts is None:
             return None
         counts = F.pad(self.label_counts, (0, max(0, num_classes - self.label_counts.numel())))[:num_classes]
-        if float(counts.sum()) == 0:
-            return None
-        return (self.class_share_cap * counts / counts.sum()).float()
+        total = float(counts.sum())
+        return None if total == 0 else counts / total
 
     @torch.no_grad()
     def observe_marginal(self, teacher_logits: torch.Tensor) -> None:
@@ -419,13 +426,13 @@ class MPCLUnsupervisedLoss(_Loss):
         unlabelled probability)`` per class, the same as multiplying the softmax by their ratio and renormalising
         (shares floored at 1e-6). Unchanged without ``distribution_alignment`` or before the first labelled and
         unlabelled batches have been observed."""
-        if not self.distribution_alignment or self.unlabelled_marginal is None or self.label_counts is None:
+        if not self.distribution_alignment or self.unlabelled_marginal is None:
             return logits
         num_classes = logits.shape[1]
-        counts = F.pad(self.label_counts, (0, max(0, num_classes - self.label_counts.numel())))[:num_classes]
-        if float(counts.sum()) == 0 or self.unlabelled_marginal.numel() != num_classes:
+        shares = self.labelled_shares(num_classes)
+        if shares is None or self.unlabelled_marginal.numel() != num_classes:
             return logits
-        prior = (counts / counts.sum()).clamp(min=1e-6)
+        prior = shares.clamp(min=1e-6)
         shift = (prior.log() - self.unlabelled_marginal.clamp(min=1e-6).log()).to(logits.device, logits.dtype)
         return logits + shift.view(1, num_classes, *([1] * (logits.ndim - 2)))
 
