@@ -15,6 +15,7 @@ body's background voxels that the network labels as an organ, restricted to the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import os
 import re
@@ -23,27 +24,23 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
+from monai_proto.apps.benchmark.metrics import score_prediction
 from monai_proto.apps.benchmark.runner import dump_json, make_parser
-from monai_proto.apps.benchmark.splits import load_splits
-from monai_proto.transforms import restrict_to_body
+from monai_proto.apps.benchmark.splits import EvaluationSplit, load_splits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "bundles", "mpcl_semisupervised_segmentation", "configs", "train.json")
 
 
-def slice_scores(prediction: torch.Tensor, label: torch.Tensor, body: torch.Tensor, z: int, organs: int) -> dict:
-    """Mean Dice over the organs present in axial slice ``z`` of ``(*S)`` class maps, and the share of the body's
-    background voxels in that slice predicted as any organ."""
-    pred, true, inside = prediction[..., z], label[..., z], body[..., z]
-    dice = []
-    for k in range(1, organs + 1):
-        t, p = true == k, pred == k
-        if int(t.sum()) == 0:
-            continue
-        dice.append(2.0 * float((t & p).sum()) / float(t.sum() + p.sum()))
-    background = inside & (true == 0)
-    painted = float((pred[background] > 0).sum()) / max(1, int(background.sum()))
-    return {"mean_dice": float(np.mean(dice)) if dice else float("nan"), "background_painted": painted}
+def slice_scores(prediction: torch.Tensor, split: EvaluationSplit, z: int, organs: list[str]) -> dict:
+    """Axial slice ``z`` of a ``(*S)`` class map scored as the harness scores a split (restricted to the body), and
+    the share of the body's background voxels in that slice predicted as any organ."""
+    region = torch.zeros_like(split.region)
+    region[..., z] = True
+    scores = score_prediction(prediction, dataclasses.replace(split, region=region), organs, restrict=True)
+    background = split.body[..., z] & (split.label[0, 0, ..., z] == 0)
+    painted = float((prediction[..., z][background] > 0).sum()) / max(1, int(background.sum()))
+    return {"mean_dice": float(scores["mean_dice"]), "background_painted": painted}
 
 
 def main() -> None:
@@ -65,7 +62,6 @@ def main() -> None:
     split = load_splits(
         Compose(deterministic), parser.get_parsed_content("dataset_dir"), parser.get_parsed_content("pixdim")
     )[0]
-    label, body = split.label[0, 0], split.body.cpu()
     held = sorted({int(z) for z in torch.nonzero(split.region)[:, 2].tolist()})
     lo, hi = args.labelled
     slices = list(range(args.slices[0], args.slices[1] + 1))
@@ -74,8 +70,7 @@ def main() -> None:
         network, seed = re.match(r"(.+)_seed(\d+)\.pt$", os.path.basename(path)).groups()
         record = torch.load(path, weights_only=True)
         prediction = record["run"]["prediction"]["A-slab"].long()
-        prediction = restrict_to_body(prediction[None], body)[0]
-        scores = [slice_scores(prediction, label, body, z, len(organs)) for z in slices]
+        scores = [slice_scores(prediction, split, z, organs) for z in slices]
         runs.setdefault(network, {})[int(seed)] = scores
     rows = []
     for i, z in enumerate(slices):
