@@ -24,6 +24,7 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --class_quantile off     # one ramped pseudo-label threshold (the bundle's is per class)
     python benchmarks/mpcl.py --class_quantile 0.3 --networks MPCLNet   # another per-class quantile, MPCL only
     python benchmarks/mpcl.py --share_cap 2 --networks MPCLNet  # cap each class at 2x its labelled share
+    python benchmarks/mpcl.py --trust_region on --networks MPCLNet  # pseudo-labels near the labelled slices first
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
@@ -130,6 +131,7 @@ def main() -> None:
     shipped = config["confidence_class_quantile"]
     shipped_cap = config["pseudo_label_share_cap"]
     shipped_alignment = bool(config["distribution_alignment"])
+    shipped_trust = bool(config["pseudo_label_trust_region"])
     ap = add_arguments(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
     )
@@ -155,14 +157,24 @@ def main() -> None:
         help="the bundle's distribution_alignment (default: the bundle's own); the other value is written as "
         "<name>_alignment_<on|off>.*",
     )
+    ap.add_argument(
+        "--trust_region",
+        choices=("on", "off"),
+        default="on" if shipped_trust else "off",
+        help="the bundle's pseudo_label_trust_region (default: the bundle's own): pseudo-labels only within a radius "
+        "of the labelled slices that grows from trust_radius_start to trust_radius_end mm over the run; the other "
+        "value is written as <name>_trust_region_<on|off>.*",
+    )
     args = ap.parse_args()
     alignment = args.distribution_alignment == "on"
+    trust = args.trust_region == "on"
     transductive = args.variant == "transductive"
     quantile = args.class_quantile
     common = {
         "confidence_class_quantile": quantile,
         "pseudo_label_share_cap": args.share_cap,
         "distribution_alignment": alignment,
+        "pseudo_label_trust_region": trust,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
@@ -191,6 +203,12 @@ def main() -> None:
         variant += f"_alignment_{args.distribution_alignment}"
     if alignment:
         thresholds += ", distribution alignment"
+    if trust != shipped_trust:
+        variant += f"_trust_region_{args.trust_region}"
+    if trust:
+        thresholds += (
+            f", pseudo-label trust region {config['trust_radius_start']:g} -> {config['trust_radius_end']:g} mm"
+        )
     run_benchmark(
         name=f"mpcl{variant}",
         title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant}, "

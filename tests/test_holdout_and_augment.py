@@ -7,10 +7,23 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
+from monai.transforms import (
+    Compose,
+    DivisiblePadd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    RandSpatialCropSamplesd,
+)
 
 from monai_proto.data import demo_data_dir, load_msd_datalist
-from monai_proto.transforms import HoldOutRegiond, RandLabelIntensityShiftd, RandThinSlabd, holdout_mask
+from monai_proto.transforms import (
+    HoldOutRegiond,
+    RandLabelIntensityShiftd,
+    RandThinSlabd,
+    RegionDistanced,
+    holdout_mask,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +69,41 @@ def test_items_without_region_pass_unchanged():
     label = MetaTensor(torch.ones(1, 4, 4, 4))
     out = HoldOutRegiond("label")({"label": label})
     assert torch.equal(out["label"], label)
+
+
+def test_region_distance_is_millimetres_to_the_labelled_slab_and_travels_with_the_crop(scan_a):
+    """The protocol's labelled region (slices 78-89 of scan A, 3 mm slices) is at distance 0, a slice next to it at
+    1.5 mm (its centre is half a slice from the region's edge), and each further slice 3 mm more, on both sides; an
+    item without a region is at infinite distance; a random crop and padding take the map with the image."""
+    region = {"axis": 2, "range_mm": [326.802, 362.802]}
+    out = RegionDistanced("image")(dict(scan_a, labeled_region=region))
+    distance = out["region_distance"]
+    assert distance.shape == scan_a["image"].shape and distance.dtype == torch.float32
+    assert torch.equal(distance.affine, scan_a["image"].affine)
+    profile = distance[0, 0, 0]
+    assert torch.all(distance == profile)  # a function of the slice alone
+    expected = torch.tensor([max(78 - z, z - 89, 0) * 3.0 - 1.5 * (z < 78 or z > 89) for z in range(112)])
+    torch.testing.assert_close(profile, expected, atol=1e-3, rtol=0)
+    assert torch.all(RegionDistanced("image")(dict(scan_a))["region_distance"] == float("inf"))
+    crop = Compose(
+        [
+            RandSpatialCropSamplesd(["image", "region_distance"], (40, 40, 30), num_samples=2, random_size=False),
+            DivisiblePadd("region_distance", k=16, mode="constant", value=float("inf")),
+        ]
+    )
+    crop.set_random_state(3)
+    depth = dict(scan_a, image=torch.arange(112.0).expand(scan_a["image"].shape).clone())
+    depth["image"] = MetaTensor(depth["image"], meta=dict(scan_a["image"].meta))
+    for sample in crop(RegionDistanced("image")(dict(depth, labeled_region=region))):
+        slices = sample["image"][0, 0, 0].long()
+        padded = sample["region_distance"][0]
+        assert padded.shape == (48, 48, 32)  # padded symmetrically, as the image: 4, 4 and 1 voxels a side
+        torch.testing.assert_close(padded[4, 4, 1:31], expected[slices], atol=1e-3, rtol=0)
+        inside = torch.zeros_like(padded, dtype=torch.bool)
+        inside[4:44, 4:44, 1:31] = True
+        assert torch.all(padded[~inside] == float("inf")) and torch.all(torch.isfinite(padded[inside]))
+    with pytest.raises(ValueError, match="axis"):
+        RegionDistanced("image")(dict(scan_a, labeled_region={"axis": 3, "range_mm": [0, 1]}))
 
 
 def test_thin_slab_keeps_size_pads_like_the_inferer_and_ignores_padding():

@@ -454,9 +454,12 @@ def _flooding_teacher() -> tuple[torch.Tensor, MPCLOutput]:
     return logits, MPCLOutput(logits, None, logits, None, torch.ones(3, dtype=torch.bool), None)
 
 
-def _bank_handler_metrics(source: MPCLUnsupervisedLoss, teacher: MPCLOutput, label: torch.Tensor) -> dict:
+def _bank_handler_metrics(
+    source: MPCLUnsupervisedLoss, teacher: MPCLOutput, label: torch.Tensor, extra: dict | None = None
+) -> dict:
     """The pseudo-label counts a :class:`PrototypeBankHandler` reading ``source`` logs for one iteration of a tiny
-    network (its bank initialised from ``label``, whose ignored voxels count as background) beside ``teacher``."""
+    network (its bank initialised from ``label``, whose ignored voxels count as background) beside ``teacher``
+    (``extra``: the trainer's ``unlabeled_extra`` entries)."""
     net = tiny_net(out_channels=3)
     labelled = net(torch.rand(1, 1, 8, 16))
     net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
@@ -466,7 +469,13 @@ def _bank_handler_metrics(source: MPCLUnsupervisedLoss, teacher: MPCLOutput, lab
         class state:
             iteration = 2
             metrics: dict = {}
-            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+            output = {
+                "pred": labelled,
+                "label": label,
+                "unlabeled_pred": unlabelled,
+                "teacher_pred": teacher,
+                "unlabeled_extra": extra or {},
+            }
 
     PrototypeBankHandler(net, threshold_source=source, duplicate_threshold=None, max_idle=None)(Engine)
     return Engine.state.metrics
@@ -573,6 +582,74 @@ def test_distribution_alignment_hands_a_flooding_class_back_to_background(tmp_pa
         MPCLUnsupervisedLoss(alignment_momentum=1.5)
 
 
+def test_trust_region_takes_pseudo_labels_only_near_the_labelled_region():
+    """With ``trust_region`` only voxels within ``trust_radius`` mm of their labelled region take pseudo-labels, in
+    both DKA directions and in the bank; the consistency term sees every voxel; the radius set by the ramp widens the
+    region; without the option the map is ignored, and with it a missing map is an error."""
+    logits, teacher = _flooding_teacher()  # class 1 on the first 4 rows (64 voxels), class 0 on the last 4
+    distance = (3.0 * torch.arange(16.0)).expand(1, 1, 8, 16)  # mm: 0 at column 0, 3 mm a column
+    zeros = torch.zeros(1, 3, 8, 16)
+    student = MPCLOutput(zeros, None, zeros, None, teacher.prototypes_initialized, None)
+    trust = MPCLUnsupervisedLoss(confidence_threshold=0.9, trust_region=True, trust_radius=10.0)
+    plain = MPCLUnsupervisedLoss(confidence_threshold=0.9)
+    near = trust.trusted(distance)
+    assert near.shape == (1, 8, 16) and torch.equal(near[0, 0], torch.arange(16) <= 3)  # 0, 3, 6, 9 mm
+    assert plain.trusted(distance) is None
+    trust(student, teacher, region_distance=distance), plain(student, teacher, region_distance=distance)
+    assert trust.last_terms["consistency"] == plain.last_terms["consistency"]
+    confidence, _, confident = confident_pseudo_labels(logits, 0.9)
+    # zero student logits: the cross-entropy is log 3 at every voxel, so DKA is log 3 times the mean weight
+    expected = math.log(3.0) * float((confidence * confident * near).mean())
+    assert float(trust.last_terms["dka"]) == pytest.approx(expected, rel=1e-5)
+    assert float(plain.last_terms["dka"]) == pytest.approx(math.log(3.0) * float((confidence * confident).mean()))
+    assert float(trust.last_terms["dka"]) < 0.5 * float(plain.last_terms["dka"])
+    trust.set_trust_radius(0.0)  # column 0 alone
+    trust(student, teacher, region_distance=distance)
+    assert float(trust.last_terms["dka"]) == pytest.approx(
+        math.log(3.0) * float((confidence * confident)[..., 0].sum()) / 128, rel=1e-5
+    )
+    trust.set_trust_radius(float("inf"))
+    trust(student, teacher, region_distance=distance)
+    torch.testing.assert_close(trust.last_terms["dka"], plain.last_terms["dka"])
+    # the bank's pseudo-labels: class 1 only in the trusted columns
+    label = torch.zeros(1, 1, 8, 16)
+    label.view(-1)[:16] = 1
+    trust.set_trust_radius(10.0)
+    metrics = _bank_handler_metrics(trust, teacher, label, {"region_distance": distance})
+    assert metrics["pseudo_1_count"] == 4 * 4 and metrics["pseudo_0_count"] == 4 * 4
+    assert _bank_handler_metrics(plain, teacher, label, {"region_distance": distance})["pseudo_1_count"] == 64
+    with pytest.raises(ValueError, match="region_distance"):
+        trust(student, teacher)
+    with pytest.raises(ValueError, match="trust_radius"):
+        trust.set_trust_radius(-1.0)
+
+
+def test_trainer_passes_the_unlabelled_batchs_extra_entries_to_the_loss():
+    """``unlabeled_extra_keys`` entries of the unlabelled batch reach the unsupervised loss as keyword arguments and
+    ``engine.state.output['unlabeled_extra']``; a batch without one is a clear error."""
+    seen = []
+
+    def loss(student, teacher, region_distance):
+        seen.append(region_distance)
+        return MPCLUnsupervisedLoss()(student, teacher)
+
+    images = torch.rand(2, 1, 16, 16)
+    unlabeled = [
+        {"image": torch.rand(1, 16, 16), "region_distance": torch.full((1, 16, 16), float(i))} for i in range(2)
+    ]
+    trainer = _trainer(tiny_net(), loss, iterations=1, images=images)
+    trainer.unlabeled_data_loader = DataLoader(unlabeled, batch_size=2)
+    trainer.unlabeled_extra_keys = ("region_distance",)
+    trainer.run()
+    assert len(seen) == 1 and seen[0].shape == (2, 1, 16, 16)
+    torch.testing.assert_close(seen[0][:, 0, 0, 0], torch.tensor([0.0, 1.0]))
+    assert trainer.state.output["unlabeled_extra"]["region_distance"] is seen[0]
+    trainer = _trainer(tiny_net(), loss, iterations=1, images=images)
+    trainer.unlabeled_extra_keys = ("region_distance",)  # the default unlabelled loader has images only
+    with pytest.raises(KeyError, match="region_distance"):
+        trainer.run()
+
+
 def _count_labels_on_rank(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -623,7 +700,12 @@ def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
         class state:
             iteration = 2
             metrics: dict = {}
-            output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+            output = {
+                "pred": labelled,
+                "label": label,
+                "unlabeled_pred": unlabelled,
+                "teacher_pred": teacher,
+            }
 
     before = net.bank.prototypes[2].clone()
     loss.set_confidence_threshold(0.7)

@@ -49,6 +49,8 @@ def trained(tmp_path_factory) -> Path:
         *FAST,
         "--confidence_threshold_start",
         "0.0",
+        "--pseudo_label_trust_region",  # the trust region's path: the distance map cropped, collated and read
+        "True",
     ]
     proc = run([*args, "--bundle_root", root], root)
     assert "val_mean_dice" in proc.stdout + proc.stderr
@@ -56,6 +58,7 @@ def trained(tmp_path_factory) -> Path:
         "pseudo_foreground_fraction" in proc.stdout + proc.stderr and "prototype_reseeds" in proc.stdout + proc.stderr
     )
     assert "contrastive" in proc.stdout  # PSO terms active once the bank is initialised
+    assert "trust_radius" in proc.stdout + proc.stderr  # the ramped radius is logged
     return root
 
 
@@ -187,3 +190,26 @@ def test_metadata_verifies():
         pytest.skip(f"{SCHEMA} not present")
     run(["-m", "monai.bundle", "verify_metadata", "--meta_file", BUNDLE / "configs" / "metadata.json",
          "--filepath", SCHEMA], REPO_ROOT)  # fmt: skip
+
+
+def test_trust_region_config_feeds_the_distance_map_to_the_loss():
+    """``pseudo_label_trust_region`` switches the unsupervised loss's trust region on; the unlabelled batches carry
+    the ``region_distance`` map of the protocol's labelled slices (0 on slices 78-89 of scan A), cropped with the
+    image, which the trainer passes to the loss; the radius ramps from ``trust_radius_start`` to ``trust_radius_end``
+    over the whole run."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    assert parser.get_parsed_content("unsupervised_loss").trust_region is False  # off in the shipped bundle
+    parser["pseudo_label_trust_region"] = True
+    parser["train#unlabeled#random_transforms"] = []  # whole volumes
+    assert parser.get_parsed_content("unsupervised_loss").trust_region is True
+    ramp = [h for h in parser.get_parsed_content("train#handlers") if getattr(h, "name", None) == "trust_radius"]
+    assert len(ramp) == 1 and (ramp[0].start, ramp[0].end) == (6.0, 96.0)
+    assert ramp[0].length == parser.get_parsed_content("epochs") * parser.get_parsed_content("iterations_per_epoch")
+    assert parser.get_parsed_content("train#trainer#unlabeled_extra_keys") == ["region_distance"]
+    lo, hi = parser.get_parsed_content("labeled_region")["slices"]
+    (item,) = list(parser.get_parsed_content("train#unlabeled#dataset"))
+    distance = item["region_distance"]
+    assert distance.shape == item["image"].shape
+    assert torch.all(distance[..., lo:hi] == 0) and torch.all(distance[..., : lo - 1] > 1.5)
+    assert torch.all(distance[..., hi + 1 :] > 1.5)

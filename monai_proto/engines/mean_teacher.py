@@ -27,6 +27,7 @@ __all__ = ["MeanTeacherTrainer", "ema_update", "make_teacher"]
 UNLABELED_IMAGE = "unlabeled_image"
 UNLABELED_PRED = "unlabeled_pred"
 TEACHER_PRED = "teacher_pred"
+UNLABELED_EXTRA = "unlabeled_extra"
 SUPERVISED_LOSS = "supervised_loss"
 UNSUPERVISED_LOSS = "unsupervised_loss"
 
@@ -82,13 +83,17 @@ class MeanTeacherTrainer(SupervisedTrainer):
     belong to a handler (e.g. :class:`~monai_proto.handlers.schedules.RampHandler` on the loss). An unsupervised
     loss with an ``observe_labels(labels)`` method is given each labelled batch's labels before it is called
     (the labelled class shares that :class:`~monai_proto.losses.mpcl.MPCLUnsupervisedLoss` caps pseudo-labels by).
+    Entries of the unlabelled batch named in ``unlabeled_extra_keys`` (e.g. the ``region_distance`` map of
+    :class:`~monai_proto.transforms.RegionDistanced`, cropped with the image) are passed to the unsupervised loss as
+    keyword arguments.
 
     ``engine.state.output`` holds MONAI's ``image``, ``label``, ``pred`` (the student's output on the labelled
     batch), ``loss`` and, for handlers such as
     :class:`~monai_proto.handlers.prototype.PrototypeBankHandler`: ``unlabeled_image``, ``unlabeled_pred``,
-    ``teacher_pred``, ``supervised_loss``, ``unsupervised_loss`` and ``loss_terms`` (the losses' ``last_terms``
-    when they have them). Outputs are not decollated by default (``decollate=False``), since network outputs
-    may be structured; log the loss with ``output_transform=lambda x: x["loss"]``.
+    ``teacher_pred``, ``unlabeled_extra`` (the dict of ``unlabeled_extra_keys``' entries), ``supervised_loss``,
+    ``unsupervised_loss`` and ``loss_terms`` (the losses' ``last_terms`` when they have them). Outputs are not
+    decollated by default (``decollate=False``), since network outputs may be structured; log the loss with
+    ``output_transform=lambda x: x["loss"]``.
 
     Each iteration is MONAI's supervised one (batch preparation, extra network arguments, AMP, gradient
     accumulation with ``accumulation_steps``, ``compile``) with the loss extended by the unlabelled terms.
@@ -108,12 +113,15 @@ class MeanTeacherTrainer(SupervisedTrainer):
         teacher_noise_std: std of the Gaussian noise (clipped to ``+-2 std``) added to the teacher's input.
             Defaults to 0.0.
         unlabeled_image_key: key of the image in unlabelled batches. Defaults to ``"image"``.
+        unlabeled_extra_keys: keys of unlabelled batch entries passed, on the device, to
+            ``unsupervised_loss_function`` as keyword arguments. Defaults to none.
         decollate: as in ``SupervisedTrainer``. Defaults to False.
         kwargs: further arguments of :class:`monai.engines.SupervisedTrainer`.
 
     Raises:
         ValueError: when ``ema_decay`` is outside ``[0, 1]``, ``teacher_noise_std < 0``, or an unsupervised loss
             is given without an unlabelled loader.
+        KeyError: when an unlabelled batch lacks one of ``unlabeled_extra_keys``.
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         ema_decay: float = 0.99,
         teacher_noise_std: float = 0.0,
         unlabeled_image_key: str = Keys.IMAGE,
+        unlabeled_extra_keys: Sequence[str] = (),
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         decollate: bool = False,
@@ -163,6 +172,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.ema_decay = ema_decay
         self.teacher_noise_std = teacher_noise_std
         self.unlabeled_image_key = unlabeled_image_key
+        self.unlabeled_extra_keys = tuple(unlabeled_extra_keys)
         self._unlabeled_iter: Iterator | None = None
         if train_handlers is not None:
             self._register_handlers(train_handlers)
@@ -179,12 +189,18 @@ class MeanTeacherTrainer(SupervisedTrainer):
     def _iteration(self, engine: MeanTeacherTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         """MONAI's supervised iteration (batch preparation, extra network arguments, AMP, gradient accumulation,
         ``compile``), with the loss replaced by :class:`_MeanTeacherLoss`, then the teacher's EMA step."""
-        unlabeled = None
+        unlabeled, extra = None, {}
         if engine.unsupervised_loss_function is not None:
             raw = engine._next_unlabeled()
+            missing = [k for k in (engine.unlabeled_image_key, *engine.unlabeled_extra_keys) if k not in raw]
+            if missing:
+                raise KeyError(f"the unlabelled batch has no {missing}; it has {sorted(map(str, raw))}.")
             unlabeled = raw[engine.unlabeled_image_key].to(engine.state.device, non_blocking=engine.non_blocking)
+            extra = {
+                k: raw[k].to(engine.state.device, non_blocking=engine.non_blocking) for k in engine.unlabeled_extra_keys
+            }
         loss_function = engine.loss_function
-        engine.loss_function = _MeanTeacherLoss(engine, loss_function, unlabeled)
+        engine.loss_function = _MeanTeacherLoss(engine, loss_function, unlabeled, extra)
         try:
             output = super()._iteration(engine, batchdata)
         finally:
@@ -201,8 +217,14 @@ class _MeanTeacherLoss:
     unlabelled batch, the unsupervised loss between the student's and the teacher's outputs. It leaves the
     unlabelled batch, both outputs and the loss terms in ``engine.state.output``."""
 
-    def __init__(self, engine: MeanTeacherTrainer, supervised: Callable, unlabeled: torch.Tensor | None) -> None:
-        self.engine, self.supervised, self.unlabeled = engine, supervised, unlabeled
+    def __init__(
+        self,
+        engine: MeanTeacherTrainer,
+        supervised: Callable,
+        unlabeled: torch.Tensor | None,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.engine, self.supervised, self.unlabeled, self.extra = engine, supervised, unlabeled, extra or {}
 
     def __call__(self, pred: Any, targets: torch.Tensor) -> torch.Tensor:
         engine, output, unlabeled = self.engine, self.engine.state.output, self.unlabeled
@@ -214,6 +236,7 @@ class _MeanTeacherLoss:
             if observe_labels is not None:  # e.g. the labelled class shares that cap MPCL's pseudo-labels
                 observe_labels(targets)
             output[UNLABELED_IMAGE] = unlabeled
+            output[UNLABELED_EXTRA] = self.extra
             output[UNLABELED_PRED] = engine.inferer(unlabeled, engine.network)
             teacher_input = unlabeled
             if engine.teacher_noise_std > 0:
@@ -222,7 +245,9 @@ class _MeanTeacherLoss:
             engine.teacher_network.train()
             with torch.no_grad():
                 output[TEACHER_PRED] = engine.inferer(teacher_input, engine.teacher_network)
-            unsupervised = engine.unsupervised_loss_function(output[UNLABELED_PRED], output[TEACHER_PRED]).mean()
+            unsupervised = engine.unsupervised_loss_function(
+                output[UNLABELED_PRED], output[TEACHER_PRED], **self.extra
+            ).mean()
             output[UNSUPERVISED_LOSS] = unsupervised
             total = total + unsupervised
         output[LOSS_TERMS] = loss_terms(

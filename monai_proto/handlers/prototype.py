@@ -12,7 +12,7 @@ import torch
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
-from monai_proto.engines.mean_teacher import TEACHER_PRED, UNLABELED_PRED
+from monai_proto.engines.mean_teacher import TEACHER_PRED, UNLABELED_EXTRA, UNLABELED_PRED
 from monai_proto.losses.mpcl import confident_pseudo_labels
 from monai_proto.networks.utils import unwrap_network
 
@@ -51,7 +51,9 @@ class PrototypeBankHandler:
     ``thresholds()`` (or ``confidence_threshold`` attribute) read at every iteration (e.g. the
     :class:`~monai_proto.losses.mpcl.MPCLUnsupervisedLoss` whose threshold a ``RampHandler`` raises from 0.7 to
     0.9, and which may set one per class); where the source has ``max_shares(num_classes)`` (the class share cap
-    of that loss), the same cap applies, so the bank and DKA always use the same pseudo-labels
+    of that loss), the same cap applies, and where it has ``trusted(region_distance)`` (the trust region of that
+    loss, fed the ``region_distance`` entry of the trainer's ``unlabeled_extra``), only trusted voxels are
+    pseudo-labelled, so the bank and DKA always use the same pseudo-labels
     (:func:`~monai_proto.losses.mpcl.confident_pseudo_labels`).
 
     It reads the keys written by :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer`: ``pred``
@@ -145,6 +147,9 @@ class PrototypeBankHandler:
             if hasattr(self.threshold_source, "align"):  # MPCLUnsupervisedLoss's distribution alignment, if on
                 logits = self.threshold_source.align(logits)
             _, pseudo, confident = confident_pseudo_labels(logits, threshold, max_share)  # plain tensors
+            if hasattr(self.threshold_source, "trusted"):  # MPCLUnsupervisedLoss's trust region, if on
+                trusted = self.threshold_source.trusted(output.get(UNLABELED_EXTRA, {}).get("region_distance"))
+                confident = confident if trusted is None else confident & trusted.to(confident.device)
             pseudo = torch.where(confident, pseudo, torch.full_like(pseudo, -1)).unsqueeze(1)
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts

@@ -246,6 +246,18 @@ class MPCLUnsupervisedLoss(_Loss):
     share cap only drops them. Both DKA directions, the per-class levels and the bank's pseudo-labels (via
     :meth:`align`) see the aligned probabilities; the mean-teacher consistency keeps the raw ones.
 
+    Trust region (``trust_region=True``; off by default, not in the paper): with labels on a few slices of a volume,
+    a network is right next to them and confidently wrong far from them (docs/benchmarks/mpcl_slices.md: from 3-4
+    slices away it labels most of the background as an organ), and pseudo-labels taken there teach the error. With
+    the trust region on, only voxels within ``trust_radius`` millimetres of their volume's labelled region (the
+    ``region_distance`` map of :class:`~monai_proto.transforms.RegionDistanced`, passed by
+    :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer` with ``unlabeled_extra_keys``) take pseudo-labels,
+    in both DKA directions and in the bank (via :meth:`trusted`); the radius grows during training
+    (``RampHandler(parameter_setter=loss.set_trust_radius)``), so the pseudo-labels spread outward from the labelled
+    slices as the network learns the slices next to them. The consistency term, the per-class levels and the
+    alignment's marginal see every voxel. A volume without a labelled region is at infinite distance: its voxels
+    never take pseudo-labels.
+
     Args:
         consistency_weight: weight of the mean-teacher consistency. Defaults to 1.0.
         dka_weight: weight of DKA. Defaults to 1.0.
@@ -265,11 +277,14 @@ class MPCLUnsupervisedLoss(_Loss):
             before pseudo-labelling. Defaults to False.
         alignment_momentum: EMA momentum of the teacher's mean unlabelled class probabilities (the first batch sets
             them). Defaults to 0.99.
+        trust_region: take pseudo-labels only within ``trust_radius`` of the labelled region. Defaults to False.
+        trust_radius: the radius in millimetres (set during training by :meth:`set_trust_radius`). Defaults to
+            infinity.
 
     Raises:
         ValueError: when a weight is negative or ``confidence_threshold``, ``class_quantile``, ``class_floor`` or
             ``class_momentum`` or ``alignment_momentum`` is outside ``[0, 1]``, or ``class_share_cap`` is not
-            positive.
+            positive, or ``trust_radius`` is negative.
     """
 
     def __init__(
@@ -285,6 +300,8 @@ class MPCLUnsupervisedLoss(_Loss):
         ignore_index: int | None = IGNORE_INDEX,
         distribution_alignment: bool = False,
         alignment_momentum: float = 0.99,
+        trust_region: bool = False,
+        trust_radius: float = float("inf"),
     ) -> None:
         super().__init__(reduction=LossReduction.MEAN.value)
         _check_weights(consistency_weight=consistency_weight, dka_weight=dka_weight, weight=weight)
@@ -313,6 +330,8 @@ class MPCLUnsupervisedLoss(_Loss):
         self.distribution_alignment = bool(distribution_alignment)
         self.alignment_momentum = alignment_momentum
         self.unlabelled_marginal: torch.Tensor | None = None  # (K,) EMA of the teacher's mean unlabelled probabilities
+        self.trust_region = bool(trust_region)
+        self.set_trust_radius(trust_radius)
         self.last_terms: dict[str, torch.Tensor] = {}
 
     def set_weight(self, value: float) -> None:
@@ -353,6 +372,35 @@ class MPCLUnsupervisedLoss(_Loss):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {value}.")
         self.confidence_threshold = float(value)
+
+    def set_trust_radius(self, value: float) -> None:
+        """Set the trust region's radius in millimetres (grown during training by a ``RampHandler``).
+
+        Raises:
+            ValueError: for a negative or NaN value.
+        """
+        if not value >= 0:
+            raise ValueError(f"trust_radius must be non-negative, got {value}.")
+        self.trust_radius = float(value)
+
+    def trusted(self, region_distance: torch.Tensor | None) -> torch.Tensor | None:
+        """``(B, *S)`` boolean: the voxels within ``trust_radius`` of their labelled region, from a ``(B, 1, *S)``
+        (or ``(B, *S)``) ``region_distance`` map; None (every voxel) without ``trust_region``.
+
+        Raises:
+            ValueError: with ``trust_region`` on and no ``region_distance`` (the trainer's ``unlabeled_extra_keys``
+                and the unlabelled transforms must provide it).
+        """
+        if not self.trust_region:
+            return None
+        if region_distance is None:
+            raise ValueError(
+                "trust_region is on but no region_distance map reached the loss: add RegionDistanced to the unlabelled "
+                "transforms and 'region_distance' to the trainer's unlabeled_extra_keys."
+            )
+        distance = region_distance.detach().as_subclass(torch.Tensor)
+        distance = distance[:, 0] if distance.ndim > 1 and distance.shape[1] == 1 else distance
+        return distance <= self.trust_radius
 
     def thresholds(self) -> float | torch.Tensor:
         """The threshold in force: ``confidence_threshold``, or with ``class_quantile`` one per class ``(K,)``."""
@@ -454,19 +502,31 @@ class MPCLUnsupervisedLoss(_Loss):
             m = self.class_momentum
             self.class_levels[k] = level if math.isnan(old) else m * old + (1 - m) * level
 
-    def _aligned(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, usable: torch.Tensor | None):
+    def _aligned(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        usable: torch.Tensor | None,
+        trusted: torch.Tensor | None = None,
+    ):
         max_share = self.max_shares(teacher_logits.shape[1])
         confidence, pseudo, confident = confident_pseudo_labels(teacher_logits, self.thresholds(), max_share)
         weights = confidence * confident
         if usable is not None:
             weights = weights * usable[pseudo]
+        if trusted is not None:
+            weights = weights * trusted.to(weights.device, weights.dtype)
         return (F.cross_entropy(student_logits, pseudo, reduction="none") * weights).mean()
 
-    def forward(self, student_output: object, teacher_output: object) -> torch.Tensor:
+    def forward(
+        self, student_output: object, teacher_output: object, region_distance: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """
         Args:
             student_output: the student's :class:`~monai_proto.networks.nets.mpcl.MPCLOutput` (or logits).
             teacher_output: the teacher's output on the same unlabelled images, computed without gradient.
+            region_distance: ``(B, 1, *S)`` distance in mm of each voxel to its volume's labelled region (read by
+                the trust region only).
         """
         student_logits, teacher_logits = _logits(student_output), _logits(teacher_output).detach()
         consistency = F.mse_loss(torch.softmax(student_logits, dim=1), torch.softmax(teacher_logits, dim=1))
@@ -479,12 +539,14 @@ class MPCLUnsupervisedLoss(_Loss):
         if self.dka_weight > 0 and structured:
             usable = teacher_output.prototypes_initialized.to(student_logits.dtype)  # type: ignore[attr-defined]
             if bool(usable.any()):
+                trusted = self.trusted(region_distance)
                 dka = 0.5 * (
-                    self._aligned(student_output.prototype_logits, teacher_logits, usable)  # type: ignore[attr-defined]
+                    self._aligned(student_output.prototype_logits, teacher_logits, usable, trusted)  # type: ignore[attr-defined]
                     + self._aligned(
                         student_logits,
                         self.align(teacher_output.prototype_logits.detach()),  # type: ignore[attr-defined]
                         usable,
+                        trusted,
                     )
                 )
                 terms["dka"] = dka

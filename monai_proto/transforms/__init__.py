@@ -27,9 +27,11 @@ from .spatial import (
     HoldOutRegiond,
     LabelSlabCropd,
     RandThinSlabd,
+    RegionDistanced,
     ResampleToSourced,
     affine_row_on_grid,
     holdout_mask,
+    region_distance,
     slab_bounds,
 )
 from .utility import CheckImageLabeld, CheckLabelValuesd, CheckModalityd, describe_source

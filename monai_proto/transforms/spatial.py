@@ -19,6 +19,8 @@ __all__ = [
     "affine_row_on_grid",
     "holdout_mask",
     "HoldOutRegiond",
+    "region_distance",
+    "RegionDistanced",
     "RandThinSlabd",
     "slab_bounds",
     "LabelSlabCropd",
@@ -119,6 +121,80 @@ class HoldOutRegiond(MapTransform):
                 label = label.to(torch.int32)  # e.g. int8 labels cannot hold 255
             label[:, hide] = self.ignore_value
             d[key] = label
+        return d
+
+
+def region_distance(reference: torch.Tensor, region: Mapping | None, fill: float = float("inf")) -> torch.Tensor:
+    """Distance in millimetres of every voxel centre of ``reference`` to a world-coordinate region along its axis.
+
+    Args:
+        reference: channel-first ``CHW[D]`` MetaTensor (its affine maps voxels to RAS millimetres).
+        region: ``{"axis": a, "range_mm": [lo, hi]}`` as in :func:`holdout_mask`; ``None`` or empty for none.
+        fill: the distance of every voxel when there is no region. Defaults to infinity.
+
+    Returns:
+        a float32 ``HW[D]`` tensor on the device of ``reference``: ``max(lo - x, 0, x - hi)`` for the world coordinate
+        ``x`` of each voxel centre along axis ``a`` (0 inside the region).
+
+    Raises:
+        ValueError: for a reference without affine, a bad axis or range.
+    """
+    spatial = reference.shape[1:]
+    if not region:
+        return torch.full(tuple(spatial), float(fill), dtype=torch.float32, device=reference.device)
+    holdout_mask(reference, region)  # the same checks of the reference and the region
+    axis = int(region["axis"])
+    lo, hi = (float(v) for v in region["range_mm"])
+    world = affine_row_on_grid(reference.affine[axis], [torch.arange(n, dtype=torch.float64) for n in spatial])
+    return (lo - world).clamp(min=0).add((world - hi).clamp(min=0)).float().to(reference.device)
+
+
+class RegionDistanced(MapTransform):
+    """Add a map of each voxel's distance in millimetres to the labelled region of its volume.
+
+    The region comes with each data item (key ``region_key``, ``{"axis": a, "range_mm": [lo, hi]}`` as for
+    :class:`HoldOutRegiond`), e.g. the slab of a volume whose slices alone are labelled; an item without one gets
+    ``fill`` everywhere. The map, ``(1, *S)`` float32 with the image's meta data, is written under ``distance_key``
+    so that the random crops and paddings that follow take it with the image (pad it with a large constant). It is
+    what :class:`~monai_proto.losses.mpcl.MPCLUnsupervisedLoss`'s trust region reads to keep pseudo-labels near the
+    labelled slices (those of a network trained on a few slices are right close to them and wrong far from them).
+    Place it after ``Spacingd``.
+
+    Args:
+        keys: the image key whose grid the map follows (one key).
+        region_key: data key of the region. Defaults to ``"labeled_region"``.
+        distance_key: key of the map. Defaults to ``"region_distance"``.
+        fill: the distance of every voxel of an item without a region. Defaults to infinity (never near).
+
+    Raises:
+        ValueError: for more than one key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        region_key: str = "labeled_region",
+        distance_key: str = "region_distance",
+        fill: float = float("inf"),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"RegionDistanced follows one image key, but got {self.keys}.")
+        self.region_key, self.distance_key, self.fill = region_key, distance_key, float(fill)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            try:
+                distance = region_distance(image, d.get(self.region_key), self.fill)
+            except ValueError as e:
+                raise ValueError(f"{describe_source(image, key)}: {e}") from e
+            out = distance.unsqueeze(0)
+            if isinstance(image, MetaTensor):
+                out = MetaTensor(out, meta=dict(image.meta))  # the affine is in the meta data
+            d[self.distance_key] = out
         return d
 
 
