@@ -455,8 +455,8 @@ MUTANTS = [
         "mpcl",
         "trust region does not reach DKA (pseudo-labels everywhere)",
         "monai_proto/losses/mpcl.py",
-        "            weights = weights * trusted.to(weights.device, weights.dtype)",
-        "            pass",
+        "        return (cross_entropy * weights * trusted).sum() / trusted.sum().clamp(min=1.0)",
+        "        return (cross_entropy * weights).mean()",
         ("tests/test_mpcl.py::test_trust_region_takes_pseudo_labels_only_near_the_labelled_region",),
     ),
     Mutant(
@@ -477,6 +477,14 @@ MUTANTS = [
             "tests/test_holdout_and_augment.py::test_region_distance_is_millimetres_to_the_labelled_slab_and_travels_with_the_crop",
             "tests/test_mpcl_bundle.py::test_trust_region_config_feeds_the_distance_map_to_the_loss",
         ),
+    ),
+    Mutant(
+        "mpcl",
+        "trust region: the blanked held-out slab of the inductive pool counts as near the labelled slices",
+        "bundles/mpcl_semisupervised_segmentation/configs/train.json",
+        "[@train#unlabeled#holdout, @train#unlabeled#holdout_distance]",
+        "[@train#unlabeled#holdout]",
+        ("tests/test_mpcl_bundle.py::test_trust_region_config_feeds_the_distance_map_to_the_loss",),
     ),
     Mutant(
         "mpcl",

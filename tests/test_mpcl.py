@@ -598,19 +598,27 @@ def test_trust_region_takes_pseudo_labels_only_near_the_labelled_region():
     trust(student, teacher, region_distance=distance), plain(student, teacher, region_distance=distance)
     assert trust.last_terms["consistency"] == plain.last_terms["consistency"]
     confidence, _, confident = confident_pseudo_labels(logits, 0.9)
-    # zero student logits: the cross-entropy is log 3 at every voxel, so DKA is log 3 times the mean weight
-    expected = math.log(3.0) * float((confidence * confident * near).mean())
+    # zero student logits: the cross-entropy is log 3 at every voxel, so DKA is log 3 times the mean weight over the
+    # trusted voxels (over all voxels without the trust region)
+    weights = confidence * confident
+    expected = math.log(3.0) * float(weights[near].mean())
     assert float(trust.last_terms["dka"]) == pytest.approx(expected, rel=1e-5)
-    assert float(plain.last_terms["dka"]) == pytest.approx(math.log(3.0) * float((confidence * confident).mean()))
-    assert float(trust.last_terms["dka"]) < 0.5 * float(plain.last_terms["dka"])
+    assert float(plain.last_terms["dka"]) == pytest.approx(math.log(3.0) * float(weights.mean()))
     trust.set_trust_radius(0.0)  # column 0 alone
     trust(student, teacher, region_distance=distance)
-    assert float(trust.last_terms["dka"]) == pytest.approx(
-        math.log(3.0) * float((confidence * confident)[..., 0].sum()) / 128, rel=1e-5
-    )
+    assert float(trust.last_terms["dka"]) == pytest.approx(math.log(3.0) * float(weights[..., 0].mean()), rel=1e-5)
     trust.set_trust_radius(float("inf"))
     trust(student, teacher, region_distance=distance)
     torch.testing.assert_close(trust.last_terms["dka"], plain.last_terms["dka"])
+    # a teacher unsure in the trusted column gives no pseudo-label, however sure it is elsewhere
+    unsure = MPCLOutput(logits.clone(), None, logits.clone(), None, teacher.prototypes_initialized, None)
+    unsure.logits[..., 0] = 0.0
+    unsure.prototype_logits[..., 0] = 0.0
+    trust.set_trust_radius(0.0)
+    trust(student, unsure, region_distance=distance)
+    assert float(trust.last_terms["dka"]) == 0.0
+    plain(student, unsure)
+    assert float(plain.last_terms["dka"]) > 0.5
     # the bank's pseudo-labels: class 1 only in the trusted columns
     label = torch.zeros(1, 1, 8, 16)
     label.view(-1)[:16] = 1

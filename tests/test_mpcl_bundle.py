@@ -194,8 +194,8 @@ def test_metadata_verifies():
 
 def test_trust_region_config_feeds_the_distance_map_to_the_loss():
     """``pseudo_label_trust_region`` switches the unsupervised loss's trust region on; the unlabelled batches carry
-    the ``region_distance`` map of the protocol's labelled slices (0 on slices 78-89 of scan A), cropped with the
-    image, which the trainer passes to the loss; the radius ramps from ``trust_radius_start`` to ``trust_radius_end``
+    the ``region_distance`` map of the protocol's labelled slices (0 on slices 78-89 of scan A; infinite on the
+    blanked A-slab of the inductive pool), cropped with the image, which the trainer passes to the loss; the radius ramps from ``trust_radius_start`` to ``trust_radius_end``
     over the whole run."""
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
@@ -212,4 +212,11 @@ def test_trust_region_config_feeds_the_distance_map_to_the_loss():
     distance = item["region_distance"]
     assert distance.shape == item["image"].shape
     assert torch.all(distance[..., lo:hi] == 0) and torch.all(distance[..., : lo - 1] > 1.5)
-    assert torch.all(distance[..., hi + 1 :] > 1.5)
+    a_lo, a_hi = parser.get_parsed_content("train#unlabeled#datalist")[0]["holdout"]["slices"]
+    assert (a_lo, a_hi) == (hi, 102)  # the A-slab is next to the labelled slices
+    assert torch.all(distance[..., a_lo:a_hi] == float("inf"))  # its image is blanked: not data, never pseudo-labelled
+    assert torch.all(torch.isfinite(distance[..., a_hi:])) and torch.all(distance[..., a_hi:] > 1.5)
+    parser["transductive"] = True  # the A-slab's image is in the pool: its voxels are at their distance
+    (item,) = [i for i in parser.get_parsed_content("train#unlabeled#dataset") if "labeled_region" in i]
+    torch.testing.assert_close(item["region_distance"][..., a_lo].min(), item["region_distance"][..., a_lo].max())
+    assert float(item["region_distance"][..., a_lo].max()) == pytest.approx(1.5, abs=1e-3)

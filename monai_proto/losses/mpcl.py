@@ -252,7 +252,8 @@ class MPCLUnsupervisedLoss(_Loss):
     the trust region on, only voxels within ``trust_radius`` millimetres of their volume's labelled region (the
     ``region_distance`` map of :class:`~monai_proto.transforms.RegionDistanced`, passed by
     :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer` with ``unlabeled_extra_keys``) take pseudo-labels,
-    in both DKA directions and in the bank (via :meth:`trusted`); the radius grows during training
+    in both DKA directions (each averaged over the trusted voxels, as the supervised loss averages over the labelled
+    ones) and in the bank (via :meth:`trusted`); the radius grows during training
     (``RampHandler(parameter_setter=loss.set_trust_radius)``), so the pseudo-labels spread outward from the labelled
     slices as the network learns the slices next to them. The consistency term, the per-class levels and the
     alignment's marginal see every voxel. A volume without a labelled region is at infinite distance: its voxels
@@ -514,9 +515,11 @@ class MPCLUnsupervisedLoss(_Loss):
         weights = confidence * confident
         if usable is not None:
             weights = weights * usable[pseudo]
-        if trusted is not None:
-            weights = weights * trusted.to(weights.device, weights.dtype)
-        return (F.cross_entropy(student_logits, pseudo, reduction="none") * weights).mean()
+        cross_entropy = F.cross_entropy(student_logits, pseudo, reduction="none")
+        if trusted is None:
+            return (cross_entropy * weights).mean()
+        trusted = trusted.to(weights.device, weights.dtype)  # the term averages over the trusted voxels
+        return (cross_entropy * weights * trusted).sum() / trusted.sum().clamp(min=1.0)
 
     def forward(
         self, student_output: object, teacher_output: object, region_distance: torch.Tensor | None = None
