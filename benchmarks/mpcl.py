@@ -25,6 +25,7 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --class_quantile 0.3 --networks MPCLNet   # another per-class quantile, MPCL only
     python benchmarks/mpcl.py --share_cap 2 --networks MPCLNet  # cap each class at 2x its labelled share
     python benchmarks/mpcl.py --trust_region on --networks MPCLNet  # pseudo-labels near the labelled slices first
+    python benchmarks/mpcl.py --trust_region on --trust_radius_end 36 --networks MPCLNet  # ... growing to 36 mm only
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
@@ -165,6 +166,13 @@ def main() -> None:
         "of the labelled slices that grows from trust_radius_start to trust_radius_end mm over the run; the other "
         "value is written as <name>_trust_region_<on|off>.*",
     )
+    ap.add_argument(
+        "--trust_radius_end",
+        type=float,
+        default=float(config["trust_radius_end"]),
+        help="the bundle's trust_radius_end in mm (default: the bundle's own), with --trust_region on; another value "
+        "is written as <name>_radius_<mm>.*",
+    )
     args = ap.parse_args()
     alignment = args.distribution_alignment == "on"
     trust = args.trust_region == "on"
@@ -175,6 +183,7 @@ def main() -> None:
         "pseudo_label_share_cap": args.share_cap,
         "distribution_alignment": alignment,
         "pseudo_label_trust_region": trust,
+        "trust_radius_end": args.trust_radius_end,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
@@ -205,10 +214,10 @@ def main() -> None:
         thresholds += ", distribution alignment"
     if trust != shipped_trust:
         variant += f"_trust_region_{args.trust_region}"
+    if trust and args.trust_radius_end != float(config["trust_radius_end"]):
+        variant += f"_radius_{args.trust_radius_end:g}"
     if trust:
-        thresholds += (
-            f", pseudo-label trust region {config['trust_radius_start']:g} -> {config['trust_radius_end']:g} mm"
-        )
+        thresholds += f", pseudo-label trust region {config['trust_radius_start']:g} -> {args.trust_radius_end:g} mm"
     run_benchmark(
         name=f"mpcl{variant}",
         title=f"MPCL vs supervised-only, mean teacher and the fully supervised bound (semi-supervised, {args.variant}, "

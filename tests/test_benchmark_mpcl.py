@@ -116,19 +116,22 @@ def test_mpcl_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow  # one network trained 2 iterations, two timed, about a minute on 2 cores
 def test_partial_run_with_one_global_threshold(tmp_path):
-    """``--networks MPCLNet --class_quantile off`` trains MPCL alone with one ramped pseudo-label threshold (the
-    bundle's default is per class) and writes ``mpcl_global_threshold.*``: no baseline, no verdict among untrained
-    networks, the pseudo-labels reported."""
+    """``--networks MPCLNet --class_quantile off --trust_region on --trust_radius_end 36`` trains MPCL alone with one
+    ramped pseudo-label threshold (the bundle's default is per class) and the pseudo-label trust region growing to
+    36 mm (the bundle's is off), and writes ``mpcl_global_threshold_trust_region_on_radius_36.*``: no baseline, no
+    verdict among untrained networks, the pseudo-labels reported."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "mpcl.py"), "--smoke", "--networks", "MPCLNet",
-           "--class_quantile", "off", "--out", str(tmp_path), "--workdir", str(tmp_path / "work"),
-           "--repeats", "1"]  # fmt: skip
+           "--class_quantile", "off", "--trust_region", "on", "--trust_radius_end", "36", "--out", str(tmp_path),
+           "--workdir", str(tmp_path / "work"), "--repeats", "1"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "mpcl_global_threshold.json").read_text())
+    name = "mpcl_global_threshold_trust_region_on_radius_36"
+    result = json.loads((tmp_path / f"{name}.json").read_text())
     assert result["baselines"] == [] and list(result["curves"]) == ["MPCLNet"] and result["bounds"] is None
     assert result["comparisons"] == [] and "one ramped pseudo-label threshold" in result["title"]
-    assert "## Pseudo-labels" in (tmp_path / "mpcl_global_threshold.md").read_text()
+    assert "pseudo-label trust region 6 -> 36 mm" in result["title"]
+    assert "## Pseudo-labels" in (tmp_path / f"{name}.md").read_text()
     bad = subprocess.run([*cmd[:3], "--networks", "mean_teacher"], capture_output=True, encoding="utf-8", env=env)
     assert bad.returncode != 0 and "must name the method" in bad.stderr
 

@@ -195,8 +195,8 @@ def test_metadata_verifies():
 def test_trust_region_config_feeds_the_distance_map_to_the_loss():
     """``pseudo_label_trust_region`` switches the unsupervised loss's trust region on; the unlabelled batches carry
     the ``region_distance`` map of the protocol's labelled slices (0 on slices 78-89 of scan A; infinite on the
-    blanked A-slab of the inductive pool), cropped with the image, which the trainer passes to the loss; the radius ramps from ``trust_radius_start`` to ``trust_radius_end``
-    over the whole run."""
+    blanked A-slab of the inductive pool), cropped with the image, which the trainer passes to the loss; the radius
+    ramps from ``trust_radius_start`` to ``trust_radius_end`` over the whole run."""
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     assert parser.get_parsed_content("unsupervised_loss").trust_region is False  # off in the shipped bundle
