@@ -155,3 +155,44 @@ def test_cost_only_run_trains_nothing(tmp_path):
     assert all(speed[k] > 0 for k in ("throughput_ratio", "memory_ratio", "train_time_ratio"))
     text = (tmp_path / "mpcl_cost.md").read_text()
     assert "MPCLNet vs UNet: throughput" in text and "Dice" not in text and "s/iteration" not in text
+
+
+@pytest.mark.slow  # loads scan A and scores 20 slices twice, about 30 s on 2 cores
+def test_slice_profile_scores_stored_predictions_slice_by_slice(tmp_path):
+    """``benchmarks/slice_profile.py`` reads a ``--resume`` workdir's stored A-slab predictions: the true label map
+    scores Dice 1 with no background painted on every slice; a map that labels the body's background as liver paints
+    all of it, and its Dice falls on the slices where liver is not all there is; the means over the held-out and the
+    unlabelled slices are in the report."""
+    from monai.transforms import Compose
+
+    from monai_proto.apps.benchmark.harness import save_run
+    from monai_proto.apps.benchmark.splits import load_splits
+
+    parser = make_parser(CONFIG, {})
+    deterministic = parser.get_parsed_content("train#deterministic_transforms")
+    split = load_splits(
+        Compose(list(deterministic)), parser.get_parsed_content("dataset_dir"), parser.get_parsed_content("pixdim")
+    )[0]
+    truth = split.label[0, 0].long()
+    liver = 1 + parser.get_parsed_content("organs").index("liver")
+    painted = torch.where((truth == 0) & split.body, torch.full_like(truth, liver), truth)
+    for name, prediction in (("truth", truth), ("painter", painted)):
+        record = {"fingerprint": "x", "commit": "c", "date": "d", "run": {"prediction": {"A-slab": prediction}}}
+        save_run(str(tmp_path / "runs" / f"{name}_seed0.pt"), record)
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "slice_profile.py"), "--workdir", str(tmp_path),
+           "--out", str(tmp_path), "--name", "profile", "--slices", "74", "93"]  # fmt: skip
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "profile.json").read_text())["rows"]
+    assert [r["slice"] for r in rows] == list(range(74, 94))
+    assert [r["kind"] for r in rows] == ["unlabelled"] * 4 + ["fit"] * 12 + ["held out"] * 4
+    assert [r["distance"] for r in rows[:4]] == [4, 3, 2, 1] and rows[-1]["distance"] == 4
+    for row in rows:
+        assert row["truth"]["mean_dice"] == [pytest.approx(1.0)] and row["truth"]["background_painted"] == [0.0]
+        assert row["painter"]["background_painted"] == [1.0]
+        assert row["painter"]["mean_dice"][0] < 0.99
+    report = (tmp_path / "profile.md").read_text()
+    (line,) = [line for line in report.splitlines() if line.startswith("| 80 | fit | 0 | ")]
+    assert line.endswith("/ 1.00 | 1.00 / 0.00 |")  # the painter's column, then the truth's
+    assert "truth 1.000" in next(line for line in report.splitlines() if line.startswith("- held out (4 slices)"))
