@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -168,7 +169,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--trust_radius_end",
-        type=float,
+        type=off_or_number(math.isfinite, "a finite radius in mm"),
         default=float(config["trust_radius_end"]),
         help="the bundle's trust_radius_end in mm (default: the bundle's own), with --trust_region on; another value "
         "is written as <name>_radius_<mm>.*",

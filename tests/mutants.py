@@ -463,8 +463,8 @@ MUTANTS = [
         "mpcl",
         "trust region does not reach the bank's pseudo-labels",
         "monai_proto/handlers/prototype.py",
-        "                confident = confident if trusted is None else confident & trusted.to(confident.device)",
-        "                pass",
+        "                    confident = confident & trusted.to(confident.device)",
+        "                    pass",
         ("tests/test_mpcl.py::test_trust_region_takes_pseudo_labels_only_near_the_labelled_region",),
     ),
     Mutant(

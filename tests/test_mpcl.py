@@ -595,6 +595,13 @@ def test_trust_region_takes_pseudo_labels_only_near_the_labelled_region():
     near = trust.trusted(distance)
     assert near.shape == (1, 8, 16) and torch.equal(near[0, 0], torch.arange(16) <= 3)  # 0, 3, 6, 9 mm
     assert plain.trusted(distance) is None
+    far = distance.clone()
+    far[..., 0] = float("inf")  # a blanked held-out slab, padding, a volume without a labelled region
+    assert not trust.trusted(far)[..., 0].any() and torch.equal(trust.trusted(far)[..., 1:], near[..., 1:])
+    with pytest.raises(ValueError, match="region_distance must be"):
+        trust.trusted(distance, (8, 15))
+    with pytest.raises(ValueError, match="region_distance must be"):
+        trust.trusted(distance[:, 0])
     trust(student, teacher, region_distance=distance), plain(student, teacher, region_distance=distance)
     assert trust.last_terms["consistency"] == plain.last_terms["consistency"]
     confidence, _, confident = confident_pseudo_labels(logits, 0.9)
@@ -610,6 +617,7 @@ def test_trust_region_takes_pseudo_labels_only_near_the_labelled_region():
     trust.set_trust_radius(float("inf"))
     trust(student, teacher, region_distance=distance)
     torch.testing.assert_close(trust.last_terms["dka"], plain.last_terms["dka"])
+    assert not trust.trusted(far)[..., 0].any()  # an infinite distance stays untrusted at an infinite radius
     # a teacher unsure in the trusted column gives no pseudo-label, however sure it is elsewhere
     unsure = MPCLOutput(logits.clone(), None, logits.clone(), None, teacher.prototypes_initialized, None)
     unsure.logits[..., 0] = 0.0
@@ -625,7 +633,9 @@ def test_trust_region_takes_pseudo_labels_only_near_the_labelled_region():
     trust.set_trust_radius(10.0)
     metrics = _bank_handler_metrics(trust, teacher, label, {"region_distance": distance})
     assert metrics["pseudo_1_count"] == 4 * 4 and metrics["pseudo_0_count"] == 4 * 4
-    assert _bank_handler_metrics(plain, teacher, label, {"region_distance": distance})["pseudo_1_count"] == 64
+    assert metrics["pseudo_trusted_voxels"] == 8 * 4 and metrics["pseudo_unlabelled_voxels"] == 128
+    plain_metrics = _bank_handler_metrics(plain, teacher, label, {"region_distance": distance})
+    assert plain_metrics["pseudo_1_count"] == 64 and "pseudo_trusted_voxels" not in plain_metrics
     with pytest.raises(ValueError, match="region_distance"):
         trust(student, teacher)
     with pytest.raises(ValueError, match="trust_radius"):
@@ -649,6 +659,9 @@ def test_trainer_passes_the_unlabelled_batchs_extra_entries_to_the_loss():
     trainer.unlabeled_data_loader = DataLoader(unlabeled, batch_size=2)
     trainer.unlabeled_extra_keys = ("region_distance",)
     trainer.run()
+    assert MeanTeacherTrainer(
+        "cpu", 1, [], tiny_net(), None, None, unlabeled_extra_keys="region_distance"
+    ).unlabeled_extra_keys == ("region_distance",)
     assert len(seen) == 1 and seen[0].shape == (2, 1, 16, 16)
     torch.testing.assert_close(seen[0][:, 0, 0, 0], torch.tensor([0.0, 1.0]))
     assert trainer.state.output["unlabeled_extra"]["region_distance"] is seen[0]

@@ -200,6 +200,7 @@ def test_trust_region_config_feeds_the_distance_map_to_the_loss():
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
     assert parser.get_parsed_content("unsupervised_loss").trust_region is False  # off in the shipped bundle
+    assert parser.get_parsed_content("train#trainer#unlabeled_extra_keys") == []  # the loss is called as before
     parser["pseudo_label_trust_region"] = True
     parser["train#unlabeled#random_transforms"] = []  # whole volumes
     assert parser.get_parsed_content("unsupervised_loss").trust_region is True
@@ -220,3 +221,16 @@ def test_trust_region_config_feeds_the_distance_map_to_the_loss():
     (item,) = [i for i in parser.get_parsed_content("train#unlabeled#dataset") if "labeled_region" in i]
     torch.testing.assert_close(item["region_distance"][..., a_lo].min(), item["region_distance"][..., a_lo].max())
     assert float(item["region_distance"][..., a_lo].max()) == pytest.approx(1.5, abs=1e-3)
+
+
+def test_trust_region_needs_a_labelled_region(tmp_path):
+    """Without a labelled region (a user's own ``dataset_dir``) every voxel would be at infinite distance and the trust
+    region would silently take no pseudo-label: switching it on is a clear error instead."""
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser["pseudo_label_trust_region"] = True
+    parser["dataset_dir"] = str(tmp_path)
+    with pytest.raises(Exception) as error:
+        parser.get_parsed_content("unsupervised_loss")
+    text = "".join(str(e) for e in (error.value, error.value.__cause__) if e is not None)
+    assert "pseudo_label_trust_region needs the labelled slab" in text

@@ -11,7 +11,7 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import default_prepare_batch
 from monai.utils import CommonKeys as Keys
-from monai.utils import min_version, optional_import
+from monai.utils import ensure_tuple, min_version, optional_import
 
 from monai_proto.engines.utils import LOSS_TERMS, loss_terms
 from monai_proto.networks.utils import unwrap_network
@@ -138,7 +138,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         ema_decay: float = 0.99,
         teacher_noise_std: float = 0.0,
         unlabeled_image_key: str = Keys.IMAGE,
-        unlabeled_extra_keys: Sequence[str] = (),
+        unlabeled_extra_keys: str | Sequence[str] = (),
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
         decollate: bool = False,
@@ -172,7 +172,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.ema_decay = ema_decay
         self.teacher_noise_std = teacher_noise_std
         self.unlabeled_image_key = unlabeled_image_key
-        self.unlabeled_extra_keys = tuple(unlabeled_extra_keys)
+        self.unlabeled_extra_keys = tuple(ensure_tuple(unlabeled_extra_keys))  # a bare key is one key
         self._unlabeled_iter: Iterator | None = None
         if train_handlers is not None:
             self._register_handlers(train_handlers)

@@ -42,7 +42,8 @@ class PrototypeBankHandler:
       class's prototypes (:meth:`PrototypeBank.diversity`; 1 = collapsed), and ``name + "_max"``, every
       iteration; at the end of every epoch, for each class ``c``, ``pseudo_<c>_count`` and
       ``pseudo_<c>_fraction`` (the confident teacher pseudo-labels of class ``c`` over the epoch's unlabelled
-      voxels), ``pseudo_foreground_fraction``, ``pseudo_unlabelled_voxels`` and ``prototype_reseeds``
+      voxels), ``pseudo_foreground_fraction``, ``pseudo_unlabelled_voxels`` (with the loss's trust region on, also
+      ``pseudo_trusted_voxels``: those inside it) and ``prototype_reseeds``
       (re-seeded prototypes in the epoch), which epoch-level ``StatsHandler``, ``TensorBoardStatsHandler`` and
       ``MLFlowHandler`` report; the same keys hold the running figures of the epoch so far after every
       iteration (the benchmark's curves read them).
@@ -104,6 +105,7 @@ class PrototypeBankHandler:
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self._pseudo_counts: torch.Tensor | None = None
         self._unlabelled_voxels = 0
+        self._trusted_voxels = 0  # unlabelled voxels inside the loss's trust region (counted only when it is on)
         self._reseeds = 0
 
     def attach(self, engine: Engine) -> None:
@@ -148,8 +150,12 @@ class PrototypeBankHandler:
                 logits = self.threshold_source.align(logits)
             _, pseudo, confident = confident_pseudo_labels(logits, threshold, max_share)  # plain tensors
             if hasattr(self.threshold_source, "trusted"):  # MPCLUnsupervisedLoss's trust region, if on
-                trusted = self.threshold_source.trusted(output.get(UNLABELED_EXTRA, {}).get("region_distance"))
-                confident = confident if trusted is None else confident & trusted.to(confident.device)
+                trusted = self.threshold_source.trusted(
+                    output.get(UNLABELED_EXTRA, {}).get("region_distance"), logits.shape[2:]
+                )
+                if trusted is not None:
+                    confident = confident & trusted.to(confident.device)
+                    self._trusted_voxels += int(trusted.sum())
             pseudo = torch.where(confident, pseudo, torch.full_like(pseudo, -1)).unsqueeze(1)
             counts = torch.bincount(pseudo[pseudo >= 0].flatten(), minlength=teacher.logits.shape[1]).cpu()
             self._pseudo_counts = counts if self._pseudo_counts is None else self._pseudo_counts + counts
@@ -186,9 +192,11 @@ class PrototypeBankHandler:
                 metrics[f"pseudo_{name}_fraction"] = float(count) / self._unlabelled_voxels
             metrics["pseudo_foreground_fraction"] = float(counts[1:].sum()) / self._unlabelled_voxels
             metrics["pseudo_unlabelled_voxels"] = float(self._unlabelled_voxels)
+            if getattr(self.threshold_source, "trust_region", False):
+                metrics["pseudo_trusted_voxels"] = float(self._trusted_voxels)
 
     def epoch_completed(self, engine: Engine) -> None:
         """Write the epoch's pseudo-label counts and fractions per class, and the re-seeded prototypes; the
         counters start again with the next epoch."""
         self._write_counts(engine.state.metrics)
-        self._pseudo_counts, self._unlabelled_voxels, self._reseeds = None, 0, 0
+        self._pseudo_counts, self._unlabelled_voxels, self._trusted_voxels, self._reseeds = None, 0, 0, 0

@@ -5,6 +5,7 @@ with dual-branch knowledge alignment (DKA) on top of the mean-teacher consistenc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -384,13 +385,20 @@ class MPCLUnsupervisedLoss(_Loss):
             raise ValueError(f"trust_radius must be non-negative, got {value}.")
         self.trust_radius = float(value)
 
-    def trusted(self, region_distance: torch.Tensor | None) -> torch.Tensor | None:
+    def trusted(
+        self, region_distance: torch.Tensor | None, spatial_shape: Sequence[int] | None = None
+    ) -> torch.Tensor | None:
         """``(B, *S)`` boolean: the voxels within ``trust_radius`` of their labelled region, from a ``(B, 1, *S)``
-        (or ``(B, *S)``) ``region_distance`` map; None (every voxel) without ``trust_region``.
+        ``region_distance`` map (an infinite distance, e.g. a blanked held-out slab, padding or a volume without a
+        labelled region, is never trusted, whatever the radius); None (every voxel) without ``trust_region``.
+
+        Args:
+            region_distance: the map, or None.
+            spatial_shape: the logits' ``S``, checked against the map's when given.
 
         Raises:
             ValueError: with ``trust_region`` on and no ``region_distance`` (the trainer's ``unlabeled_extra_keys``
-                and the unlabelled transforms must provide it).
+                and the unlabelled transforms must provide it), or a map of another shape.
         """
         if not self.trust_region:
             return None
@@ -400,8 +408,17 @@ class MPCLUnsupervisedLoss(_Loss):
                 "transforms and 'region_distance' to the trainer's unlabeled_extra_keys."
             )
         distance = region_distance.detach().as_subclass(torch.Tensor)
-        distance = distance[:, 0] if distance.ndim > 1 and distance.shape[1] == 1 else distance
-        return distance <= self.trust_radius
+        if (
+            distance.ndim < 3
+            or distance.shape[1] != 1
+            or (spatial_shape is not None and tuple(distance.shape[2:]) != tuple(spatial_shape))
+        ):
+            raise ValueError(
+                f"region_distance must be (B, 1, *S) with S the logits' spatial shape {spatial_shape}, but got "
+                f"{tuple(distance.shape)}."
+            )
+        distance = distance[:, 0]
+        return torch.isfinite(distance) & (distance <= self.trust_radius)
 
     def thresholds(self) -> float | torch.Tensor:
         """The threshold in force: ``confidence_threshold``, or with ``class_quantile`` one per class ``(K,)``."""
@@ -542,7 +559,7 @@ class MPCLUnsupervisedLoss(_Loss):
         if self.dka_weight > 0 and structured:
             usable = teacher_output.prototypes_initialized.to(student_logits.dtype)  # type: ignore[attr-defined]
             if bool(usable.any()):
-                trusted = self.trusted(region_distance)
+                trusted = self.trusted(region_distance, student_logits.shape[2:])
                 dka = 0.5 * (
                     self._aligned(student_output.prototype_logits, teacher_logits, usable, trusted)  # type: ignore[attr-defined]
                     + self._aligned(

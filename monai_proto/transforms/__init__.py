@@ -32,6 +32,7 @@ from .spatial import (
     affine_row_on_grid,
     holdout_mask,
     region_distance,
+    require_labeled_region,
     slab_bounds,
 )
 from .utility import CheckImageLabeld, CheckLabelValuesd, CheckModalityd, describe_source

@@ -21,6 +21,7 @@ __all__ = [
     "HoldOutRegiond",
     "region_distance",
     "RegionDistanced",
+    "require_labeled_region",
     "RandThinSlabd",
     "slab_bounds",
     "LabelSlabCropd",
@@ -83,13 +84,16 @@ class HoldOutRegiond(MapTransform):
     one out in some volumes and not in others; items without it pass unchanged. ``keep="outside"`` (training)
     sets the labels inside the region to ``ignore_value``, which every loss of this package skips;
     ``keep="inside"`` (evaluation) sets the labels outside it to ``ignore_value``, which ``DiceMetric(ignore_index=)``
-    skips. The image is never changed, so the held-out voxels stay as context. Place it after ``Spacingd``.
+    skips. Applied to labels, the image is never changed, so the held-out voxels stay as context. Applied to an
+    unlabelled image, it blanks the region (the inductive semi-supervised pool), and applied to a
+    :class:`RegionDistanced` map with ``ignore_value`` infinity, it puts the region out of every trust radius. Place
+    it after ``Spacingd``.
 
     Args:
-        keys: label keys.
+        keys: keys to hide the region in: labels (or an unlabelled image, or a distance map).
         region_key: data key of the region.
         keep: ``"outside"`` or ``"inside"``.
-        ignore_value: the value written into the hidden labels.
+        ignore_value: the value written into the hidden voxels.
 
     Raises:
         ValueError: for another ``keep``.
@@ -100,7 +104,7 @@ class HoldOutRegiond(MapTransform):
         keys: KeysCollection,
         region_key: str = "holdout",
         keep: str = "outside",
-        ignore_value: int = 255,
+        ignore_value: float = 255,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -147,6 +151,25 @@ def region_distance(reference: torch.Tensor, region: Mapping | None, fill: float
     lo, hi = (float(v) for v in region["range_mm"])
     world = affine_row_on_grid(reference.affine[axis], [torch.arange(n, dtype=torch.float64) for n in spatial])
     return (lo - world).clamp(min=0).add((world - hi).clamp(min=0)).float().to(reference.device)
+
+
+def require_labeled_region(
+    enabled: bool, labeled_region: Mapping | None, option: str = "pseudo_label_trust_region"
+) -> bool:
+    """``enabled``, once it is checked that a labelled region exists when it is true: a bundle option that measures
+    distances to the labelled slices (MPCL's pseudo-label trust region) would otherwise find every voxel at infinite
+    distance and silently do nothing.
+
+    Raises:
+        ValueError: when ``enabled`` and ``labeled_region`` is None or empty.
+    """
+    if enabled and not labeled_region:
+        raise ValueError(
+            f"{option} needs the labelled slab of each training volume ('labeled_region': {{'axis': a, 'range_mm': "
+            f"[lo, hi]}}), but labeled_region is {labeled_region!r}: it is set for the embedded demo data only; give "
+            f"it for your data or set {option} to false."
+        )
+    return bool(enabled)
 
 
 class RegionDistanced(MapTransform):
