@@ -15,7 +15,8 @@ scan A plus scan B's image (``--variant transductive``, reported as such). What 
 
 MONAI's ``UNet`` of the backbone's width is measured beside them for cost only (inference throughput, peak
 memory, training step; not trained), since all four networks share MPCLNet's architecture. Writes
-``docs/benchmarks/mpcl.{json,md,png}`` (``mpcl_transductive.*``; ``*_mri.*`` with ``--modality mri``).
+``docs/benchmarks/mpcl.{json,md,png}`` (``mpcl_transductive.*`` with ``--variant transductive``; ``*_mri.*`` with
+``--modality mri``).
 
     python benchmarks/mpcl.py                          # protocol run: 2 seeds, curves, A-slab and B
     python benchmarks/mpcl.py --variant transductive   # + the A-slab's and B's images in the unlabelled pool
