@@ -27,6 +27,7 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --share_cap 2 --networks MPCLNet  # cap each class at 2x its labelled share
     python benchmarks/mpcl.py --trust_region on --networks MPCLNet  # pseudo-labels near the labelled slices first
     python benchmarks/mpcl.py --trust_region on --trust_radius_end 36 --networks MPCLNet  # ... growing to 36 mm only
+    python benchmarks/mpcl.py --labeled_crop_anchor random  # labelled slices at any depth of the labelled crops
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same
@@ -135,6 +136,7 @@ def main() -> None:
     shipped_cap = config["pseudo_label_share_cap"]
     shipped_alignment = bool(config["distribution_alignment"])
     shipped_trust = bool(config["pseudo_label_trust_region"])
+    shipped_anchor = config["labeled_crop_anchor"]
     ap = add_arguments(
         argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter), ITERATIONS
     )
@@ -175,6 +177,14 @@ def main() -> None:
         help="the bundle's trust_radius_end in mm (default: the bundle's own), with --trust_region on; another value "
         "is written as <name>_radius_<mm>.*",
     )
+    ap.add_argument(
+        "--labeled_crop_anchor",
+        choices=("center", "random"),
+        default=shipped_anchor,
+        help="the bundle's labeled_crop_anchor (default: the bundle's own): where the labelled voxel a labelled crop "
+        "is drawn around sits in the crop along the slab axis (random: anywhere, RandAnchoredCropd); the other value "
+        "is written as <name>_anchor_<center|random>.*",
+    )
     args = ap.parse_args()
     alignment = args.distribution_alignment == "on"
     trust = args.trust_region == "on"
@@ -186,6 +196,7 @@ def main() -> None:
         "distribution_alignment": alignment,
         "pseudo_label_trust_region": trust,
         "trust_radius_end": args.trust_radius_end,
+        "labeled_crop_anchor": args.labeled_crop_anchor,
         "label_slab_fraction": None,  # the labelled slices come with the whole image as context
         "labeled_region": "$@labeled_regions[@modality]",
         "transductive": transductive,
@@ -218,6 +229,10 @@ def main() -> None:
         variant += f"_trust_region_{args.trust_region}"
     if trust and args.trust_radius_end != float(config["trust_radius_end"]):
         variant += f"_radius_{args.trust_radius_end:g}"
+    if args.labeled_crop_anchor != shipped_anchor:
+        variant += f"_anchor_{args.labeled_crop_anchor}"
+    if args.labeled_crop_anchor == "random":
+        thresholds += ", labelled crops anchored at random depths"
     if trust:
         thresholds += f", pseudo-label trust region {config['trust_radius_start']:g} -> {args.trust_radius_end:g} mm"
     run_benchmark(

@@ -19,6 +19,7 @@ from monai.transforms import (
 from monai_proto.data import demo_data_dir, load_msd_datalist
 from monai_proto.transforms import (
     HoldOutRegiond,
+    RandAnchoredCropd,
     RandLabelIntensityShiftd,
     RandThinSlabd,
     RegionDistanced,
@@ -104,6 +105,54 @@ def test_region_distance_is_millimetres_to_the_labelled_slab_and_travels_with_th
         assert torch.all(padded[~inside] == float("inf")) and torch.all(torch.isfinite(padded[inside]))
     with pytest.raises(ValueError, match="axis"):
         RegionDistanced("image")(dict(scan_a, labeled_region={"axis": 3, "range_mm": [0, 1]}))
+
+
+def test_anchored_crop_puts_the_labelled_slab_at_every_depth_of_the_crop():
+    """A slab of two labelled slices (z 10-11) in a 20^3 volume: centred crops (MONAI's ``RandCropByLabelClassesd``)
+    hold it at the same depth of every crop, anchored crops at every depth (anchor offsets uniform along the jittered
+    axis, centred along the others); image and label are cut from the same window, the image padded by replicating
+    its edge and the label with the ignore value; a label with no class voxel is a clear error."""
+    from monai.transforms import RandCropByLabelClassesd
+
+    grid = torch.stack(torch.meshgrid(*[torch.arange(20.0)] * 3, indexing="ij"))  # (3, 20, 20, 20): coordinates
+    label = torch.full((1, 20, 20, 20), 255.0)
+    label[..., 10:12] = 0
+    label[0, 5:9, 5:9, 10:12] = 1
+    data = {"image": grid[2:3].clone(), "label": label}  # the image holds each voxel's z
+
+    def slab_depths(crops):
+        depths = set()
+        for crop in crops:
+            labelled = torch.nonzero((crop["label"][0] != 255).any(0).any(0)).flatten().tolist()
+            depths.add(tuple(labelled))
+        return depths
+
+    centred = RandCropByLabelClassesd(["image", "label"], "label", (8, 8, 8), num_classes=2, num_samples=40, warn=False)
+    centred.set_random_state(0)
+    assert slab_depths(centred(data)) <= {(3, 4), (4, 5)}  # the anchor's slice at the centre: two depths only
+    anchored = RandAnchoredCropd("image", "label", (8, 8, 8), num_classes=2, num_samples=200, jitter_axes=[2])
+    anchored.set_random_state(0)
+    crops = anchored(data)
+    assert len(crops) == 200 and all(c["image"].shape == (1, 8, 8, 8) for c in crops)
+    depths = slab_depths(crops)
+    assert {(0, 1), (6, 7), (0,), (7,)} <= depths and len(depths) >= 8  # the slab at every depth of the crop
+    for crop in crops:
+        z = crop["image"][0, 4, 4]  # the crop's z coordinates
+        torch.testing.assert_close(z[1:] - z[:-1], torch.ones(7))  # a window of consecutive slices
+        assert torch.equal(crop["label"][0, 4, 4] != 255, (z >= 10) & (z <= 11))  # labelled exactly at z 10-11
+    # a window leaving the volume: the image replicates its edge, the label is the ignore value there
+    two = {"image": grid[[0, 2]].clone(), "label": label}
+    window = [(-2, 6), (0, 8), (15, 23)]
+    image = RandAnchoredCropd._crop(two["image"], window, "replicate", 0.0)
+    cut = RandAnchoredCropd._crop(label, window, "constant", 255)
+    assert image.shape == (2, 8, 8, 8) and cut.shape == (1, 8, 8, 8)
+    torch.testing.assert_close(image[0, :, 0, 0], torch.tensor([0.0, 0, 0, 1, 2, 3, 4, 5]))  # x: -2, -1 -> 0
+    torch.testing.assert_close(image[1, 0, 0], torch.tensor([15.0, 16, 17, 18, 19, 19, 19, 19]))  # z: 20-22 -> 19
+    assert torch.all(cut[0, :2] == 255) and torch.all(cut[0][..., 5:] == 255)
+    torch.testing.assert_close(cut[0, 2:, :, :5], label[0, :6, :8, 15:20])
+    empty = {"image": grid[2:3].clone(), "label": torch.full((1, 20, 20, 20), 255.0)}
+    with pytest.raises(ValueError, match="no voxel of classes"):
+        anchored(empty)
 
 
 def test_thin_slab_keeps_size_pads_like_the_inferer_and_ignores_padding():

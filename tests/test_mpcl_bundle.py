@@ -234,3 +234,21 @@ def test_trust_region_needs_a_labelled_region(tmp_path):
         parser.get_parsed_content("unsupervised_loss")
     text = "".join(str(e) for e in (error.value, error.value.__cause__) if e is not None)
     assert "pseudo_label_trust_region needs the labelled slab" in text
+
+
+def test_labelled_crop_anchor_option():
+    """``labeled_crop_anchor``: ``center`` (the shipped default) keeps MONAI's ``RandCropByLabelClassesd``; ``random``
+    draws the labelled crops with :class:`RandAnchoredCropd`, the anchor at a random depth along the slab axis, the
+    image padded as the inferer pads and the label with the ignore value."""
+    from monai.transforms import RandCropByLabelClassesd
+
+    from monai_proto.transforms import RandAnchoredCropd
+
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    assert isinstance(parser.get_parsed_content("train#labeled_crop"), RandCropByLabelClassesd)
+    parser["labeled_crop_anchor"] = "random"
+    crop = parser.get_parsed_content("train#labeled_crop")
+    assert isinstance(crop, RandAnchoredCropd) and crop.jitter_axes == [2] and crop.spatial_size == [64, 64, 64]
+    assert (crop.image_mode, crop.label_value, crop.num_classes) == ("replicate", 255, 7)
+    assert parser.get_parsed_content("train#random_transforms")[0] is crop

@@ -26,6 +26,7 @@ from .label import BinarizeClassd, SelectLabels, SelectLabelsd
 from .spatial import (
     HoldOutRegiond,
     LabelSlabCropd,
+    RandAnchoredCropd,
     RandThinSlabd,
     RegionDistanced,
     ResampleToSourced,
