@@ -196,3 +196,33 @@ def test_slice_profile_scores_stored_predictions_slice_by_slice(tmp_path):
     (line,) = [line for line in report.splitlines() if line.startswith("| 80 | fit | 0 | ")]
     assert line.endswith("/ 1.00 | 1.00 / 0.00 |")  # the painter's column, then the truth's
     assert "truth 1.000" in next(line for line in report.splitlines() if line.startswith("- held out (4 slices)"))
+
+
+@pytest.mark.slow  # loads scan A and predicts three 64-slice windows, about 30 s on 2 cores
+def test_window_position_reports_each_slice_by_window_depth(tmp_path):
+    """``benchmarks/window_position.py`` predicts each window alone and reports, per slice and window start, the
+    share of the body's background painted and the slice's depth in that window; a network whose organ logits are
+    switched off paints nothing, one whose background logit is switched off paints everything."""
+    from monai_proto.networks.utils import unwrap_network
+
+    parser = make_parser(CONFIG, {})
+    network = unwrap_network(parser.get_parsed_content("network_def"))
+    head = network.segmentation_head
+    for painter, value in (("none", (10.0, -10.0)), ("all", (-10.0, 10.0))):
+        with torch.no_grad():
+            for p in head.parameters():
+                p.zero_()
+            head.bias[0], head.bias[1:] = value
+        torch.save({"model": network.state_dict()}, tmp_path / f"{painter}.pt")
+        cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "window_position.py"), "--checkpoint",
+               str(tmp_path / f"{painter}.pt"), "--starts", "0", "24", "48", "--out", str(tmp_path),
+               "--name", painter]  # fmt: skip
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads((tmp_path / f"{painter}.json").read_text())
+        assert result["starts"] == [0, 24, 48] and result["depth"] == 64
+        assert set(result["rows"]["60"]) == {"0", "24", "48"} and set(result["rows"]["100"]) == {"48"}
+        shares = [v for row in result["rows"].values() for v in row.values()]
+        assert all(v == (0.0 if painter == "none" else 1.0) for v in shares if not math.isnan(v))
+        assert "| 60 | " in (tmp_path / f"{painter}.md").read_text()
