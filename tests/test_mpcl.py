@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -465,20 +466,19 @@ def _bank_handler_metrics(
     net.initialize_prototypes(labelled.embeddings, (label % 255).long(), labelled.intensities)
     unlabelled = net(torch.rand(1, 1, 8, 16))
 
-    class Engine:
-        class state:
-            iteration = 2
-            metrics: dict = {}
-            output = {
-                "pred": labelled,
-                "label": label,
-                "unlabeled_pred": unlabelled,
-                "teacher_pred": teacher,
-                "unlabeled_extra": extra or {},
-            }
+    engine = _handler_engine(labelled, label, unlabelled, teacher, extra or {})
+    PrototypeBankHandler(net, threshold_source=source, duplicate_threshold=None, max_idle=None)(engine)
+    return engine.state.metrics
 
-    PrototypeBankHandler(net, threshold_source=source, duplicate_threshold=None, max_idle=None)(Engine)
-    return Engine.state.metrics
+
+def _handler_engine(labelled, label, unlabelled, teacher, extra: dict | None = None, iteration: int = 2):
+    """A stand-in for the trainer at ``iteration``, with the ``engine.state.output`` keys a
+    :class:`PrototypeBankHandler` reads (``unlabeled_extra`` only when ``extra`` is given)."""
+    output = {"pred": labelled, "label": label, "unlabeled_pred": unlabelled, "teacher_pred": teacher}
+    if extra is not None:
+        output["unlabeled_extra"] = extra
+    state = types.SimpleNamespace(iteration=iteration, metrics={}, output=output)
+    return types.SimpleNamespace(state=state)
 
 
 def test_class_share_cap_keeps_the_most_confident_of_a_flooding_class(tmp_path):
@@ -717,31 +717,21 @@ def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
         net, init_iteration=1, threshold_source=loss, duplicate_threshold=None, max_idle=None, class_names="abc"
     )
 
-    class Engine:
-        class state:
-            iteration = 2
-            metrics: dict = {}
-            output = {
-                "pred": labelled,
-                "label": label,
-                "unlabeled_pred": unlabelled,
-                "teacher_pred": teacher,
-            }
-
+    engine = _handler_engine(labelled, label, unlabelled, teacher)
     before = net.bank.prototypes[2].clone()
     loss.set_confidence_threshold(0.7)
     assert handler.threshold() == 0.7
-    handler(Engine)
+    handler(engine)
     assert not torch.allclose(net.bank.prototypes[2], before)  # learnt from the unlabelled image
-    metrics = Engine.state.metrics
+    metrics = engine.state.metrics
     assert metrics["pseudo_c_count"] == 64  # running figure of the epoch so far, after every iteration
-    handler(Engine)
+    handler(engine)
     assert metrics["pseudo_c_count"] == 128 and metrics["pseudo_unlabelled_voxels"] == 512
-    handler.epoch_completed(Engine)
+    handler.epoch_completed(engine)
     assert metrics["pseudo_c_count"] == 128 and metrics["pseudo_c_fraction"] == pytest.approx(128 / 512)
     assert metrics["pseudo_a_count"] == 0  # uniform logits elsewhere: no confident voxel
     assert metrics["pseudo_foreground_fraction"] == pytest.approx(128 / 512)
-    handler(Engine)  # the next epoch counts afresh
+    handler(engine)  # the next epoch counts afresh
     assert metrics["pseudo_c_count"] == 64 and metrics["pseudo_c_fraction"] == pytest.approx(64 / 256)
 
 

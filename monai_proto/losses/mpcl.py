@@ -248,8 +248,11 @@ class MPCLUnsupervisedLoss(_Loss):
     :meth:`align`) see the aligned probabilities; the mean-teacher consistency keeps the raw ones.
 
     Trust region (``trust_region=True``; off by default, not in the paper): with labels on a few slices of a volume,
-    a network is right next to them and confidently wrong far from them (docs/benchmarks/mpcl_slices.md: from 3-4
-    slices away it labels most of the background as an organ), and pseudo-labels taken there teach the error. With
+    the networks of the demo protocol were right next to them and confidently wrong from 3-4 slices away
+    (docs/benchmarks/mpcl_slices.md), which this option was built for; that profile turned out to follow the slices'
+    depth in the network's window, not their distance to the labels (docs/benchmarks/mpcl_position.md; the remedy is
+    :class:`~monai_proto.transforms.RandAnchoredCropd`), and the option lowered the validation Dice
+    (docs/benchmarks/mpcl_trust_region_on.md). With
     the trust region on, only voxels within ``trust_radius`` millimetres of their volume's labelled region (the
     ``region_distance`` map of :class:`~monai_proto.transforms.RegionDistanced`, passed by
     :class:`~monai_proto.engines.mean_teacher.MeanTeacherTrainer` with ``unlabeled_extra_keys``) take pseudo-labels,

@@ -32,6 +32,7 @@ from .spatial import (
     ResampleToSourced,
     affine_row_on_grid,
     holdout_mask,
+    pad_spatial,
     region_distance,
     require_labeled_region,
     slab_bounds,

@@ -24,6 +24,7 @@ __all__ = [
     "require_labeled_region",
     "RandThinSlabd",
     "RandAnchoredCropd",
+    "pad_spatial",
     "slab_bounds",
     "LabelSlabCropd",
     "ResampleToSourced",
@@ -66,6 +67,13 @@ def holdout_mask(reference: torch.Tensor, region: Mapping | None) -> torch.Tenso
     """
     if not region:
         return None
+    world, lo, hi = _region_coordinates(reference, region)
+    return ((world >= lo) & (world <= hi)).to(reference.device)
+
+
+def _region_coordinates(reference: torch.Tensor, region: Mapping) -> tuple[torch.Tensor, float, float]:
+    """The RAS world coordinate along the region's axis of every voxel centre of ``reference`` (float64, on the CPU)
+    and the region's ``lo`` and ``hi``, after checking the reference and the region (see :func:`holdout_mask`)."""
     if not isinstance(reference, MetaTensor):
         raise ValueError("a held-out region needs a MetaTensor with an affine (load the file with LoadImaged).")
     axis = int(region["axis"])
@@ -74,8 +82,7 @@ def holdout_mask(reference: torch.Tensor, region: Mapping | None) -> torch.Tenso
     if not 0 <= axis < len(spatial) or lo > hi:
         raise ValueError(f"held-out region needs 0 <= axis < {len(spatial)} and lo <= hi, but got {dict(region)}.")
     axes = [torch.arange(n, dtype=torch.float64) for n in spatial]
-    world = affine_row_on_grid(reference.affine[axis], axes)  # world coordinate of every voxel centre
-    return ((world >= lo) & (world <= hi)).to(reference.device)
+    return affine_row_on_grid(reference.affine[axis], axes), lo, hi
 
 
 class HoldOutRegiond(MapTransform):
@@ -147,10 +154,7 @@ def region_distance(reference: torch.Tensor, region: Mapping | None, fill: float
     spatial = reference.shape[1:]
     if not region:
         return torch.full(tuple(spatial), float(fill), dtype=torch.float32, device=reference.device)
-    holdout_mask(reference, region)  # the same checks of the reference and the region
-    axis = int(region["axis"])
-    lo, hi = (float(v) for v in region["range_mm"])
-    world = affine_row_on_grid(reference.affine[axis], [torch.arange(n, dtype=torch.float64) for n in spatial])
+    world, lo, hi = _region_coordinates(reference, region)
     return (lo - world).clamp(min=0).add((world - hi).clamp(min=0)).float().to(reference.device)
 
 
@@ -222,6 +226,18 @@ class RegionDistanced(MapTransform):
         return d
 
 
+def pad_spatial(data: torch.Tensor, pad: Sequence[int], mode: str, value: float = 0.0) -> torch.Tensor:
+    """``torch.nn.functional.pad`` of a channel-first ``CHW[D]`` tensor (``pad`` in torch's order, the last axis first):
+    ``"constant"`` with ``value``, or ``"replicate"`` / ``"reflect"`` (which need a batch dimension and a float
+    tensor); the dtype and a MetaTensor's meta data are kept."""
+    plain = data.as_subclass(torch.Tensor) if isinstance(data, MetaTensor) else data
+    if mode == "constant":
+        out = torch.nn.functional.pad(plain, list(pad), mode="constant", value=value)
+    else:
+        out = torch.nn.functional.pad(plain.float().unsqueeze(0), list(pad), mode=mode)[0].to(plain.dtype)
+    return MetaTensor(out, meta=dict(data.meta)) if isinstance(data, MetaTensor) else out
+
+
 class RandAnchoredCropd(RandomizableTransform, MapTransform):
     """Crops that hold a labelled voxel of a random class at a random place in the crop, not at its centre.
 
@@ -291,14 +307,7 @@ class RandAnchoredCropd(RandomizableTransform, MapTransform):
         pads = []
         for (lo, hi), n in reversed(list(zip(window, spatial))):  # F.pad: the last axis first
             pads += [max(0, -lo), max(0, hi - n)]
-        if not any(pads):
-            return out
-        plain = out.as_subclass(torch.Tensor) if isinstance(out, MetaTensor) else out
-        if mode == "constant":
-            padded = torch.nn.functional.pad(plain, pads, mode="constant", value=value)
-        else:  # replicate and reflect pad a batch: (1, C, *S)
-            padded = torch.nn.functional.pad(plain.float().unsqueeze(0), pads, mode=mode)[0].to(plain.dtype)
-        return MetaTensor(padded, meta=dict(out.meta)) if isinstance(out, MetaTensor) else padded
+        return pad_spatial(out, pads, mode, value) if any(pads) else out
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> list[dict[Hashable, torch.Tensor]]:
         d = dict(data)
@@ -410,10 +419,9 @@ class RandThinSlabd(RandomizableTransform, MapTransform):
                 d[key] = slab
                 continue
             if key in self.label_keys:
-                out = torch.nn.functional.pad(slab, pad, mode="constant", value=self.label_value)
-            else:  # replicate/reflect padding of a CHW[D] tensor needs a batch dimension
-                out = torch.nn.functional.pad(slab.unsqueeze(0).float(), pad, mode=self.image_mode)[0].to(slab.dtype)
-            d[key] = MetaTensor(out.as_subclass(torch.Tensor), meta=x.meta) if isinstance(x, MetaTensor) else out
+                d[key] = pad_spatial(slab, pad, "constant", self.label_value)
+            else:
+                d[key] = pad_spatial(slab, pad, self.image_mode)
         return d
 
 
