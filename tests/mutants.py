@@ -488,6 +488,14 @@ MUTANTS = [
     ),
     Mutant(
         "mpcl",
+        "anchored labelled crops: the anchor back at the crop's centre",
+        "monai_proto/transforms/spatial.py",
+        "            offset = int(self.R.randint(size)) if jitter else size // 2",
+        "            offset = size // 2",
+        ("tests/test_holdout_and_augment.py::test_anchored_crop_puts_the_labelled_slab_at_every_depth_of_the_crop",),
+    ),
+    Mutant(
+        "mpcl",
         "DKA confidence threshold ignored",
         "monai_proto/losses/mpcl.py",
         "weights = confidence * confident",
