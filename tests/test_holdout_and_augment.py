@@ -150,6 +150,13 @@ def test_anchored_crop_puts_the_labelled_slab_at_every_depth_of_the_crop():
     torch.testing.assert_close(image[1, 0, 0], torch.tensor([15.0, 16, 17, 18, 19, 19, 19, 19]))  # z: 20-22 -> 19
     assert torch.all(cut[0, :2] == 255) and torch.all(cut[0][..., 5:] == 255)
     torch.testing.assert_close(cut[0, 2:, :, :5], label[0, :6, :8, 15:20])
+    # a volume thinner than the crop along an axis: the crop is that whole axis (allow_smaller, as MONAI's), or padded
+    thin = {"image": grid[2:3, :, :, 8:14].clone(), "label": label[..., 8:14].clone()}
+    whole = anchored(thin)
+    assert all(c["image"].shape == (1, 8, 8, 6) for c in whole)
+    assert all(torch.equal(c["image"][0, 0, 0], torch.arange(8.0, 14.0)) for c in whole)
+    padded = RandAnchoredCropd("image", "label", (8, 8, 8), 2, num_samples=20, jitter_axes=[2], allow_smaller=False)
+    assert all(c["image"].shape == (1, 8, 8, 8) and (c["label"][0, 0, 0] == 255).sum() >= 2 for c in padded(thin))
     empty = {"image": grid[2:3].clone(), "label": torch.full((1, 20, 20, 20), 255.0)}
     with pytest.raises(ValueError, match="no voxel of classes"):
         anchored(empty)

@@ -237,7 +237,7 @@ def test_trust_region_needs_a_labelled_region(tmp_path):
 
 
 def test_labelled_crop_anchor_option():
-    """``labeled_crop_anchor``: ``center`` (the shipped default) keeps MONAI's ``RandCropByLabelClassesd``; ``random``
+    """``labeled_crop_anchor``: ``center`` keeps MONAI's ``RandCropByLabelClassesd``; ``random`` (the shipped default)
     draws the labelled crops with :class:`RandAnchoredCropd`, the anchor at a random depth along the slab axis, the
     image padded as the inferer pads and the label with the ignore value."""
     from monai.transforms import RandCropByLabelClassesd
@@ -246,9 +246,12 @@ def test_labelled_crop_anchor_option():
 
     parser = ConfigParser()
     parser.read_config(str(TRAIN))
-    assert isinstance(parser.get_parsed_content("train#labeled_crop"), RandCropByLabelClassesd)
-    parser["labeled_crop_anchor"] = "random"
+    assert parser["labeled_crop_anchor"] == "random"
     crop = parser.get_parsed_content("train#labeled_crop")
     assert isinstance(crop, RandAnchoredCropd) and crop.jitter_axes == [2] and crop.spatial_size == [64, 64, 64]
     assert (crop.image_mode, crop.label_value, crop.num_classes) == ("replicate", 255, 7)
     assert parser.get_parsed_content("train#random_transforms")[0] is crop
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    parser["labeled_crop_anchor"] = "center"
+    assert isinstance(parser.get_parsed_content("train#labeled_crop"), RandCropByLabelClassesd)

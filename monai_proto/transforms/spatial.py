@@ -262,6 +262,9 @@ class RandAnchoredCropd(RandomizableTransform, MapTransform):
             centre, as ``RandCropByLabelClassesd``).
         image_mode: ``torch.nn.functional.pad`` mode for images.
         label_value: constant for the label's padding.
+        allow_smaller: as in ``RandCropByLabelClassesd``: along an axis where the volume is no longer than the crop,
+            the crop is the whole axis (no jitter, no padding; a later ``DivisiblePadd`` pads it as the inferer pads a
+            thin volume). When False the crop always has ``spatial_size`` and a thin volume is padded to it.
 
     Raises:
         ValueError: for a label without a voxel of any of the classes, or a bad axis.
@@ -279,21 +282,26 @@ class RandAnchoredCropd(RandomizableTransform, MapTransform):
         jitter_axes: Sequence[int] | None = None,
         image_mode: str = "replicate",
         label_value: float = 255,
+        allow_smaller: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, 1.0)
         self.label_key, self.spatial_size = label_key, [int(v) for v in spatial_size]
+        self.allow_smaller = bool(allow_smaller)
         self.num_classes, self.num_samples = int(num_classes), int(num_samples)
         self.jitter_axes = None if jitter_axes is None else [int(a) for a in jitter_axes]
         if self.jitter_axes is not None and any(not 0 <= a < len(self.spatial_size) for a in self.jitter_axes):
             raise ValueError(f"jitter_axes must be spatial axes below {len(self.spatial_size)}, got {jitter_axes}.")
         self.image_mode, self.label_value = image_mode, label_value
 
-    def _window(self, anchor: Sequence[int]) -> list[tuple[int, int]]:
+    def _window(self, anchor: Sequence[int], shape: Sequence[int]) -> list[tuple[int, int]]:
         """``(start, stop)`` per spatial axis, in volume coordinates (may leave the volume)."""
         window = []
-        for axis, (v, size) in enumerate(zip(anchor, self.spatial_size)):
+        for axis, (v, size, n) in enumerate(zip(anchor, self.spatial_size, shape)):
+            if self.allow_smaller and n <= size:
+                window.append((0, int(n)))
+                continue
             jitter = self.jitter_axes is None or axis in self.jitter_axes
             offset = int(self.R.randint(size)) if jitter else size // 2
             window.append((int(v) - offset, int(v) - offset + size))
@@ -326,7 +334,7 @@ class RandAnchoredCropd(RandomizableTransform, MapTransform):
             k = present[int(self.R.randint(len(present)))]
             voxels = torch.nonzero(values == k)
             anchor = voxels[int(self.R.randint(len(voxels)))].tolist()
-            window = self._window(anchor)
+            window = self._window(anchor, values.shape)
             sample = dict(d)
             for key in self.key_iterator(d):
                 sample[key] = self._crop(d[key], window, self.image_mode, 0.0)
