@@ -21,6 +21,7 @@ higher foreground probability (the class map is then scored like the supervised 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import numpy as np
@@ -157,11 +158,25 @@ def main() -> None:
     )
     ap.add_argument("--setting", type=int, choices=(1, 2), default=1)
     ap.add_argument("--patch", type=int, default=None, help="episode patch and window size (default: the bundle's)")
+    ap.add_argument(
+        "--thin_query_prob",
+        type=float,
+        default=None,
+        help="the bundle's thin_query_prob (default: the bundle's own): the share of training queries cut to a thin "
+        "slab and padded to the size divisor, as the inferer pads a thin volume such as scan B",
+    )
     args = ap.parse_args()
     mri = args.modality == "mri"
     common: dict = {"setting": args.setting}
     if args.patch:
         common["patch_size"] = [args.patch] * 3
+    suffix, thin_words = "", ""
+    if args.thin_query_prob is not None:
+        common["thin_query_prob"] = args.thin_query_prob
+        with open(CONFIG) as f:
+            if args.thin_query_prob != json.load(f)["thin_query_prob"]:
+                suffix = f"_thin_query_{args.thin_query_prob:g}"
+                thin_words = f", thin queries at p {args.thin_query_prob:g}"
     if mri:  # the MRI's own training classes (its label table differs from the CT one)
         common["train_organs"] = MRI_TRAIN_ORGANS
     smoke = SMOKE if args.smoke else {}
@@ -200,8 +215,8 @@ def main() -> None:
             shot_splits[name], options[name] = section, {"shots": shots, "support": source}
             notes[name] = f"{query_words}; support: {shots} crop(s) of {support_words}."
     run_benchmark(
-        name=f"iplsl_setting{args.setting}",
-        title=f"IPLSL vs PANet-style few-shot (setting {args.setting}, 1-way, 1- and 5-shot)",
+        name=f"iplsl_setting{args.setting}{suffix}",
+        title=f"IPLSL vs PANet-style few-shot (setting {args.setting}, 1-way, 1- and 5-shot{thin_words})",
         bundle="iplsl_fewshot_segmentation",
         config_file=CONFIG,
         method=NetworkSpec("IPLSLNet"),

@@ -6,6 +6,7 @@ empty-query episodes, volume-level inference) a test fails when it is removed (`
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -733,3 +734,47 @@ def test_bundle_inference_windows_fall_on_the_coarse_grid():
     assert inferer.segment_slab is not None and stride == 4 and inferer.coarse_dtype == torch.float16
     for size in ([64, 64, 16], [176, 160, 48], [512, 512, 400]):
         assert inferer._aligned(size, stride), size
+
+
+def test_thin_queries_are_cut_and_padded_like_the_inferer_pads_a_thin_volume():
+    """The bundle's ``thin_query_prob``: some training queries become thin slabs (``RandThinSlabd``) padded to the size
+    divisor by replication (label: the ignore value), as :class:`FittedSlidingWindowInferer` pads a thin query such
+    as scan B (14 slices); the support is never thinned. With the shipped 0 every query keeps the patch size."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(
+        str(Path(__file__).parents[1] / "bundles" / "iplsl_fewshot_segmentation" / "configs" / "train.json")
+    )
+    parser["thin_query_prob"] = 1.0
+    parser["thin_query_min_extent"], parser["thin_query_max_extent"] = 3, 6
+    parser["size_divisor"] = 4
+    thin = parser.get_parsed_content("train#query_transform")
+    data = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 40, seed=0, query_transform=thin)
+    depths = set()
+    for i in range(len(data)):
+        ep = data[i]
+        assert ep["support_image"].shape[1:] == ep["support_label"].shape[1:] == (12, 12, 12)
+        query, label = ep["image"][0], ep["label"][0]
+        real = (label != 255).any(0).any(0)  # the slab's slices; the rest is padding
+        extent, depth, first = int(real.sum()), query.shape[2], int(real.int().argmax())
+        assert query.shape[:2] == label.shape[:2] == (12, 12) and depth == label.shape[2] == -(-extent // 4) * 4
+        assert 3 <= extent <= 6 and torch.equal(real.nonzero().flatten(), torch.arange(extent) + first)
+        last = first + extent - 1
+        torch.testing.assert_close(query[..., :first], query[..., first : first + 1].expand(-1, -1, first))
+        after = depth - 1 - last
+        torch.testing.assert_close(query[..., last + 1 :], query[..., last : last + 1].expand(-1, -1, after))
+        depths.add(extent)
+    assert len(depths) >= 3
+    parser["thin_query_prob"] = 0.0
+    data = FewShotEpisodeDataset(
+        [_volume()],
+        [2, 3],
+        [1],
+        (12, 12, 12),
+        10,
+        seed=0,
+        query_transform=parser.get_parsed_content("train#query_transform"),
+    )
+    assert all(data[i]["image"].shape[1:] == (12, 12, 12) for i in range(10))
+    assert parser.get_parsed_content("train#dataset").query_transform is not None  # wired into the episodes

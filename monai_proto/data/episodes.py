@@ -116,7 +116,9 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
     hidden (``ignore_value``: it could be a test class), is rejected and redrawn (up to ``max_tries`` per
     episode). The labels are then binarised (``c`` -> 1, ``ignore_value`` kept, all else 0) and
     ``patch_transform`` (e.g. intensity augmentation; keys ``"image"``, ``"label"``) is applied to support and
-    query independently.
+    query independently, then ``query_transform`` to the query alone (e.g.
+    :class:`~monai_proto.transforms.RandThinSlabd` and ``DivisiblePadd``, so that some queries are thin slabs padded
+    as the inferer pads a thin volume).
 
     Args:
         volumes: preprocessed items ``{image_key: (C, *S), label_key: (1, *S)}`` with class ids, e.g. a MONAI
@@ -129,6 +131,8 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         jitter: largest shift of the patch centre from the drawn voxel, as a fraction of the patch size.
             Defaults to 0.25.
         patch_transform: dictionary transform applied to each patch. Defaults to None.
+        query_transform: dictionary transform applied to the query patch after ``patch_transform`` (it may change
+            the query's spatial size). Defaults to None.
         max_tries: patch draws per episode in setting 2 before giving up. Defaults to 50.
         min_foreground: smallest number of class voxels in each patch. Defaults to 1.
         empty_query_prob: probability of a query patch without the class. Defaults to 0.25.
@@ -156,6 +160,7 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         setting: int = 1,
         jitter: float = 0.25,
         patch_transform: Callable | None = None,
+        query_transform: Callable | None = None,
         max_tries: int = 50,
         min_foreground: int = 1,
         empty_query_prob: float = 0.25,
@@ -183,6 +188,7 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         self.setting = setting
         self.jitter = float(jitter)
         self.patch_transform = patch_transform
+        self.query_transform = query_transform
         self.max_tries = int(max_tries)
         self.min_foreground = int(min_foreground)
         if not 0.0 <= empty_query_prob < 1.0:
@@ -196,8 +202,9 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         self._pad_label = SpatialPad(self.patch_size, mode="constant", value=self.ignore_value)
         self._index: list[dict[int, torch.Tensor]] | None = None
         self.set_random_state(seed)
-        if patch_transform is not None and hasattr(patch_transform, "set_random_state"):
-            patch_transform.set_random_state(seed)
+        for transform in (patch_transform, query_transform):
+            if transform is not None and hasattr(transform, "set_random_state"):
+                transform.set_random_state(seed)
 
     def __len__(self) -> int:
         return self.num_episodes
@@ -289,6 +296,8 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
             patch = {"image": image, "label": binary.to(image.dtype)}
             if self.patch_transform is not None:
                 patch = self.patch_transform(patch)
+            if prefix == "" and self.query_transform is not None:
+                patch = self.query_transform(patch)
             episode[f"{prefix}image"] = patch["image"]
             episode[f"{prefix}label"] = patch["label"]
         return episode
