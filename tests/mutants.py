@@ -177,6 +177,14 @@ MUTANTS = [
     ),
     Mutant(
         "iplsl",
+        "thin training queries: the query transform never applied",
+        "monai_proto/data/episodes.py",
+        '            if prefix == "" and self.query_transform is not None:',
+        "            if False:",
+        ("tests/test_iplsl.py::test_thin_queries_are_cut_and_padded_like_the_inferer_pads_a_thin_volume",),
+    ),
+    Mutant(
+        "iplsl",
         "peak prototypes replaced by mean prototypes at the high level",
         "monai_proto/networks/nets/iplsl.py",
         "peak = peak_average_pooling(high, masks, fraction=self.peak_fraction, strength=strength)",
@@ -493,6 +501,17 @@ MUTANTS = [
         "            offset = int(self.R.randint(size)) if jitter else size // 2",
         "            offset = size // 2",
         ("tests/test_holdout_and_augment.py::test_anchored_crop_puts_the_labelled_slab_at_every_depth_of_the_crop",),
+    ),
+    Mutant(
+        "mpcl",
+        "anchored labelled crops: a volume thinner than the crop padded to the crop (allow_smaller ignored)",
+        "monai_proto/transforms/spatial.py",
+        "            if self.allow_smaller and n <= size:",
+        "            if False:",
+        (
+            "tests/test_holdout_and_augment.py::test_anchored_crop_puts_the_labelled_slab_at_every_depth_of_the_crop",
+            "tests/test_mpcl_bundle.py::test_thin_labelled_volume_is_padded_with_the_ignore_value",
+        ),
     ),
     Mutant(
         "mpcl",
