@@ -27,7 +27,7 @@ memory, training step; not trained), since all four networks share MPCLNet's arc
     python benchmarks/mpcl.py --share_cap 2 --networks MPCLNet  # cap each class at 2x its labelled share
     python benchmarks/mpcl.py --trust_region on --networks MPCLNet  # pseudo-labels near the labelled slices first
     python benchmarks/mpcl.py --trust_region on --trust_radius_end 36 --networks MPCLNet  # ... growing to 36 mm only
-    python benchmarks/mpcl.py --labeled_crop_anchor random  # labelled slices at any depth of the labelled crops
+    python benchmarks/mpcl.py --labeled_crop_anchor center  # centred labelled crops (the default before 0.4.11)
 
 On the MRI (117 x 91 x 20 at 3 mm, held-out slab 10-13) the labelled slab is slices 6-9 (the bundle's
 ``labeled_regions#mri``): like scan A's 78-89 it is the slab just inferior to the held-out one, of the same

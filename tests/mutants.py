@@ -185,6 +185,22 @@ MUTANTS = [
     ),
     Mutant(
         "iplsl",
+        "thin training queries: a positive query may lose the class (no redraw)",
+        "monai_proto/data/episodes.py",
+        '            if not keep_class or int((out["label"] == 1).sum()) >= self.min_foreground:',
+        "            if True:",
+        ("tests/test_iplsl.py::test_thin_queries_are_cut_and_padded_like_the_inferer_pads_a_thin_volume",),
+    ),
+    Mutant(
+        "iplsl",
+        "query transform seeded like the patch transform (one random stream for both)",
+        "monai_proto/data/episodes.py",
+        "                transform.set_random_state(seed + offset)",
+        "                transform.set_random_state(seed)",
+        ("tests/test_iplsl.py::test_patch_and_query_transforms_draw_from_separate_streams",),
+    ),
+    Mutant(
+        "iplsl",
         "peak prototypes replaced by mean prototypes at the high level",
         "monai_proto/networks/nets/iplsl.py",
         "peak = peak_average_pooling(high, masks, fraction=self.peak_fraction, strength=strength)",

@@ -766,15 +766,45 @@ def test_thin_queries_are_cut_and_padded_like_the_inferer_pads_a_thin_volume():
         torch.testing.assert_close(query[..., last + 1 :], query[..., last : last + 1].expand(-1, -1, after))
         depths.add(extent)
     assert len(depths) >= 3
-    parser["thin_query_prob"] = 0.0
+    # a query drawn to hold the class keeps it after thinning (the slab is redrawn), an empty one stays empty
+    sparse = _volume()
+    sparse["label"][0, 28:36, 28:36, 28:36] = 0  # class 3 only in 6 slices (8-13): most thin slabs miss it
+    thin.set_random_state(0)
     data = FewShotEpisodeDataset(
-        [_volume()],
-        [2, 3],
-        [1],
-        (12, 12, 12),
-        10,
-        seed=0,
-        query_transform=parser.get_parsed_content("train#query_transform"),
+        [sparse], [3], [1], (12, 12, 12), 60, seed=0, empty_query_prob=0.3, query_transform=thin
     )
-    assert all(data[i]["image"].shape[1:] == (12, 12, 12) for i in range(10))
+    plain = FewShotEpisodeDataset([sparse], [3], [1], (12, 12, 12), 60, seed=0, empty_query_prob=0.3)
+    for i in range(60):
+        ep, ref = data[i], plain[i]
+        assert ep["image"].shape[-1] < 12  # every query thinned (probability 1)
+        assert bool(ep["label"].eq(1).any()) == bool(ref["label"].eq(1).any())  # the same answer: organ or none
+    # probability 0 changes nothing: the same episodes as without the transform, voxel for voxel
+    parser["thin_query_prob"] = 0.0
+    kept = parser.get_parsed_content("train#query_transform")
+    data = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 10, seed=0, query_transform=kept)
+    plain = FewShotEpisodeDataset([_volume()], [2, 3], [1], (12, 12, 12), 10, seed=0)
+    for i in range(10):
+        ep, ref = data[i], plain[i]
+        assert all(
+            torch.equal(torch.as_tensor(ep[k]), torch.as_tensor(ref[k])) for k in ("image", "label", "support_image")
+        )
     assert parser.get_parsed_content("train#dataset").query_transform is not None  # wired into the episodes
+
+
+def test_patch_and_query_transforms_draw_from_separate_streams():
+    """The dataset seeds ``patch_transform`` with ``seed`` and ``query_transform`` with ``seed + 1``: the query's
+    random decisions are not a copy of the support's."""
+    from monai.transforms import RandShiftIntensityd
+
+    shift, query_shift = (
+        RandShiftIntensityd("image", offsets=1.0, prob=1.0),
+        RandShiftIntensityd("image", 1.0, prob=1.0),
+    )
+    FewShotEpisodeDataset(
+        [_volume()], [2, 3], [1], (12, 12, 12), 4, seed=5, patch_transform=shift, query_transform=query_shift
+    )
+    first, second = float(shift.R.uniform()), float(query_shift.R.uniform())
+    shift.set_random_state(5)
+    assert first == float(shift.R.uniform()) and second != first
+    query_shift.set_random_state(6)
+    assert second == float(query_shift.R.uniform())

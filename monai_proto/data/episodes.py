@@ -132,7 +132,10 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
             Defaults to 0.25.
         patch_transform: dictionary transform applied to each patch. Defaults to None.
         query_transform: dictionary transform applied to the query patch after ``patch_transform`` (it may change
-            the query's spatial size). Defaults to None.
+            the query's spatial size). A query drawn to hold the class is transformed again (up to ``max_tries``
+            times, then left untransformed) while the result has fewer than ``min_foreground`` voxels of it, so a
+            thinning transform never turns a positive query into an empty one. Seeded with ``seed + 1``.
+            Defaults to None.
         max_tries: patch draws per episode in setting 2 before giving up. Defaults to 50.
         min_foreground: smallest number of class voxels in each patch. Defaults to 1.
         empty_query_prob: probability of a query patch without the class. Defaults to 0.25.
@@ -141,8 +144,9 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         label_key: label key of ``volumes``. Defaults to ``"label"``.
         seed: seed of the episode draws. Defaults to 0.
 
-    Items: ``{"support_image": (C, *P), "support_label": (1, *P), "image": (C, *P), "label": (1, *P),
-    "class_id": int}`` with binary labels; ``image``/``label`` are the query.
+    Items: ``{"support_image": (C, *P), "support_label": (1, *P), "image": (C, *Q), "label": (1, *Q),
+    "class_id": int}`` with binary labels; ``image``/``label`` are the query (``Q`` is ``P`` unless
+    ``query_transform`` changes the size).
 
     Raises:
         ValueError: invalid split (:func:`check_class_split`), ``setting`` not 1 or 2, no training class present
@@ -202,9 +206,9 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         self._pad_label = SpatialPad(self.patch_size, mode="constant", value=self.ignore_value)
         self._index: list[dict[int, torch.Tensor]] | None = None
         self.set_random_state(seed)
-        for transform in (patch_transform, query_transform):
+        for offset, transform in enumerate((patch_transform, query_transform)):  # two streams, not one
             if transform is not None and hasattr(transform, "set_random_state"):
-                transform.set_random_state(seed)
+                transform.set_random_state(seed + offset)
 
     def __len__(self) -> int:
         return self.num_episodes
@@ -269,6 +273,14 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
                 return image, label
         return None
 
+    def _transform_query(self, patch: dict, keep_class: bool) -> dict:
+        """``query_transform`` applied to ``patch``; for a query that holds the class, redrawn until it still does."""
+        for _ in range(self.max_tries):
+            out = self.query_transform(dict(patch))
+            if not keep_class or int((out["label"] == 1).sum()) >= self.min_foreground:
+                return out
+        return patch
+
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, int(index), self._calls, int(self.R.randint(2**31))])
         self._calls += 1
@@ -297,7 +309,7 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
             if self.patch_transform is not None:
                 patch = self.patch_transform(patch)
             if prefix == "" and self.query_transform is not None:
-                patch = self.query_transform(patch)
+                patch = self._transform_query(patch, keep_class=not empty)
             episode[f"{prefix}image"] = patch["image"]
             episode[f"{prefix}label"] = patch["label"]
         return episode

@@ -262,9 +262,12 @@ class RandAnchoredCropd(RandomizableTransform, MapTransform):
             centre, as ``RandCropByLabelClassesd``).
         image_mode: ``torch.nn.functional.pad`` mode for images.
         label_value: constant for the label's padding.
-        allow_smaller: as in ``RandCropByLabelClassesd``: along an axis where the volume is no longer than the crop,
-            the crop is the whole axis (no jitter, no padding; a later ``DivisiblePadd`` pads it as the inferer pads a
-            thin volume). When False the crop always has ``spatial_size`` and a thin volume is padded to it.
+        allow_smaller: along an axis where the volume is no longer than the crop, the crop is the whole axis (no
+            jitter, no padding; a later ``DivisiblePadd`` pads it as the inferer pads a thin volume), as
+            ``RandCropByLabelClassesd(allow_smaller=True)`` does. When False the crop always has ``spatial_size`` and
+            a thin volume is padded to it (MONAI's crop raises an error instead). Default True (MONAI's: False).
+            Along a non-jittered axis of a larger volume the crop is centred on the anchor and padded where it leaves
+            the volume (MONAI's moves the centre inside the volume).
 
     Raises:
         ValueError: for a label without a voxel of any of the classes, or a bad axis.
