@@ -165,6 +165,13 @@ def main() -> None:
         help="the bundle's thin_query_prob (default: the bundle's own): the share of training queries cut to a thin "
         "slab and padded to the size divisor, as the inferer pads a thin volume such as scan B",
     )
+    ap.add_argument(
+        "--peak_fraction",
+        type=float,
+        default=None,
+        help="IPLSLNet's peak_fraction (default: the bundle's, the method's 10 %%): the share of the support's voxels, "
+        "strongest first, averaged into each peak prototype",
+    )
     args = ap.parse_args()
     mri = args.modality == "mri"
     common: dict = {"setting": args.setting}
@@ -192,6 +199,11 @@ def main() -> None:
     torch.save([crops[args.modality][organs[0]][0]], support_file)  # the timed inferer's fixed support
     args.workdir = workdir
     kwargs = base.get_parsed_content("network_kwargs")
+    method_overrides = {}
+    if args.peak_fraction is not None and args.peak_fraction != kwargs["peak_fraction"]:
+        method_overrides["network_kwargs#peak_fraction"] = args.peak_fraction
+        suffix += f"_peak_{args.peak_fraction:g}"
+        thin_words += f", peak fraction {args.peak_fraction:g}"
     panet = NetworkSpec(
         "PANetFewShot",
         {
@@ -219,7 +231,7 @@ def main() -> None:
         title=f"IPLSL vs PANet-style few-shot (setting {args.setting}, 1-way, 1- and 5-shot{thin_words})",
         bundle="iplsl_fewshot_segmentation",
         config_file=CONFIG,
-        method=NetworkSpec("IPLSLNet"),
+        method=NetworkSpec("IPLSLNet", method_overrides),
         baselines=[panet],
         args=args,
         common_overrides=common,
