@@ -177,13 +177,17 @@ def main() -> None:
     common: dict = {"setting": args.setting}
     if args.patch:
         common["patch_size"] = [args.patch] * 3
-    suffix, thin_words = "", ""
-    if args.thin_query_prob is not None:
+    with open(CONFIG) as f:
+        shipped = json.load(f)
+    suffix, variant_words, method_overrides = "", "", {}  # a probe away from the shipped bundle is named for it
+    if args.thin_query_prob is not None and args.thin_query_prob != shipped["thin_query_prob"]:
         common["thin_query_prob"] = args.thin_query_prob
-        with open(CONFIG) as f:
-            if args.thin_query_prob != json.load(f)["thin_query_prob"]:
-                suffix = f"_thin_query_{args.thin_query_prob:g}"
-                thin_words = f", thin queries at p {args.thin_query_prob:g}"
+        suffix += f"_thin_query_{args.thin_query_prob:g}"
+        variant_words += f", thin queries at p {args.thin_query_prob:g}"
+    if args.peak_fraction is not None and args.peak_fraction != shipped["network_kwargs"]["peak_fraction"]:
+        method_overrides["network_kwargs#peak_fraction"] = args.peak_fraction  # IPLSLNet only: PANet has no peak
+        suffix += f"_peak_{args.peak_fraction:g}"
+        variant_words += f", peak fraction {args.peak_fraction:g}"
     if mri:  # the MRI's own training classes (its label table differs from the CT one)
         common["train_organs"] = MRI_TRAIN_ORGANS
     smoke = SMOKE if args.smoke else {}
@@ -199,11 +203,6 @@ def main() -> None:
     torch.save([crops[args.modality][organs[0]][0]], support_file)  # the timed inferer's fixed support
     args.workdir = workdir
     kwargs = base.get_parsed_content("network_kwargs")
-    method_overrides = {}
-    if args.peak_fraction is not None and args.peak_fraction != kwargs["peak_fraction"]:
-        method_overrides["network_kwargs#peak_fraction"] = args.peak_fraction
-        suffix += f"_peak_{args.peak_fraction:g}"
-        thin_words += f", peak fraction {args.peak_fraction:g}"
     panet = NetworkSpec(
         "PANetFewShot",
         {
@@ -228,7 +227,7 @@ def main() -> None:
             notes[name] = f"{query_words}; support: {shots} crop(s) of {support_words}."
     run_benchmark(
         name=f"iplsl_setting{args.setting}{suffix}",
-        title=f"IPLSL vs PANet-style few-shot (setting {args.setting}, 1-way, 1- and 5-shot{thin_words})",
+        title=f"IPLSL vs PANet-style few-shot (setting {args.setting}, 1-way, 1- and 5-shot{variant_words})",
         bundle="iplsl_fewshot_segmentation",
         config_file=CONFIG,
         method=NetworkSpec("IPLSLNet", method_overrides),
