@@ -714,6 +714,30 @@ MUTANTS = [
         '"_target_": "Identityd"',
         ("tests/test_body.py::test_every_bundle_restricts_its_output_to_the_body",),
     ),
+    Mutant(
+        "ddp",
+        "DDP reducer left alive at shutdown",
+        "monai_proto/apps/distributed.py",
+        'for name in ("logger", "reducer"):',
+        'for name in ():',
+        ("tests/test_distributed.py::test_shutdown_releases_the_reducer_then_destroys_the_group",),
+    ),
+    Mutant(
+        "ddp",
+        "multi-GPU finalize back to a bare destroy_process_group",
+        "bundles/iapl_segmentation/configs/multi_gpu_train.json",
+        '"$monai_proto.apps.shutdown_distributed(@network)"',
+        '"$dist.is_initialized() and dist.destroy_process_group()"',
+        ("tests/test_distributed.py::test_multi_gpu_finalize_releases_the_network_before_the_group",),
+    ),
+    Mutant(
+        "ddp",
+        "the same augmentation seed on every rank",
+        "bundles/iapl_segmentation/configs/multi_gpu_train.json",
+        "set_determinism(seed=@seed + dist.get_rank())",
+        "set_determinism(seed=@seed)",
+        ("tests/test_distributed.py::test_each_rank_draws_its_own_augmentation",),
+    ),
 ]
 
 
