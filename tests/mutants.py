@@ -719,7 +719,7 @@ MUTANTS = [
         "DDP reducer left alive at shutdown",
         "monai_proto/apps/distributed.py",
         'for name in ("logger", "reducer"):',
-        'for name in ():',
+        "for name in ():",
         ("tests/test_distributed.py::test_shutdown_releases_the_reducer_then_destroys_the_group",),
     ),
     Mutant(
