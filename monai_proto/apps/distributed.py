@@ -18,12 +18,15 @@ def shutdown_distributed(network: torch.nn.Module | None = None) -> bool:
     ``finalize`` step of every bundle's ``multi_gpu_train.json``, in place of a bare
     ``torch.distributed.destroy_process_group()``.
 
-    Why the reducer first: a rank that exits while its ``DistributedDataParallel`` reducer is alive leaves it to be
-    torn down during interpreter finalisation; with the gloo backend (PyTorch 2.13, CPU) that aborted the rank
-    ("terminate called without an active exception", SIGABRT) in 4 of 15 two-rank runs on a loaded 2-core machine,
-    when the other rank was still busy (rank 0 writing its checkpoints), and torchrun then failed the whole run.
-    With the reducer released before the process group is destroyed, 0 of 30 such runs failed; the same runs
-    without DDP, 0 of 15. A barrier before destroying the group did not help (3 of 15).
+    Why the reducer first: ``destroy_process_group()`` drops the process group from the registry, but the DDP reducer
+    still holds it, so the group is torn down later, when the network is freed: from the reducer's destructor, with
+    the GIL held, while the group's worker thread needs the GIL to free the tensors of the last collective it ran.
+    The rank then hangs, or aborts ("terminate called without an active exception", SIGABRT) when this happens during
+    interpreter shutdown; torchrun fails the run either way. On a loaded 2-core machine with gloo (PyTorch 2.13)
+    that happened in 7 of 45 two-rank runs with a bare ``destroy_process_group()`` and 7 of 30 with a barrier before
+    it; with the reducer released first, in 0 of 60 (benchmarks/ddp_shutdown.py,
+    docs/benchmarks/ddp_shutdown.md). Released here, the reducer goes while the registry still holds the group,
+    so the group's last reference is no longer dropped from the reducer's destructor.
 
     After this call ``network`` can no longer run a DDP forward or backward pass; ``network.module`` is unchanged
     and still usable (for example to export the trained weights).
