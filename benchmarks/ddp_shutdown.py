@@ -7,7 +7,7 @@ bundle run) while rank 1 ends the run and exits. The run fails when a rank is ki
 "terminate called without an active exception" (SIGABRT). Ways of ending:
 
 - ``destroy``: ``torch.distributed.destroy_process_group()`` alone (what the bundles did before);
-- ``barrier``: a barrier, then ``destroy_process_group()``;
+- ``barrier``: a barrier right after the all-gather (before rank 0's busy time), then ``destroy_process_group()``;
 - ``shutdown``: ``monai_proto.apps.shutdown_distributed(network)`` (the reducer released first; what the bundles do).
 
 The abort needs a loaded machine: run it while the cores are busy (for example ``--load 2`` spins two busy
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 WAYS = ("destroy", "barrier", "shutdown")
 
@@ -84,13 +85,15 @@ def main() -> None:
         _rank_main(args.rank_main, args.busy)
         return
     load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    repo = str(Path(__file__).resolve().parents[1])  # monai_proto for the ranks, from any working directory
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     try:
-        for way in args.ways:
+        for w, way in enumerate(args.ways):
             failed = []
             for i in range(args.runs):
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-                cmd += [f"--master_port={args.port + i}", __file__, "--rank_main", way, "--busy", str(args.busy)]
+                port = args.port + w * args.runs + i  # a port of its own for every run
+                cmd += [f"--master_port={port}", __file__, "--rank_main", way, "--busy", str(args.busy)]
                 with tempfile.TemporaryFile("w+") as log:
                     run = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
                     try:

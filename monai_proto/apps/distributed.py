@@ -23,10 +23,11 @@ def shutdown_distributed(network: torch.nn.Module | None = None) -> bool:
     the GIL held, while the group's worker thread needs the GIL to free the tensors of the last collective it ran.
     The rank then hangs, or aborts ("terminate called without an active exception", SIGABRT) when this happens during
     interpreter shutdown; torchrun fails the run either way. On a loaded 2-core machine with gloo (PyTorch 2.13)
-    that happened in 7 of 45 two-rank runs with a bare ``destroy_process_group()`` and 7 of 30 with a barrier before
-    it; with the reducer released first, in 0 of 60 (benchmarks/ddp_shutdown.py,
-    docs/benchmarks/ddp_shutdown.md). Released here, the reducer goes while the registry still holds the group,
-    so the group's last reference is no longer dropped from the reducer's destructor.
+    that happened in 7 of 45 two-rank runs with a bare ``destroy_process_group()``; with this function in 0 of 15,
+    and with the reducer or the whole network deleted by hand first, in 0 of 45 (benchmarks/ddp_shutdown.py,
+    docs/benchmarks/ddp_shutdown.md). Released here, the reducer goes while the registry still holds the group; the
+    group's last reference is then dropped through the Python ``ProcessGroup`` object (``network.process_group``),
+    whose destructor releases the GIL, instead of from the reducer's destructor.
 
     After this call ``network`` can no longer run a DDP forward or backward pass; ``network.module`` is unchanged
     and still usable (for example to export the trained weights).
@@ -42,7 +43,7 @@ def shutdown_distributed(network: torch.nn.Module | None = None) -> bool:
         for name in ("logger", "reducer"):  # the DDP logger holds the reducer too
             if hasattr(network, name):
                 delattr(network, name)
-        gc.collect()
+        gc.collect()  # defensive: frees the reducer now even if a reference cycle holds it (none is known)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
         return True
