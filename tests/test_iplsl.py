@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -809,19 +808,3 @@ def test_patch_and_query_transforms_draw_from_separate_streams():
     assert first == float(shift.R.uniform()) and second != first
     query_shift.set_random_state(6)
     assert second == float(query_shift.R.uniform())
-
-
-def test_reseeding_the_dataset_reseeds_its_transforms():
-    """MONAI's DataLoader seeds a dataset through ``set_random_state`` (per worker, and from a distributed run's
-    per-rank seed); the patch and query transforms follow, with their two streams, so that workers and ranks do not
-    draw the same augmentation."""
-    from monai.data.utils import set_rnd
-    from monai.transforms import RandShiftIntensityd
-
-    shift, query_shift = (RandShiftIntensityd("image", 1.0, prob=1.0), RandShiftIntensityd("image", 1.0, prob=1.0))
-    data = FewShotEpisodeDataset(
-        [_volume()], [2, 3], [1], (12, 12, 12), 4, seed=5, patch_transform=shift, query_transform=query_shift
-    )
-    set_rnd(data, 11)  # what monai.data.DataLoader does
-    assert float(shift.R.uniform()) == float(np.random.RandomState(11).uniform())
-    assert float(query_shift.R.uniform()) == float(np.random.RandomState(12).uniform())

@@ -206,19 +206,9 @@ class FewShotEpisodeDataset(Dataset, Randomizable):
         self._pad_label = SpatialPad(self.patch_size, mode="constant", value=self.ignore_value)
         self._index: list[dict[int, torch.Tensor]] | None = None
         self.set_random_state(seed)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        """Seed the episode draws and, from the same seed, the patch and query transforms (two streams: ``seed`` and
-        ``seed + 1``). A DataLoader's per-worker seeding and a distributed run's per-rank seed reach the dataset
-        through this call (MONAI's ``set_rnd`` stops at an object that has it), so they reach the transforms too:
-        workers and ranks no longer draw the same intensity augmentation. With ``state`` (no seed) the transforms
-        are seeded from a draw of it."""
-        super().set_random_state(seed, state)
-        base = int(seed) if seed is not None else int(self.R.randint(2**31))
-        for offset, transform in enumerate((self.patch_transform, self.query_transform)):  # two streams, not one
+        for offset, transform in enumerate((patch_transform, query_transform)):  # two streams, not one
             if transform is not None and hasattr(transform, "set_random_state"):
-                transform.set_random_state((base + offset) % 2**32)
-        return self
+                transform.set_random_state(seed + offset)
 
     def __len__(self) -> int:
         return self.num_episodes
