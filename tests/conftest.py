@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,13 @@ def bundle_configs(bundle: str, name: str) -> list[str]:
     folder = REPO_ROOT / "bundles" / bundle / "configs"
     names = ["train.json", "evaluate.json"] if name == "evaluate" else [f"{name}.json"]
     return [str(folder / n) for n in names]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for ``torchrun --master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 #: affine of the synthetic volumes: 3 mm isotropic, RAS, so Spacingd (3 mm) keeps their shape

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import bundle_configs
+from conftest import bundle_configs, free_port
 from monai.bundle import ConfigParser
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_proto.apps import shutdown_distributed
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-BUNDLE_NAMES = ("iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation")
+BUNDLES = ("iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation")
 
 
 def test_shutdown_releases_the_reducer_then_destroys_the_group(tmp_path):
@@ -54,11 +51,12 @@ def test_shutdown_outside_a_distributed_run_changes_nothing():
         torch.testing.assert_close(v, state[k])
 
 
-@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_multi_gpu_finalize_releases_the_network_before_the_group(bundle):
     """Every bundle's multi-GPU run ends through ``shutdown_distributed`` on its DDP network, not a bare
     ``destroy_process_group`` (which left the reducer to interpreter shutdown: SIGABRT on gloo, see its docstring)."""
-    config = json.loads((BUNDLES / bundle / "configs" / "multi_gpu_train.json").read_text())
+    with open(bundle_configs(bundle, "multi_gpu_train")[0]) as f:
+        config = json.load(f)
     assert config["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     assert config["finalize"] == ["$monai_proto.apps.shutdown_distributed(@network)"]
 
@@ -73,12 +71,6 @@ FAST_DDP = {
 }  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # torchrun, two processes
 @pytest.mark.parametrize("bundle", sorted(FAST_DDP))
 def test_multi_gpu_training_runs_under_torchrun_with_gloo(bundle, tmp_path, run_bundle):
@@ -86,7 +78,7 @@ def test_multi_gpu_training_runs_under_torchrun_with_gloo(bundle, tmp_path, run_
     and validate, rank 0 alone saves the checkpoints, and both exit cleanly."""
     config = bundle_configs(bundle, "train") + bundle_configs(bundle, "multi_gpu_train")
     root = tmp_path / "bundle"
-    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             "-m", "monai.bundle", "run", "training", "--config_file", str(config), "--bundle_root", str(root),
             *FAST_DDP[bundle]]  # fmt: skip
     result = run_bundle(args, cwd=tmp_path, timeout=600)

@@ -12,7 +12,6 @@ stages), so the training patch is 32^3.
 from __future__ import annotations
 
 import csv
-import socket
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +22,7 @@ from conftest import (
     CONFIG_DIR,
     SYNTH_AFFINE,
     _synthetic_pair,
+    free_port,
     save_nifti,
     write_msd_dataset,
 )
@@ -272,15 +272,9 @@ def test_evaluation_metrics(trained, tmp_path, run_bundle):
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_multi_gpu_training_ddp_gloo(tmp_path, run_bundle):
     bundle_root = tmp_path / "bundle"
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     args = [*torchrun, *bundle_args("training", TRAIN, MULTI_GPU), *FAST_TRAIN, "--bundle_root", bundle_root]
     result = run_bundle(args, cwd=tmp_path)
     assert_ok(result)
