@@ -611,6 +611,14 @@ MUTANTS = [
     ),
     Mutant(
         "mpcl",
+        "per-class pseudo-label levels not averaged over DDP ranks",
+        "monai_proto/losses/mpcl.py",
+        "            dist.all_reduce(sums)\n            dist.all_reduce(present)",
+        "            pass",
+        ("tests/test_mpcl.py::test_class_levels_are_averaged_over_ranks",),
+    ),
+    Mutant(
+        "mpcl",
         "pseudo-label bank update removed",
         "monai_proto/handlers/prototype.py",
         "                network.update_prototypes(student.embeddings, pseudo, student.intensities)",

@@ -695,6 +695,35 @@ def test_labelled_class_counts_are_summed_over_ranks(tmp_path):
         torch.testing.assert_close(torch.load(tmp_path / f"counts{rank}.pt"), expected)
 
 
+def _observe_levels_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        loss = MPCLUnsupervisedLoss(class_quantile=0.5)
+        logits = torch.zeros(1, 3, 4, 4)
+        logits[:, 1] = 1.0 + 2.0 * rank  # class 1 everywhere: confidence .58 on rank 0, .87 on rank 1
+        if rank == 1:
+            logits[:, 2, 0, 0] = 10.0  # one voxel of class 2, on rank 1 only
+        loss.observe(logits)
+        torch.save(loss.class_levels, os.path.join(out_dir, f"levels{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_class_levels_are_averaged_over_ranks(tmp_path):
+    """Under DDP every rank keeps the same per-class pseudo-label thresholds: a class's level is the mean of its
+    quantiles over the ranks that see it (gloo, 2 processes), and a class seen by one rank only takes that rank's."""
+    torch.multiprocessing.spawn(
+        _observe_levels_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    one = torch.softmax(torch.tensor([0.0, 1.0, 0.0]), 0)[1]
+    three = torch.softmax(torch.tensor([0.0, 3.0, 0.0]), 0)[1]
+    class2 = torch.softmax(torch.tensor([0.0, 3.0, 10.0]), 0)[2]
+    expected = torch.tensor([float("nan"), float((one + three) / 2), float(class2)])
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"levels{rank}.pt"), expected, equal_nan=True)
+
+
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
     """The teacher's confident pseudo-labels reach the bank (a class absent from the labelled batch moves) and
     their count per class is written at the end of the epoch; the threshold is read from the ramped loss."""

@@ -507,7 +507,10 @@ class MPCLUnsupervisedLoss(_Loss):
 
     @torch.no_grad()
     def observe(self, teacher_logits: torch.Tensor, max_voxels: int = 200_000) -> None:
-        """Update the per-class levels from the teacher's ``(B, K, *S)`` logits (no-op without ``class_quantile``)."""
+        """Update the per-class levels from the teacher's ``(B, K, *S)`` logits (no-op without ``class_quantile``).
+        Under ``torch.distributed`` a class's batch level is the mean of its quantiles over the ranks whose batch
+        holds it (every rank calls this at every unlabelled iteration), so that all ranks keep the same levels and
+        apply the same thresholds."""
         if self.class_quantile is None:
             return
         confidence, labels, _ = confident_pseudo_labels(teacher_logits, 0.0)
@@ -517,8 +520,16 @@ class MPCLUnsupervisedLoss(_Loss):
         num_classes = teacher_logits.shape[1]
         if self.class_levels is None or self.class_levels.numel() != num_classes:
             self.class_levels = torch.full((num_classes,), float("nan"))
+        sums = torch.zeros(num_classes, dtype=torch.float64, device=confidence.device)
+        present = torch.zeros(num_classes, dtype=torch.float64, device=confidence.device)
         for k in labels.unique().tolist():
-            level = float(torch.quantile(confidence[labels == k], self.class_quantile))
+            sums[k] = float(torch.quantile(confidence[labels == k], self.class_quantile))
+            present[k] = 1.0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(present)
+        for k in torch.nonzero(present).flatten().tolist():
+            level = float(sums[k] / present[k])
             old = float(self.class_levels[k])
             m = self.class_momentum
             self.class_levels[k] = level if math.isnan(old) else m * old + (1 - m) * level
