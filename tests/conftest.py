@@ -18,6 +18,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "bundles" / "iapl_segmentation" / "configs"
+# every bundle of the package, for the tests that run on each (test_model_zoo checks it against bundles/)
+BUNDLES = ("iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation")
 
 
 def bundle_configs(bundle: str, name: str) -> list[str]:

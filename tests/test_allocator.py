@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import BUNDLES
 from monai.bundle import ConfigParser
 
 REPO = Path(__file__).parents[1]
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 
 # two rounds of eight 16 MB tensors; the page faults of the second round, in MB
 SCRIPT = """

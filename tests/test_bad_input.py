@@ -5,7 +5,7 @@ result where that is safe), and no partial output.
 The checks run the bundles' own pre-processing, built by MONAI's ConfigParser from each bundle's
 ``evaluate.json`` (image + label, as evaluation and training load them) and ``inference.json`` (image only), in
 process; one case per bundle runs the real ``python -m monai.bundle run inference`` command. A bundle added later
-is covered by adding its folder name to ``BUNDLES``.
+is covered by adding its folder name to ``BUNDLES`` in conftest.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTH_AFFINE, _synthetic_pair, bundle_configs, save_nifti, write_msd_dataset
+from conftest import BUNDLES, SYNTH_AFFINE, _synthetic_pair, bundle_configs, save_nifti, write_msd_dataset
 from monai.bundle import ConfigParser
 from test_formats import _volume, _write
 
@@ -26,7 +26,6 @@ import monai_proto  # noqa: F401 - bare _target_ names
 from monai_proto.transforms import AtomicSaveImaged, check_dicom_series
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 LABEL_TABLE = {"0": "background", "1": "spleen", "2": "kidney_right", "5": "liver"}
 
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLES
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
@@ -26,7 +27,6 @@ from monai_proto.transforms import (
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 
 
 def _ct(spatial=(24, 24, 6)):

@@ -2,7 +2,7 @@
 """Configs are data, in one place: ``evaluate.json`` is layered over ``train.json`` and restates none of its
 hyper-parameters; the standalone ``inference.json`` (MONAI Label and the model zoo read it alone) agrees with
 ``train.json`` on every id both define and on the image preprocessing. A bundle added later is covered by adding
-it to ``BUNDLES``."""
+it to ``BUNDLES`` in conftest.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
-
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
+from conftest import BUNDLES, REPO_ROOT
 
 #: ids that differ on purpose between train.json and inference.json, per bundle
 INFERENCE_DIFFERS = {

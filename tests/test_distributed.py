@@ -9,13 +9,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import bundle_configs, free_port
+from conftest import BUNDLES, bundle_configs, free_port
 from monai.bundle import ConfigParser
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_proto.apps import shutdown_distributed
-
-BUNDLES = ("iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation")
 
 
 def test_shutdown_releases_the_reducer_then_destroys_the_group(tmp_path):

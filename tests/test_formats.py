@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import BUNDLES
 from monai.bundle import ConfigParser
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 FORMATS = [".nii.gz", ".nrrd", ".mha", "dicom"]
 
 

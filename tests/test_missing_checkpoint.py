@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import bundle_configs
+from conftest import BUNDLES, bundle_configs
 from monai.bundle import ConfigParser
 
 from monai_proto.apps import MissingCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 
 
 def _chain(e: BaseException | None) -> list[BaseException]:

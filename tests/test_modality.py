@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import bundle_configs
+from conftest import BUNDLES, bundle_configs
 from monai.bundle import ConfigParser
 
 from monai_proto.transforms import CheckModalityd, ModalityIntensityd, dicom_modality
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 
 
 def _body(spike: float = 0.0) -> torch.Tensor:

@@ -4,7 +4,7 @@ lays it out (``models/<bundle>/...`` and ``models/model_info.json``), in the zoo
 and changelog (the version not already published), metadata against the pinned schema, network input/output
 shapes (``verify_net_in_out``) and TorchScript export by scripting (``ckpt_export``, the zoo's default), with
 stand-in weights made from ``network_def`` as the zoo's script does. A bundle added later is covered by adding its
-folder name to ``BUNDLES``.
+folder name to ``BUNDLES`` in conftest.py.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLES
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
 import monai_proto  # noqa: F401 - bare _target_ names
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 REQUIRED = ["configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md"]
 
 
@@ -42,6 +42,13 @@ def zoo(tmp_path: Path):
         return path
 
     return make
+
+
+def test_every_bundle_folder_is_tested():
+    """The tests that run on each bundle read conftest's ``BUNDLES``: it names every folder of ``bundles/`` that
+    holds a bundle (``configs/metadata.json``), so a new bundle cannot be left out of them."""
+    folders = {p.parent.parent.name for p in (REPO / "bundles").glob("*/configs/metadata.json")}
+    assert folders and set(BUNDLES) == folders
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)

@@ -4,7 +4,7 @@ iterations, and another seed gives other losses (so the comparison can fail).
 
 Each run builds the bundle's own ``train.json`` with MONAI's ConfigParser, runs its ``initialize`` section
 (``monai.utils.set_determinism(seed=@seed)``) and the trainer for a few iterations of the embedded demo data, in
-process. A bundle added later is covered by adding its folder name to ``BUNDLES``. What is and is not
+process. A bundle added later is covered by adding its folder name to ``BUNDLES`` in conftest.py. What is and is not
 deterministic on a GPU: docs/testing.md, "Reproducibility".
 """
 
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLES
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 import monai_proto  # noqa: F401 - bare _target_ names
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLES = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 ITERATIONS = 3
 
 

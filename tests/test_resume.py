@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLES
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.handlers import LrScheduleHandler
@@ -80,9 +81,7 @@ def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
     assert latest_checkpoint(str(tmp_path / "none")) is None
 
 
-@pytest.mark.parametrize(
-    "bundle", ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
-)
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_every_bundle_checkpoints_what_a_resume_needs(bundle):
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train.json"))

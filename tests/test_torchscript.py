@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BUNDLES
 from monai.bundle import ConfigParser, ckpt_export
 
 import monai_proto  # noqa: F401 - bare _target_ names
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTABLE = ["iapl_segmentation", "iplsl_fewshot_segmentation", "mpcl_semisupervised_segmentation"]
 
 
 def _network(bundle: str) -> torch.nn.Module:
@@ -36,7 +36,7 @@ def _network(bundle: str) -> torch.nn.Module:
     return net
 
 
-@pytest.mark.parametrize("bundle", SCRIPTABLE)
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_script_and_trace_match_eager(bundle):
     net = _network(bundle)
     x = torch.randn(2, 1, 32, 32, 48)
@@ -55,7 +55,7 @@ def test_script_and_trace_match_eager(bundle):
     assert isinstance(scripted.train()(x[:1]), torch.Tensor)
 
 
-@pytest.mark.parametrize("bundle", SCRIPTABLE)
+@pytest.mark.parametrize("bundle", BUNDLES)
 def test_monai_ckpt_export_scripts_the_bundle(bundle, tmp_path):
     """``python -m monai.bundle ckpt_export`` as the zoo calls it (scripting, the default), then load and run."""
     net = _network(bundle)
