@@ -671,57 +671,57 @@ def test_trainer_passes_the_unlabelled_batchs_extra_entries_to_the_loss():
         trainer.run()
 
 
-def _count_labels_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+def _on_rank(rank: int, init_file: str, out_dir: str, work) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        loss = MPCLUnsupervisedLoss(class_share_cap=2.0)
-        label = torch.zeros(1, 1, 4, 4)
-        label.view(-1)[: 2 + rank] = 1 + rank  # rank 0 sees classes 0-1, rank 1 classes 0 and 2 (a longer count)
-        loss.observe_labels(label)
-        torch.save(loss.label_counts, os.path.join(out_dir, f"counts{rank}.pt"))
+        torch.save(work(rank), os.path.join(out_dir, f"result{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _on_two_ranks(work, tmp_path) -> list:
+    """``work(rank)`` in 2 spawned gloo processes; their results, by rank."""
+    torch.multiprocessing.spawn(_on_rank, args=(str(tmp_path / "init"), str(tmp_path), work), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"result{rank}.pt") for rank in range(2)]
+
+
+def _count_labels(rank: int) -> torch.Tensor:
+    loss = MPCLUnsupervisedLoss(class_share_cap=2.0)
+    label = torch.zeros(1, 1, 4, 4)
+    label.view(-1)[: 2 + rank] = 1 + rank  # rank 0 sees classes 0-1, rank 1 classes 0 and 2 (a longer count)
+    loss.observe_labels(label)
+    return loss.label_counts
 
 
 @pytest.mark.slow  # two spawned processes
 def test_labelled_class_counts_are_summed_over_ranks(tmp_path):
     """Under DDP every rank applies the same class share cap: the labelled counts are summed over the ranks (gloo,
     2 processes), also when the ranks' highest labels differ."""
-    torch.multiprocessing.spawn(
-        _count_labels_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
     expected = torch.tensor([14.0 + 13.0, 2.0, 3.0], dtype=torch.float64)
-    for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"counts{rank}.pt"), expected)
+    for counts in _on_two_ranks(_count_labels, tmp_path):
+        torch.testing.assert_close(counts, expected)
 
 
-def _observe_levels_on_rank(rank: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        loss = MPCLUnsupervisedLoss(class_quantile=0.5)
-        logits = torch.zeros(1, 3, 4, 4)
-        logits[:, 1] = 1.0 + 2.0 * rank  # class 1 everywhere: confidence .58 on rank 0, .87 on rank 1
-        if rank == 1:
-            logits[:, 2, 0, 0] = 10.0  # one voxel of class 2, on rank 1 only
-        loss.observe(logits)
-        torch.save(loss.class_levels, os.path.join(out_dir, f"levels{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _observe_levels(rank: int) -> torch.Tensor:
+    loss = MPCLUnsupervisedLoss(class_quantile=0.5)
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[:, 1] = 1.0 + 2.0 * rank  # class 1 everywhere: confidence .58 on rank 0, .87 on rank 1
+    if rank == 1:
+        logits[:, 2, 0, 0] = 10.0  # one voxel of class 2, on rank 1 only
+    loss.observe(logits)
+    return loss.class_levels
 
 
 @pytest.mark.slow  # two spawned processes
 def test_class_levels_are_averaged_over_ranks(tmp_path):
     """Under DDP every rank keeps the same per-class pseudo-label thresholds: a class's level is the mean of its
     quantiles over the ranks that see it (gloo, 2 processes), and a class seen by one rank only takes that rank's."""
-    torch.multiprocessing.spawn(
-        _observe_levels_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
     one = torch.softmax(torch.tensor([0.0, 1.0, 0.0]), 0)[1]
     three = torch.softmax(torch.tensor([0.0, 3.0, 0.0]), 0)[1]
     class2 = torch.softmax(torch.tensor([0.0, 3.0, 10.0]), 0)[2]
     expected = torch.tensor([float("nan"), float((one + three) / 2), float(class2)])
-    for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"levels{rank}.pt"), expected, equal_nan=True)
+    for levels in _on_two_ranks(_observe_levels, tmp_path):
+        torch.testing.assert_close(levels, expected, equal_nan=True)
 
 
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
