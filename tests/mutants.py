@@ -619,6 +619,14 @@ MUTANTS = [
     ),
     Mutant(
         "mpcl",
+        "logged pseudo-label counts not summed over DDP ranks",
+        "monai_proto/handlers/prototype.py",
+        "        self._sum_over_ranks()\n",
+        "",
+        ("tests/test_mpcl.py::test_logged_pseudo_label_counts_are_summed_over_ranks",),
+    ),
+    Mutant(
+        "mpcl",
         "pseudo-label bank update removed",
         "monai_proto/handlers/prototype.py",
         "                network.update_prototypes(student.embeddings, pseudo, student.intensities)",
@@ -745,6 +753,44 @@ MUTANTS = [
         "set_determinism(seed=@seed + dist.get_rank())",
         "set_determinism(seed=@seed)",
         ("tests/test_distributed.py::test_each_rank_draws_its_own_augmentation",),
+    ),
+    Mutant(
+        "ddp",
+        "MPCL's DDP wrapper without find_unused_parameters",
+        "bundles/mpcl_semisupervised_segmentation/configs/multi_gpu_train.json",
+        '"find_unused_parameters": true',
+        '"find_unused_parameters": false',
+        (
+            "tests/test_distributed.py::test_multi_gpu_training_runs_under_torchrun_with_gloo[mpcl_semisupervised_segmentation]",
+        ),
+    ),
+    Mutant(
+        "ddp",
+        "MPCL's epoch split between the ranks (no epoch_length)",
+        "bundles/mpcl_semisupervised_segmentation/configs/train.json",
+        '            "epoch_length": "@iterations_per_epoch",\n',
+        "",
+        (
+            "tests/test_distributed.py::test_multi_gpu_training_runs_under_torchrun_with_gloo[mpcl_semisupervised_segmentation]",
+        ),
+    ),
+    Mutant(
+        "ddp",
+        "MPCL's TensorBoard writer built on every rank",
+        "bundles/mpcl_semisupervised_segmentation/configs/train.json",
+        '"output_transform": "$lambda x: x[\'loss\']",\n                "_disabled_": "@secondary_rank"',
+        '"output_transform": "$lambda x: x[\'loss\']"',
+        (
+            "tests/test_distributed.py::test_multi_gpu_training_runs_under_torchrun_with_gloo[mpcl_semisupervised_segmentation]",
+        ),
+    ),
+    Mutant(
+        "ddp",
+        "MPCL's unlabelled sampler never reshuffled",
+        "bundles/mpcl_semisupervised_segmentation/configs/multi_gpu_train.json",
+        "lambda engine: @train#unlabeled#sampler.set_epoch(engine.state.epoch)",
+        "lambda engine: None",
+        ("tests/test_distributed.py::test_every_shuffled_sampler_is_reshuffled_each_epoch",),
     ),
 ]
 

@@ -59,9 +59,10 @@ def test_multi_gpu_finalize_releases_the_network_before_the_group(bundle):
     assert config["finalize"] == ["$monai_proto.apps.shutdown_distributed(@network)"]
 
 
-#: a two-iteration run of each bundle not covered by tests/test_iapl_bundle.py's torchrun test
+#: a run of each bundle not covered by tests/test_iapl_bundle.py's torchrun test, two iterations on each rank:
+#: MPCL runs ``iterations_per_epoch`` on every rank (its trainer's ``epoch_length``), IPLSL splits its episodes
 FAST_DDP = {
-    "iplsl_fewshot_segmentation": ["--epochs", "1", "--iterations_per_epoch", "2", "--val_interval", "1",
+    "iplsl_fewshot_segmentation": ["--epochs", "1", "--iterations_per_epoch", "4", "--val_interval", "1",
                                    "--patch_size", "[32, 32, 32]"],
     "mpcl_semisupervised_segmentation": ["--epochs", "1", "--iterations_per_epoch", "2", "--val_interval", "1",
                                          "--prototype_init_iteration", "1", "--num_samples", "1",
@@ -73,7 +74,9 @@ FAST_DDP = {
 @pytest.mark.parametrize("bundle", sorted(FAST_DDP))
 def test_multi_gpu_training_runs_under_torchrun_with_gloo(bundle, tmp_path, run_bundle):
     """``torchrun --nproc_per_node=2`` on ``train.json`` + ``multi_gpu_train.json`` (gloo on CPU): both ranks train
-    and validate, rank 0 alone saves the checkpoints, and both exit cleanly."""
+    two iterations (the second is where DDP fails when a parameter got no gradient in the first: MPCL's prototype
+    head before its bank is initialised) and validate, rank 0 alone saves the checkpoints and writes TensorBoard
+    events, and both exit cleanly."""
     config = bundle_configs(bundle, "train") + bundle_configs(bundle, "multi_gpu_train")
     root = tmp_path / "bundle"
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
@@ -82,10 +85,34 @@ def test_multi_gpu_training_runs_under_torchrun_with_gloo(bundle, tmp_path, run_
     result = run_bundle(args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.describe()
     assert "terminate called" not in result.output, result.describe()
+    assert "Epoch: 1/1, Iter: 2/2 " in result.output, result.describe()  # rank 0's StatsHandler, per iteration
     assert result.output.count("Train completed, saved final checkpoint") == 1, result.describe()
     assert {"model.pt", "model_final.pt", "latest_checkpoint_epoch=1.pt"} <= {
         p.name for p in (root / "models").glob("*.pt")
     }
+    # TensorBoard writers only on rank 0: one event file for training, one for validation
+    assert len(list((root / "logs").glob("events.out.tfevents.*"))) == 2
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_every_shuffled_sampler_is_reshuffled_each_epoch(bundle):
+    """A ``DistributedSampler`` shuffles by its epoch: every shuffling sampler of a multi-GPU config (MPCL also has
+    one for its unlabelled loader, which MONAI's trainer does not reach) gets ``set_epoch`` at each epoch's start,
+    in both the ``training`` and the ``run`` lists."""
+    with open(bundle_configs(bundle, "multi_gpu_train")[0]) as f:
+        config = json.load(f)
+    samplers = [
+        key
+        for key, value in config.items()
+        if isinstance(value, dict) and value.get("_target_") == "DistributedSampler" and value.get("shuffle")
+    ]
+    assert "train#sampler" in samplers
+    for key in samplers:
+        for run_id in ("training", "run"):
+            expressions = config[run_id]
+            while isinstance(expressions, str) and expressions.startswith("@"):  # e.g. "training": "@run"
+                expressions = config[expressions[1:]]
+            assert any(f"@{key}.set_epoch(engine.state.epoch)" in e for e in expressions), (key, run_id)
 
 
 def _first_batch_on_rank(rank: int, bundle: str, init_file: str, out_dir: str) -> None:
@@ -113,3 +140,15 @@ def test_each_rank_draws_its_own_augmentation(bundle, tmp_path):
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert first.shape == second.shape
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_resumed_checkpoints_load_onto_each_ranks_device(bundle):
+    """A resumed run loads its checkpoint onto the run's ``device`` (``cuda:<LOCAL_RANK>`` under
+    ``multi_gpu_train.json``), not where rank 0 saved it (``cuda:0``), so that no rank allocates on GPU 0."""
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle, "train"))
+    handlers = [h for h in parser["train"]["handlers"] if h.get("_target_") == "ResumableCheckpoint"]
+    assert len(handlers) == 1 and handlers[0]["map_location"] == "@device"
+    with open(bundle_configs(bundle, "multi_gpu_train")[0]) as f:
+        assert "LOCAL_RANK" in json.load(f)["device"]

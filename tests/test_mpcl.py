@@ -724,6 +724,25 @@ def test_class_levels_are_averaged_over_ranks(tmp_path):
         torch.testing.assert_close(levels, expected, equal_nan=True)
 
 
+def _epoch_counts(rank: int) -> dict:
+    handler = PrototypeBankHandler(None, class_names=["background", "spleen"])
+    handler._pseudo_counts = torch.tensor([10, 1]) * (rank + 1)  # as counted over the rank's epoch
+    handler._unlabelled_voxels = 100 * (rank + 1)
+    metrics: dict = {}
+    handler.epoch_completed(types.SimpleNamespace(state=types.SimpleNamespace(metrics=metrics)))
+    return metrics
+
+
+@pytest.mark.slow  # two spawned processes
+def test_logged_pseudo_label_counts_are_summed_over_ranks(tmp_path):
+    """Under DDP the epoch's pseudo-label figures that rank 0 logs cover every rank's unlabelled crops (gloo, 2
+    processes): counts and voxel totals are summed, fractions taken of the sums."""
+    for metrics in _on_two_ranks(_epoch_counts, tmp_path):
+        assert metrics["pseudo_spleen_count"] == 3 and metrics["pseudo_background_count"] == 30
+        assert metrics["pseudo_unlabelled_voxels"] == 300
+        assert metrics["pseudo_spleen_fraction"] == pytest.approx(3 / 300)
+
+
 def test_bank_learns_from_confident_pseudo_labels_and_logs_them():
     """The teacher's confident pseudo-labels reach the bank (a class absent from the labelled batch moves) and
     their count per class is written at the end of the epoch; the threshold is read from the ramped loss."""

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
@@ -180,6 +181,20 @@ class PrototypeBankHandler:
         engine.state.metrics[self.name + "_max"] = float(foreground.max())
         self._write_counts(engine.state.metrics)  # running figures of the epoch so far (curves, iteration logs)
 
+    def _sum_over_ranks(self) -> None:
+        if self._pseudo_counts is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() < 2:
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        totals = torch.cat(
+            [self._pseudo_counts.double(), torch.tensor([self._unlabelled_voxels, self._trusted_voxels]).double()]
+        ).to(device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+        self._pseudo_counts = totals[:-2].round().long()
+        self._unlabelled_voxels, self._trusted_voxels = int(totals[-2]), int(totals[-1])
+
     def _write_counts(self, metrics: dict) -> None:
         """Write the pseudo-label counts and fractions per class and the re-seeded prototypes since the epoch began."""
         metrics["prototype_reseeds"] = float(self._reseeds)
@@ -197,6 +212,10 @@ class PrototypeBankHandler:
 
     def epoch_completed(self, engine: Engine) -> None:
         """Write the epoch's pseudo-label counts and fractions per class, and the re-seeded prototypes; the
-        counters start again with the next epoch."""
+        counters start again with the next epoch. Under ``torch.distributed`` the epoch's counts and voxel totals are
+        summed over the ranks first (every rank runs this handler), so what rank 0 logs covers every rank's
+        unlabelled crops; the running figures written after each iteration stay the rank's own, and so do the
+        re-seeds (DDP broadcasts rank 0's bank)."""
+        self._sum_over_ranks()
         self._write_counts(engine.state.metrics)
         self._pseudo_counts, self._unlabelled_voxels, self._trusted_voxels, self._reseeds = None, 0, 0, 0
