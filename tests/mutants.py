@@ -792,6 +792,14 @@ MUTANTS = [
         "lambda engine: None",
         ("tests/test_distributed.py::test_every_shuffled_sampler_is_reshuffled_each_epoch",),
     ),
+    Mutant(
+        "ddp",
+        "IPLSL's episode transforms seeded alike on every rank",
+        "bundles/iplsl_fewshot_segmentation/configs/multi_gpu_train.json",
+        '"train#dataset#seed": "$@seed + torch.distributed.get_rank()",',
+        '"train#dataset#seed": "@seed",',
+        ("tests/test_distributed.py::test_each_rank_seeds_its_own_episode_augmentation",),
+    ),
 ]
 
 

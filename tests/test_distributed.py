@@ -142,6 +142,35 @@ def test_each_rank_draws_its_own_augmentation(bundle, tmp_path):
     assert not torch.equal(first, second)
 
 
+def _episode_transform_draws_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        bundle = "iplsl_fewshot_segmentation"
+        parser = ConfigParser()
+        parser.read_config(bundle_configs(bundle, "train") + bundle_configs(bundle, "multi_gpu_train"))
+        parser.update({"keep_freed_memory": False, "patch_size": [32, 32, 32]})
+        parser.get_parsed_content("initialize")
+        dataset = parser.get_parsed_content("train#dataset")
+        draws = [int(t.R.randint(2**31)) for t in (dataset.patch_transform, dataset.query_transform)]
+        torch.save(torch.tensor(draws), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes, each caching scan A
+def test_each_rank_seeds_its_own_episode_augmentation(tmp_path):
+    """IPLSL's episode dataset seeds its patch and query transforms itself (MONAI's DataLoader reseeds the dataset's
+    own random state only), from its ``seed``: ``multi_gpu_train.json`` gives it ``seed + rank``, so the ranks do not
+    draw the same intensity augmentation for their different episodes (a single process keeps its draws)."""
+    torch.multiprocessing.spawn(
+        _episode_transform_draws_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert first[0] != first[1]  # the two streams of one rank
+    assert first[0] != second[0] and first[1] != second[1]
+
+
 @pytest.mark.parametrize("bundle", BUNDLES)
 def test_resumed_checkpoints_load_onto_each_ranks_device(bundle):
     """A resumed run loads its checkpoint onto the run's ``device`` (``cuda:<LOCAL_RANK>`` under
