@@ -613,7 +613,7 @@ MUTANTS = [
         "mpcl",
         "per-class pseudo-label levels not averaged over DDP ranks",
         "monai_proto/losses/mpcl.py",
-        "            dist.all_reduce(sums)\n            dist.all_reduce(present)",
+        "            dist.all_reduce(stats)",
         "            pass",
         ("tests/test_mpcl.py::test_class_levels_are_averaged_over_ranks",),
     ),

@@ -14,7 +14,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import min_version, optional_import
 
 from monai_proto.engines.mean_teacher import TEACHER_PRED, UNLABELED_EXTRA, UNLABELED_PRED
-from monai_proto.losses.mpcl import confident_pseudo_labels
+from monai_proto.losses.mpcl import confident_pseudo_labels, multi_rank
 from monai_proto.networks.utils import unwrap_network
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -182,9 +182,7 @@ class PrototypeBankHandler:
         self._write_counts(engine.state.metrics)  # running figures of the epoch so far (curves, iteration logs)
 
     def _sum_over_ranks(self) -> None:
-        if self._pseudo_counts is None or not (dist.is_available() and dist.is_initialized()):
-            return
-        if dist.get_world_size() < 2:
+        if self._pseudo_counts is None or not multi_rank():
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         totals = torch.cat(

@@ -25,6 +25,11 @@ from monai_proto.networks.layers.prototype import flatten_voxels, sample_voxel_i
 __all__ = ["MPCLSupervisedLoss", "MPCLUnsupervisedLoss", "confident_pseudo_labels"]
 
 
+def multi_rank() -> bool:
+    """Whether this process is one of several ranks of an initialised ``torch.distributed`` run."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _logits(output: object) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits  # type: ignore[attr-defined]
 
@@ -443,7 +448,7 @@ class MPCLUnsupervisedLoss(_Loss):
         if self.ignore_index is not None:
             keep &= labels != self.ignore_index
         counts = torch.bincount(labels[keep]).double()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             size = torch.tensor([counts.numel()], device=counts.device)
             dist.all_reduce(size, op=dist.ReduceOp.MAX)  # ranks may see different highest labels
             counts = F.pad(counts, (0, int(size) - counts.numel()))
@@ -482,7 +487,7 @@ class MPCLUnsupervisedLoss(_Loss):
             return
         logits = teacher_logits.detach().as_subclass(torch.Tensor).float()
         mean = torch.softmax(logits, dim=1).transpose(0, 1).flatten(1).mean(dim=1).double()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if multi_rank():
             dist.all_reduce(mean)
             mean /= dist.get_world_size()
         mean = mean.cpu()
@@ -520,14 +525,13 @@ class MPCLUnsupervisedLoss(_Loss):
         num_classes = teacher_logits.shape[1]
         if self.class_levels is None or self.class_levels.numel() != num_classes:
             self.class_levels = torch.full((num_classes,), float("nan"))
-        sums = torch.zeros(num_classes, dtype=torch.float64, device=confidence.device)
-        present = torch.zeros(num_classes, dtype=torch.float64, device=confidence.device)
+        stats = torch.zeros(2, num_classes, dtype=torch.float64, device=confidence.device)
+        sums, present = stats  # views: one collective reduces both
         for k in labels.unique().tolist():
             sums[k] = float(torch.quantile(confidence[labels == k], self.class_quantile))
             present[k] = 1.0
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(present)
+        if multi_rank():
+            dist.all_reduce(stats)
         for k in torch.nonzero(present).flatten().tolist():
             level = float(sums[k] / present[k])
             old = float(self.class_levels[k])
