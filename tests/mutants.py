@@ -252,6 +252,14 @@ MUTANTS = [
     ),
     Mutant(
         "iplsl",
+        "self-learning guard a fixed voxel count (not a fraction of the query)",
+        "monai_proto/networks/nets/iplsl.py",
+        "return max(float(self.min_self_voxels), self.min_self_fraction * float(num_voxels))",
+        "return float(self.min_self_voxels)",
+        ("tests/test_iplsl.py::test_self_learning_guard_scales_with_the_query_volume",),
+    ),
+    Mutant(
+        "iplsl",
         "boundary fusion removed",
         "monai_proto/networks/nets/iplsl.py",
         "        if self.boundary_head is None:\n            return self_logits\n",
@@ -289,6 +297,30 @@ MUTANTS = [
         '        padding_mode: str = "replicate",\n        ignore_index: int = 255,',
         '        padding_mode: str = "constant",\n        ignore_index: int = 255,',
         ("tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",),
+    ),
+    Mutant(
+        "iplsl",
+        "support prototypes recomputed for every query (no cache)",
+        "monai_proto/inferers/support.py",
+        "            if net not in self._prototypes:\n",
+        "            if True:\n",
+        ("tests/test_iplsl.py::test_support_conditioned_inferer_segments_the_whole_volume_once",),
+    ),
+    Mutant(
+        "iapl",
+        "IAPL bundle pads thin volumes with zeros",
+        "bundles/iapl_segmentation/configs/inference.json",
+        '"padding_mode": "replicate",',
+        '"padding_mode": "constant",',
+        ("tests/test_inferers_fitted.py::test_every_bundle_inferer_pads_by_replicate",),
+    ),
+    Mutant(
+        "mpcl",
+        "MPCL bundle pads thin volumes with zeros",
+        "bundles/mpcl_semisupervised_segmentation/configs/train.json",
+        '"padding_mode": "replicate",',
+        '"padding_mode": "constant",',
+        ("tests/test_inferers_fitted.py::test_every_bundle_inferer_pads_by_replicate",),
     ),
     Mutant(
         "iplsl",
@@ -441,6 +473,34 @@ MUTANTS = [
         "monai_proto/losses/mpcl.py",
         '"separation": self.separation(class_prototypes[present].unsqueeze(0)) if present.sum() > 1 else zero,',
         '"separation": zero,',
+        ("tests/test_mpcl.py::test_each_pso_term_is_computed_and_weighted",),
+    ),
+    Mutant(
+        "mpcl",
+        "PSO contrastive term removed",
+        "monai_proto/losses/mpcl.py",
+        '"contrastive": self.contrastive(embeddings, prototypes, voxel_labels, voxel_bins),',
+        '"contrastive": zero,',
+        ("tests/test_mpcl.py::test_each_pso_term_is_computed_and_weighted",),
+    ),
+    Mutant(
+        "mpcl",
+        "PSO diversity term removed",
+        "monai_proto/losses/mpcl.py",
+        '"diversity": self.diversity(batch_prototypes[all_bins]) if all_bins.any() else zero,',
+        '"diversity": zero,',
+        ("tests/test_mpcl.py::test_each_pso_term_is_computed_and_weighted",),
+    ),
+    Mutant(
+        "mpcl",
+        "prototype-branch CE term removed",
+        "monai_proto/losses/mpcl.py",
+        '            "prototype_ce": F.cross_entropy(\n'
+        '                output.prototype_logits, target[:, 0].long().clamp(0, num_classes - 1), reduction="none"\n'
+        "            )\n"
+        "            .flatten()[usable]\n"
+        "            .mean(),\n",
+        '            "prototype_ce": zero,\n',
         ("tests/test_mpcl.py::test_each_pso_term_is_computed_and_weighted",),
     ),
     Mutant(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import BUNDLES, bundle_configs
 from monai.inferers import SlidingWindowInferer
 
 from monai_proto.inferers import FittedSlidingWindowInferer, fitted_roi_size
@@ -58,3 +59,24 @@ def test_thin_volume_crop_without_restoring_size():
         assert out["label"].shape[-1] == depth
         assert depth == 40 or bool((out["label"] != 255).any())  # a slab of hidden labels only is never taken
     assert 40 in depths and any(6 <= d <= 10 for d in depths)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("config", ["train", "evaluate", "inference"])
+def test_every_bundle_inferer_pads_by_replicate(bundle, config):
+    """A thin volume (scan B: 14 slices at 3 mm) is padded to the window by repeating its edge slices, not by zeros
+    that the networks' instance norm would then see as most of the window; every bundle's sliding-window inferer,
+    in validation, evaluation and inference, resolves to replicate padding."""
+    from monai.bundle import ConfigParser
+
+    import monai_proto  # noqa: F401
+
+    parser = ConfigParser()
+    parser.read_config(bundle_configs(bundle, config))
+    ids = [i for i in ("validate#inferer", "inferer") if i in parser]
+    assert ids, f"{bundle} {config}: no inferer"
+    for i in ids:
+        inferer = parser.get_parsed_content(i)
+        window = getattr(inferer, "window", inferer)  # the support-conditioned inferer wraps its sliding window
+        assert isinstance(window, FittedSlidingWindowInferer), f"{bundle} {config} {i}: {type(window).__name__}"
+        assert window.padding_mode == "replicate", f"{bundle} {config} {i}: {window.padding_mode}"

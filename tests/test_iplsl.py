@@ -288,6 +288,24 @@ def test_self_learning_acts_only_on_a_class_the_query_has():
     assert not bool(guarded.query_valid.any())
 
 
+def test_self_learning_guard_scales_with_the_query_volume():
+    """The guard is a fraction of the query as well as a voxel count: in a whole volume, where a fixed count is a
+    speck, a class predicted on less than ``min_self_fraction`` of the voxels keeps the support's prototype."""
+    query, support, support_label, _ = _episode()
+    torch.manual_seed(1)
+    net = iplsl()
+    net.min_self_voxels = 0
+    net.min_self_fraction = 1e-6  # below every predicted class's share of the toy query
+    out = net(query, support, support_label)
+    assert bool(out.query_valid.all())
+    net.min_self_fraction = 1.0  # no class holds every voxel: the fraction alone keeps the support's prototypes
+    guarded = net(query, support, support_label)
+    assert not bool(guarded.query_valid.any())
+    torch.testing.assert_close(guarded.self_logits, guarded.refined_logits)
+    net.min_self_voxels, net.min_self_fraction = 5, 0.001
+    assert net.min_self_count(100) == 5.0 and net.min_self_count(100_000) == 100.0
+
+
 def test_boundary_fusion_learns_from_low_level_features():
     query, support, support_label, query_label = _episode()
     torch.manual_seed(0)

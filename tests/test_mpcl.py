@@ -4,6 +4,7 @@ labelled/unlabelled splits (no hidden label leaks) and the prototype-collapse gu
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import types
@@ -11,7 +12,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_msd_dataset
+from conftest import REPO_ROOT, write_msd_dataset
 from ignite.engine import Events
 from monai.data import MetaTensor, list_data_collate
 from torch.utils.data import DataLoader
@@ -315,9 +316,17 @@ def test_prototype_diversity_stays_below_bound_at_the_shipped_settings():
     images[:, :, 2:22, 9:15] = 0.5
     images[:, :, 2:22, 16:22] = 0.9
     images[:, :, :, ::2] *= 0.7  # a texture on top of the intensity
-    net = tiny_net(out_channels=2, prototype_momentum=0.95)
-    handler = PrototypeBankHandler()
+    config = json.loads(
+        (REPO_ROOT / "bundles" / "mpcl_semisupervised_segmentation" / "configs" / "train.json").read_text()
+    )
+    guard = next(h for h in config["train"]["handlers"] if h["_target_"] == "PrototypeBankHandler")
+    net = tiny_net(out_channels=2, prototype_momentum=config["prototype_momentum"], tau=config["tau"])
+    handler = PrototypeBankHandler(duplicate_threshold=guard["duplicate_threshold"], max_idle=guard["max_idle"])
     trainer = _trainer(net, MPCLUnsupervisedLoss(), [handler], iterations=20, images=images)
+    terms = ("contrastive", "compactness", "separation", "diversity", "prototype_ce")
+    trainer.loss_function = MPCLSupervisedLoss(
+        **{f"{t}_weight": config[f"{t}_weight"] for t in terms}, temperature=config["tau"]
+    )
     labeled = [{"image": images[i], "label": (images[i] > 0).long()} for i in range(2)]
     trainer.set_data(DataLoader(labeled, batch_size=2))
     trainer.run()
