@@ -461,6 +461,14 @@ MUTANTS = [
     ),
     Mutant(
         "mpcl",
+        "logged pseudo-label fractions taken over the trusted voxels, not the epoch's unlabelled voxels",
+        "monai_proto/handlers/prototype.py",
+        'metrics[f"pseudo_{name}_fraction"] = float(count) / self._unlabelled_voxels',
+        'metrics[f"pseudo_{name}_fraction"] = float(count) / max(1, self._trusted_voxels)',
+        ("tests/test_mpcl_bundle.py::test_pseudo_label_counts_reach_tensorboard",),
+    ),
+    Mutant(
+        "mpcl",
         "PSO compactness term removed",
         "monai_proto/losses/mpcl.py",
         '"compactness": self.compactness(embeddings, prototypes, voxel_labels, voxel_bins),',

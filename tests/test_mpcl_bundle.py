@@ -75,6 +75,35 @@ def test_training_writes_loadable_checkpoints(trained):
 
 
 @slow
+def test_pseudo_label_counts_reach_tensorboard(trained):
+    """Issue 10: the number and fraction of pseudo-labels per class are logged every epoch, to TensorBoard as well
+    as the console: the event file holds, for the background and every organ, a count and a fraction that is that
+    count over the epoch's unlabelled voxels, and a foreground fraction that is the organs' sum."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    for path in (trained / "logs").rglob("events.out.tfevents.*"):  # one writer for training, one for validation
+        log = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        log.Reload()
+        for tag in log.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(float(e.value) for e in log.Scalars(tag))
+
+    def value(tag: str) -> float:
+        assert tag in scalars, sorted(t for t in scalars if t.startswith("pseudo_"))
+        assert len(scalars[tag]) == 1, scalars[tag]  # one epoch in this run, one value
+        return scalars[tag][0]
+
+    classes = ["background", *ConfigParser.load_config_file(str(TRAIN))["organs"]]
+    voxels = value("pseudo_unlabelled_voxels")
+    counts = {c: value(f"pseudo_{c}_count") for c in classes}
+    assert voxels > 0 and all(n >= 0 for n in counts.values()) and 0 < sum(counts.values()) <= voxels
+    for c in classes:
+        assert value(f"pseudo_{c}_fraction") == pytest.approx(counts[c] / voxels, rel=1e-5)
+    foreground = sum(counts[c] for c in classes[1:]) / voxels
+    assert value("pseudo_foreground_fraction") == pytest.approx(foreground, rel=1e-5, abs=1e-9)
+
+
+@slow
 def test_inference_on_scan_b(trained):
     run(["-m", "monai.bundle", "run", "inference", "--config_file", INFER, "--bundle_root", trained], trained)
     out = trained / "eval" / "scanB_ct_dicom_seg.nii.gz"
