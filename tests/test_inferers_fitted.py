@@ -66,14 +66,14 @@ def test_thin_volume_crop_without_restoring_size():
 def test_every_bundle_inferer_pads_by_replicate(bundle, config):
     """A thin volume (scan B: 14 slices at 3 mm) is padded to the window by repeating its edge slices, not by zeros
     that the networks' instance norm would then see as most of the window; every bundle's sliding-window inferer,
-    in validation, evaluation and inference, resolves to replicate padding."""
+    in validation, evaluation and inference, resolves to replicate padding (the inferer its evaluator is given)."""
     from monai.bundle import ConfigParser
 
     import monai_proto  # noqa: F401
 
     parser = ConfigParser()
     parser.read_config(bundle_configs(bundle, config))
-    ids = [i for i in ("validate#inferer", "inferer") if i in parser]
+    ids = [i for i in ("validate#evaluator#inferer", "evaluator#inferer") if i in parser]  # what the evaluator runs
     assert ids, f"{bundle} {config}: no inferer"
     for i in ids:
         inferer = parser.get_parsed_content(i)
