@@ -4,7 +4,6 @@ labelled/unlabelled splits (no hidden label leaks) and the prototype-collapse gu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import types
@@ -12,8 +11,9 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO_ROOT, write_msd_dataset
+from conftest import bundle_configs, write_msd_dataset
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
 from torch.utils.data import DataLoader
 
@@ -316,9 +316,7 @@ def test_prototype_diversity_stays_below_bound_at_the_shipped_settings():
     images[:, :, 2:22, 9:15] = 0.5
     images[:, :, 2:22, 16:22] = 0.9
     images[:, :, :, ::2] *= 0.7  # a texture on top of the intensity
-    config = json.loads(
-        (REPO_ROOT / "bundles" / "mpcl_semisupervised_segmentation" / "configs" / "train.json").read_text()
-    )
+    config = ConfigParser.load_config_file(bundle_configs("mpcl_semisupervised_segmentation", "train")[0])
     guard = next(h for h in config["train"]["handlers"] if h["_target_"] == "PrototypeBankHandler")
     net = tiny_net(out_channels=2, prototype_momentum=config["prototype_momentum"], tau=config["tau"])
     handler = PrototypeBankHandler(duplicate_threshold=guard["duplicate_threshold"], max_idle=guard["max_idle"])
